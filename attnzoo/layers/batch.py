@@ -1,0 +1,77 @@
+"""The per-step description every layer sees (design.md §3), and the simple contiguous KV cache.
+
+Layers take a packed token stream `x: [N, hidden]` plus a `Batch`. They never branch on training vs
+serving: they hand their q/k/v to `batch.attend`, which either attends within the packed sequences
+(no cache: training, scoring) or asks the cache to store the new K/V and read what it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from attnzoo.ops import attention
+
+
+class KVCache(Protocol):
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: "Batch", *,
+               window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        """Store k/v [N, Hkv, d] for this step's tokens, attend q [N, H, d] causally; return [N, H, dv]."""
+        ...
+
+
+@dataclass
+class Batch:
+    positions: torch.Tensor       # [N] int64: absolute position of each new token
+    cu_seqlens: torch.Tensor      # [B+1] int32: new tokens of sequence i are rows cu[i]:cu[i+1]
+    cache: KVCache | None = None
+    logits_rows: torch.Tensor | None = None  # rows whose logits are needed (None: all)
+
+    @classmethod
+    def dense(cls, batch_size: int, seq_len: int, start: int = 0, device: torch.device | str = "cpu",
+              cache: KVCache | None = None) -> "Batch":
+        """B sequences of equal length T, their new tokens at positions start..start+T-1."""
+        pos = torch.arange(start, start + seq_len, device=device).repeat(batch_size)
+        cu = torch.arange(0, (batch_size + 1) * seq_len, seq_len, dtype=torch.int32, device=device)
+        return cls(positions=pos, cu_seqlens=cu, cache=cache)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               window_size: tuple[int, int] = (-1, -1), scale: float | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.attend(layer_idx, q, k, v, self, window_size=window_size, scale=scale, sinks=sinks)
+        return attention(q, k, v, causal=True, window_size=window_size, scale=scale, sinks=sinks,
+                         cu_seqlens_q=self.cu_seqlens, cu_seqlens_k=self.cu_seqlens)
+
+
+@dataclass
+class ContiguousKVCache:
+    """One [B, max_len, Hkv, d] buffer per layer for B sequences that advance in lock step.
+
+    The reference generation path (and the engine's oracle); the engine's paged cache replaces it
+    for serving. `length` is the number of tokens already stored; the model advances it after a step.
+    """
+    batch_size: int
+    max_len: int
+    length: int = 0
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, *,
+               window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        B = self.batch_size
+        n = q.shape[0] // B
+        if self.length + n > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; {self.length} stored + {n} new do not fit")
+        if layer_idx not in self.keys:
+            self.keys[layer_idx] = k.new_empty(B, self.max_len, *k.shape[1:])
+            self.values[layer_idx] = v.new_empty(B, self.max_len, *v.shape[1:])
+        kc, vc = self.keys[layer_idx], self.values[layer_idx]
+        end = self.length + n
+        kc[:, self.length:end] = k.view(B, n, *k.shape[1:])
+        vc[:, self.length:end] = v.view(B, n, *v.shape[1:])
+        out = attention(q.view(B, n, *q.shape[1:]), kc[:, :end], vc[:, :end], causal=True,
+                        window_size=window_size, scale=scale, sinks=sinks)
+        return out.reshape(B * n, *out.shape[2:])

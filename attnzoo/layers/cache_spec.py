@@ -1,0 +1,57 @@
+"""Cache specs: what a layer needs kept per token (or per sequence). The engine groups layers by spec
+and gives each group its own page table; it never looks inside a mechanism (design.md §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        """Bytes one token costs in this cache (0 for fixed-size per-sequence state)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FullKV(CacheSpec):
+    """Softmax attention: K and V for every token."""
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int | None = None
+
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        return self.num_kv_heads * (self.head_dim + (self.v_head_dim or self.head_dim)) * dtype_bytes
+
+
+@dataclass(frozen=True)
+class SlidingKV(FullKV):
+    """Sliding-window attention: K and V, but only the last `window` tokens are ever read."""
+    window: int = 0
+
+
+@dataclass(frozen=True)
+class LatentKV(CacheSpec):
+    """MLA: one latent (kv_lora_rank + rope dim) per token, shared by all heads."""
+    dim: int
+
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        return self.dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class IndexerKeys(CacheSpec):
+    """DSA/MSA/IndexShare: one indexer key per token."""
+    dim: int
+
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        return self.dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class RecurrentState(CacheSpec):
+    """Delta rule: fixed-size state per sequence (conv state + state matrix); shapes per sequence."""
+    shapes: tuple[tuple[int, ...], ...]
+
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        return 0

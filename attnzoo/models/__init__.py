@@ -1,0 +1,10 @@
+"""Decoders assembled from per-layer lists, and their loaders (GGUF, transformers safetensors)."""
+
+from attnzoo.models.config import ModelConfig
+from attnzoo.models.decoder import DecoderLM
+from attnzoo.models.errors import ModelLoadError
+from attnzoo.models.registry import DEFAULT_MODEL, KNOWN_MODELS, load_model
+from attnzoo.models.tokenizer import IncrementalDecoder, Tokenizer
+
+__all__ = ["DEFAULT_MODEL", "DecoderLM", "IncrementalDecoder", "KNOWN_MODELS", "ModelConfig", "ModelLoadError",
+           "Tokenizer", "load_model"]

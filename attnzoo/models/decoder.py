@@ -1,0 +1,77 @@
+"""A decoder-only LM assembled from a per-layer list (design.md §6): one forward for training,
+scoring and serving, over a packed token stream described by a `Batch`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnzoo.layers import Attention, Batch, ContiguousKVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from attnzoo.layers.cache_spec import CacheSpec
+from attnzoo.models.config import ModelConfig
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int):
+        super().__init__()
+        sliding = cfg.layer_types[idx] == "sliding_attention"
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              bias=cfg.attention_bias, o_bias=cfg.attention_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.rms_norm_eps,
+                              window=cfg.sliding_window if sliding else None)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> torch.Tensor:
+        x = x + self.attn(self.input_layernorm(x), rope, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tokenizer = None  # set by the loaders when the checkpoint carries one
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = self.make_rotary()
+
+    def make_rotary(self) -> RotaryEmbedding:
+        c = self.config
+        return RotaryEmbedding(c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+
+    def cache_specs(self) -> list[CacheSpec]:
+        return [layer.attn.cache_spec() for layer in self.layers]
+
+    def forward_batch(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """input_ids [N] (packed) -> logits [len(batch.logits_rows) or N, V]."""
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(batch.positions)
+        for layer in self.layers:
+            x = layer(x, rope, batch)
+        if batch.logits_rows is not None:
+            x = x[batch.logits_rows]
+        return self.lm_head(self.norm(x))
+
+    def forward(self, input_ids: torch.Tensor, cache: ContiguousKVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only). With a cache, the
+        tokens continue the cached sequences and the cache advances by T."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"{start + T} tokens exceed the model's context of "
+                             f"{self.config.max_position_embeddings}")
+        batch = Batch.dense(B, T, start, input_ids.device, cache)
+        if last_only:
+            batch.logits_rows = torch.arange(T - 1, B * T, T, device=input_ids.device)
+        logits = self.forward_batch(input_ids.reshape(-1), batch)
+        if cache is not None:
+            cache.length += T
+        return logits.view(B, -1, logits.shape[-1])

@@ -1,0 +1,2 @@
+class ModelLoadError(ValueError):
+    """A checkpoint could not be loaded; the message is one sentence meant for the user."""

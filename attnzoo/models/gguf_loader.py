@@ -1,0 +1,120 @@
+"""GGUF checkpoints through the `gguf` package: metadata -> ModelConfig, tensors dequantised to float,
+llama.cpp's Q/K row permutation undone, tokenizer and chat template from the metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from tqdm import tqdm
+
+from attnzoo.models.config import ModelConfig
+from attnzoo.models.decoder import DecoderLM
+from attnzoo.models.errors import ModelLoadError
+from attnzoo.models.tokenizer import Tokenizer
+from attnzoo.models.weights import build_model
+
+GGUF_ARCHITECTURES = ("llama", "qwen3")
+# The types we promise (tested); others that gguf can dequantise load too.
+TESTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+          "output.weight": "lm_head.weight"}
+_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _NAMES:
+        return _NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK:
+        return f"model.layers.{parts[1]}.{_BLOCK[parts[2]]}.{parts[3]}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert-time permutation, which reorders each head's rows from RoPE's
+    half-split pairing (i, i + d/2) to interleaved pairs (2i, 2i+1)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_fields(reader: GGUFReader) -> dict[str, Any]:
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def config_from_gguf(f: dict[str, Any]) -> ModelConfig:
+    arch = f.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        return f.get(f"{arch}.{key}", default)
+
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    if heads is None or hidden is None:
+        raise ModelLoadError("the GGUF metadata lacks attention.head_count or embedding_length")
+    head_dim = get("attention.key_length") or hidden // heads
+    scaling = None
+    kind = get("rope.scaling.type")
+    if kind and kind != "none":
+        scaling = {"rope_type": kind, "factor": get("rope.scaling.factor"),
+                   "original_max_position_embeddings": get("rope.scaling.original_context_length")}
+    tokens = f.get("tokenizer.ggml.tokens")
+    eos = f.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture=arch, vocab_size=get("vocab_size") or len(tokens or []), hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"), num_layers=get("block_count"), num_heads=heads,
+        num_kv_heads=get("attention.head_count_kv") or heads, head_dim=head_dim,
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6), rope_theta=get("rope.freq_base", 10000.0),
+        rope_scaling=scaling, partial_rotary_factor=(get("rope.dimension_count") or head_dim) / head_dim,
+        max_position_embeddings=get("context_length", 2048), qk_norm=arch == "qwen3",
+        sliding_window=get("attention.sliding_window"),
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"), eos_token_ids=[] if eos is None else [eos],
+        name=f.get("general.name", ""))
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:
+    try:
+        reader = GGUFReader(path)
+        fields = read_fields(reader)
+    except Exception as e:  # gguf raises ValueError/KeyError/IndexError on truncated or corrupt files
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    cfg = config_from_gguf(fields)
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ModelLoadError("this GGUF uses per-frequency RoPE factors (rope_freqs.weight), not supported yet")
+    tensors: dict[str, torch.Tensor] = {}
+    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor"):
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelLoadError(f"tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantised; "
+                                 f"supported: {', '.join(TESTED_TYPES)} and most llama.cpp block types") from None
+        w = np.array(w, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        if cfg.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = unpermute_qk(w, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
+        tensors[name] = torch.from_numpy(w)  # np.array above copied: writable, contiguous
+    cfg.tie_word_embeddings = "lm_head.weight" not in tensors
+    model = build_model(cfg, tensors, dtype)
+    try:
+        model.tokenizer = Tokenizer.from_gguf_fields(fields, cfg)
+    except ModelLoadError:
+        model.tokenizer = None  # the model still runs on token ids; text features say why they cannot
+    return model
