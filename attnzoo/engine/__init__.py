@@ -1,5 +1,9 @@
-"""Generation. `simple` is the single-batch contiguous-cache path; the paged engine builds on the same model."""
+"""The serving engine (paged KV, radix prefix cache, continuous batching) and the simple reference
+generator it is tested against."""
 
+from attnzoo.engine.llm import LLM, CompletionOutput, RequestOutput
+from attnzoo.engine.sampling import SamplingParams
 from attnzoo.engine.simple import GenerationConfig, generate, stream_generate
 
-__all__ = ["GenerationConfig", "generate", "stream_generate"]
+__all__ = ["LLM", "CompletionOutput", "GenerationConfig", "RequestOutput", "SamplingParams", "generate",
+           "stream_generate"]

@@ -1,0 +1,231 @@
+"""Paged KV memory: one cache group per distinct layer cache spec (vLLM's KV-cache groups), each with
+its own BlockPool and per-layer page tensors; the radix prefix cache over the first group.
+
+The engine talks to this class only through page tables and token counts; the layers talk to the
+`StepKV` handle it builds each step (`Batch.cache`), which stores new K/V and runs paged attention.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from attnzoo.engine.block_pool import BlockPool
+from attnzoo.engine.radix_cache import RadixCache
+from attnzoo.engine.request import Request
+from attnzoo.layers.batch import Batch
+from attnzoo.layers.cache_spec import CacheSpec, FullKV, SlidingKV
+from attnzoo.ops.attention.paged import PagedPlan, paged_attention_planned, plan_paged
+
+log = logging.getLogger("attnzoo.engine")
+NULL_PAGE = -1  # a page released because it left the sliding window (vLLM's null block)
+
+
+@dataclass
+class CacheGroup:
+    spec: CacheSpec
+    layer_ids: list[int]
+    pool: BlockPool
+    k: torch.Tensor          # [layers_in_group, pages, page_size, Hkv, d]
+    v: torch.Tensor
+
+    @property
+    def window(self) -> int | None:
+        return self.spec.window if isinstance(self.spec, SlidingKV) else None
+
+
+def group_specs(specs: list[CacheSpec]) -> list[tuple[CacheSpec, list[int]]]:
+    groups: dict[CacheSpec, list[int]] = {}
+    for i, s in enumerate(specs):
+        if not isinstance(s, FullKV):  # SlidingKV is a FullKV
+            raise NotImplementedError(f"layer {i}: the engine has no cache group for {type(s).__name__} yet")
+        groups.setdefault(s, []).append(i)
+    return list(groups.items())
+
+
+def page_bytes(specs: list[CacheSpec], page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one page costs across all layers (each group gets the same number of pages)."""
+    return sum(s.bytes_per_token(torch.finfo(dtype).bits // 8) for s in specs) * page_size
+
+
+class PagedKVCache:
+    def __init__(self, specs: list[CacheSpec], num_pages: int, page_size: int, dtype: torch.dtype,
+                 enable_prefix_caching: bool = True):
+        self.page_size, self.num_pages = page_size, num_pages
+        self.groups: list[CacheGroup] = []
+        self.layer_group: dict[int, tuple[int, int]] = {}
+        for gi, (spec, layers) in enumerate(group_specs(specs)):
+            shape = (len(layers), num_pages, page_size, spec.num_kv_heads)
+            self.groups.append(CacheGroup(spec, layers, BlockPool(num_pages),
+                                          torch.zeros(*shape, spec.head_dim, dtype=dtype),
+                                          torch.zeros(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype)))
+            for j, layer in enumerate(layers):
+                self.layer_group[layer] = (gi, j)
+        self.radix: RadixCache | None = None
+        if enable_prefix_caching:
+            if len(self.groups) == 1 and self.groups[0].window is None:
+                self.radix = RadixCache(self.groups[0].pool, page_size)
+            else:
+                log.info("prefix caching is off: the radix cache covers models with one full-attention "
+                         "cache group; this model has %s", [type(g.spec).__name__ for g in self.groups])
+
+    # ---- page accounting ------------------------------------------------------------------------
+    def pages_needed(self, req: Request, num_tokens: int) -> list[int]:
+        """New pages each group needs so that req's tables cover num_tokens tokens."""
+        want = -(-num_tokens // self.page_size)
+        tables = req.page_tables or [[] for _ in self.groups]
+        return [max(0, want - len(t)) for t in tables]
+
+    def _ensure_free(self, need: list[int]) -> bool:
+        for g, n in zip(self.groups, need):
+            if g.pool.num_free < n and self.radix is not None and g.pool is self.radix.pool:
+                self.radix.evict(n - g.pool.num_free)
+            if g.pool.num_free < n:
+                return False
+        return True
+
+    def allocate(self, req: Request, num_tokens: int) -> bool:
+        """Grow req's page tables to cover num_tokens tokens, evicting cached prefixes if needed.
+        All groups or none: on failure nothing changes."""
+        if not req.page_tables:
+            req.page_tables = [[] for _ in self.groups]
+        need = self.pages_needed(req, num_tokens)
+        if not self._ensure_free(need):
+            return False
+        for g, table, n in zip(self.groups, req.page_tables, need):
+            table.extend(g.pool.allocate(n))
+        return True
+
+    def match_prefix(self, req: Request) -> None:
+        """Adopt the longest cached prefix of req's tokens (the last token is always computed)."""
+        if self.radix is None or req.num_computed:
+            return
+        ids = req.all_ids()[: req.num_tokens - 1]
+        pages, handle = self.radix.match_prefix(ids)
+        if not pages:
+            return
+        self.radix.lock(handle)
+        self.groups[0].pool.incref(pages)
+        req.page_tables = [list(pages)]
+        req.prefix_handle, req.tree_tokens = handle, len(pages) * self.page_size
+        req.num_computed = req.tree_tokens
+
+    def cache_prefix(self, req: Request) -> None:
+        """Insert req's computed, page-aligned tokens into the radix tree; pages the tree already had are
+        swapped for the tree's (ours are released), and the lock moves to the new, deeper node."""
+        if self.radix is None:
+            return
+        n = (min(req.num_computed, req.num_tokens - 1) // self.page_size) * self.page_size
+        if n <= req.tree_tokens:
+            return
+        ids, table = req.all_ids()[:n], req.page_tables[0]
+        already = self.radix.insert(ids, table[: n // self.page_size])
+        pool = self.groups[0].pool
+        if already > req.tree_tokens:  # another request cached this range first: use its pages
+            tree_pages, _ = self.radix.match_prefix(ids[:already])
+            lo, hi = req.tree_tokens // self.page_size, already // self.page_size
+            for i in range(lo, hi):
+                if table[i] != tree_pages[i]:
+                    pool.incref([tree_pages[i]])
+                    pool.decref([table[i]])
+                    table[i] = tree_pages[i]
+        _, handle = self.radix.match_prefix(ids)
+        self.radix.lock(handle)
+        if req.prefix_handle is not None:
+            self.radix.unlock(req.prefix_handle)
+        req.prefix_handle, req.tree_tokens = handle, n
+
+    def release_window(self, req: Request) -> None:
+        """Sliding groups: free pages whose every position is before the next query's window."""
+        for g, table in zip(self.groups, req.page_tables):
+            if g.window is None:
+                continue
+            first_visible = req.num_computed - g.window + 1
+            for i in range(min(len(table), max(0, first_visible) // self.page_size)):
+                if table[i] != NULL_PAGE:
+                    g.pool.decref([table[i]])
+                    table[i] = NULL_PAGE
+
+    def free(self, req: Request) -> None:
+        """Drop every page reference req holds and its prefix lock (finish, abort, preemption)."""
+        if self.radix is not None and req.page_tables:
+            self.cache_prefix(req)  # keep its KV for future hits
+        for g, table in zip(self.groups, req.page_tables):
+            g.pool.decref([p for p in table if p != NULL_PAGE])
+        if req.prefix_handle is not None:
+            self.radix.unlock(req.prefix_handle)
+        req.page_tables, req.prefix_handle, req.tree_tokens = [], None, 0
+
+    @property
+    def usage(self) -> float:
+        used = sum(g.pool.capacity - g.pool.num_free for g in self.groups)
+        if self.radix is not None:
+            used -= self.radix.evictable_pages
+        return used / sum(g.pool.capacity for g in self.groups)
+
+    def check_integrity(self, running: list[Request]) -> None:
+        """Every page reference is accounted for: free + evictable + protected + request-private == capacity,
+        and each page's ref count equals the references the tree and the running requests hold."""
+        for gi, g in enumerate(self.groups):
+            g.pool.check()
+            expected = [0] * g.pool.capacity
+            tree_pages = set()
+            if self.radix is not None and gi == 0:
+                self.radix.check_integrity()
+                tree_pages = self.radix.pages_of()
+                for p in tree_pages:
+                    expected[p] += 1
+            for r in running:
+                for p in (r.page_tables[gi] if r.page_tables else []):
+                    if p != NULL_PAGE:
+                        expected[p] += 1
+            actual = [g.pool.ref(p) for p in range(g.pool.capacity)]
+            if actual != expected:
+                bad = [p for p in range(g.pool.capacity) if actual[p] != expected[p]][:5]
+                raise AssertionError(f"group {gi}: page refs differ from holders at pages {bad}: "
+                                     f"refs {[actual[p] for p in bad]} vs holders {[expected[p] for p in bad]}")
+            private = sum(1 for p in range(g.pool.capacity) if expected[p] and p not in tree_pages)
+            cached = len(tree_pages)
+            if g.pool.num_free + cached + private != g.pool.capacity:
+                raise AssertionError(f"group {gi}: free {g.pool.num_free} + cached {cached} + private {private} "
+                                     f"!= capacity {g.pool.capacity}")
+
+    # ---- the per-step handle the layers see ------------------------------------------------------
+    def step_handle(self, reqs: list[Request], num_new: list[int]) -> "StepKV":
+        B = len(reqs)
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(num_new).cumsum(0)
+        seq_lens = torch.tensor([r.num_computed + n for r, n in zip(reqs, num_new)])
+        plans, slot_maps = [], []
+        for gi, g in enumerate(self.groups):
+            width = max(len(r.page_tables[gi]) for r in reqs)
+            table = torch.full((B, width), 0, dtype=torch.long)
+            for b, r in enumerate(reqs):
+                t = torch.tensor(r.page_tables[gi], dtype=torch.long)
+                table[b, : len(t)] = t.clamp(min=0)  # released pages are never gathered
+            left = g.window - 1 if g.window is not None else -1
+            plans.append(plan_paged(table, cu, seq_lens, self.page_size, left))
+            pos = torch.cat([torch.arange(r.num_computed, r.num_computed + n) for r, n in zip(reqs, num_new)])
+            rows = torch.repeat_interleave(torch.arange(B), torch.tensor(num_new))
+            slot_maps.append(table[rows, pos // self.page_size] * self.page_size + pos % self.page_size)
+        return StepKV(self, plans, slot_maps)
+
+
+@dataclass
+class StepKV:
+    """Implements the layers' KVCache protocol for one step of the paged engine."""
+    cache: PagedKVCache
+    plans: list[PagedPlan]
+    slot_maps: list[torch.Tensor]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, *,
+               window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        gi, j = self.cache.layer_group[layer_idx]
+        g = self.cache.groups[gi]
+        kc, vc = g.k[j], g.v[j]
+        slots = self.slot_maps[gi]
+        kc.view(-1, *kc.shape[2:])[slots] = k.to(kc.dtype)
+        vc.view(-1, *vc.shape[2:])[slots] = v.to(vc.dtype)
+        return paged_attention_planned(q, kc, vc, self.plans[gi], window_size=window_size, scale=scale, sinks=sinks)

@@ -1,0 +1,40 @@
+"""Turns a scheduled step into one model forward: packed input ids, positions, cu_seqlens, the paged
+cache handle (slot mapping and gather plans built once per step, not per layer), and logits only
+for the rows that sample."""
+
+from __future__ import annotations
+
+import torch
+
+from attnzoo.engine.kv_cache import PagedKVCache
+from attnzoo.engine.scheduler import StepPlan
+from attnzoo.layers.batch import Batch
+from attnzoo.models.decoder import DecoderLM
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderLM, kv: PagedKVCache):
+        self.model, self.kv = model, kv
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[int]]:
+        """Returns (logits [R, V] float32, indices into plan.requests of the R requests that sample)."""
+        ids, pos, rows, samplers = [], [], [], []
+        offset = 0
+        for i, (req, n) in enumerate(zip(plan.requests, plan.num_new)):
+            start = req.num_computed
+            ids.extend(req.token(t) for t in range(start, start + n))
+            pos.extend(range(start, start + n))
+            offset += n
+            if start + n == req.num_tokens:   # the chunk reaches the end: this request samples
+                rows.append(offset - 1)
+                samplers.append(i)
+        cu = torch.zeros(len(plan.requests) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(plan.num_new).cumsum(0)
+        batch = Batch(positions=torch.tensor(pos), cu_seqlens=cu,
+                      cache=self.kv.step_handle(plan.requests, plan.num_new),
+                      logits_rows=torch.tensor(rows, dtype=torch.long))
+        if not rows:
+            batch.logits_rows = torch.zeros(0, dtype=torch.long)
+        logits = self.model.forward_batch(torch.tensor(ids), batch)
+        return logits.float(), samplers

@@ -1,0 +1,61 @@
+"""A request's life in the engine: its tokens, how many have KV computed, its pages and its output."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from attnzoo.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from attnzoo.engine.detokenizer import RequestDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    detokenizer: "RequestDetokenizer | None" = None
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0               # tokens whose KV is in the cache
+    page_tables: list[list[int]] = field(default_factory=list)   # per cache group; -1 = released page
+    prefix_handle: Any = None           # locked radix node covering the shared prefix
+    tree_tokens: int = 0                # tokens of this request that the radix tree holds
+    cached_tokens: int = 0              # prompt tokens served from the prefix cache (first admission)
+    num_preemptions: int = 0
+    finish_reason: str | None = None    # stop | length | abort
+    stop_reason: int | str | None = None
+    text: str = ""
+    logprobs: list[dict[int, float]] | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, i: int) -> int:
+        p = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < p else self.output_ids[i - p]
+
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

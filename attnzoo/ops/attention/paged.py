@@ -1,0 +1,125 @@
+"""Paged attention (PagedAttention / flash-attn `flash_attn_with_kvcache` with a block table).
+
+The KV cache is a pool of pages `k_cache [num_pages, page_size, Hkv, d]`; sequence b's keys are the
+first `seq_lens[b]` slots of the pages listed in `block_table[b]`. Its new queries are rows
+`cu_seqlens_q[b]:cu_seqlens_q[b+1]` of `q [N, H, d]` and are the LAST tokens of the sequence (causal,
+bottom-right aligned), which covers prefill with a cached prefix, prefill chunks and decode at once.
+
+`plan_paged(...)` turns the block table into gather indices once per step; every layer then calls
+`paged_attention_planned` with its own cache tensors, so no per-layer Python work repeats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnzoo.ops.attention.reference import attention_reference
+from attnzoo.ops.attention.torch_impl import attention_torch
+
+
+@dataclass
+class PagedPlan:
+    """Gather indices for one step. Decode rows (one query per sequence) are batched and padded;
+    longer query runs (prefill chunks) are handled one sequence at a time."""
+    decode_rows: Tensor                 # [Bd] rows of q that are single-token queries
+    decode_slots: Tensor                # [Bd, L] flat slot index of each visible key (padded with 0)
+    decode_valid: Tensor                # [Bd, L] bool, False on padding
+    prefill: list[tuple[int, int, Tensor]]  # (row_start, row_end, flat slots of all keys of that sequence)
+    num_rows: int
+
+
+def _slots(block_table_row: Tensor, start: int, end: int, page_size: int) -> Tensor:
+    pos = torch.arange(start, end, dtype=torch.long)
+    return block_table_row.long()[pos // page_size] * page_size + pos % page_size
+
+
+def plan_paged(block_table: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor, page_size: int,
+               window_left: int = -1) -> PagedPlan:
+    """window_left >= 0 limits decode gathers to the last window_left + 1 keys (pages before that may be
+    released); prefill runs gather from the first key the run's earliest query can see."""
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    dec_rows, dec_slots, prefill = [], [], []
+    for b, L in enumerate(lens):
+        q0, q1 = cu[b], cu[b + 1]
+        nq = q1 - q0
+        if nq == 0:
+            continue
+        if L < nq:
+            raise ValueError(f"sequence {b} has {nq} new queries but only {L} keys (seq_lens must include them)")
+        first = 0 if window_left < 0 else max(0, L - nq - window_left)
+        slots = _slots(block_table[b], first, L, page_size)
+        if nq == 1:
+            dec_rows.append(q0)
+            dec_slots.append(slots)
+        else:
+            prefill.append((q0, q1, slots))
+    width = max((len(s) for s in dec_slots), default=0)
+    ds = torch.zeros(len(dec_slots), width, dtype=torch.long)
+    valid = torch.zeros(len(dec_slots), width, dtype=torch.bool)
+    for i, s in enumerate(dec_slots):
+        ds[i, : len(s)] = s
+        valid[i, : len(s)] = True
+    return PagedPlan(torch.tensor(dec_rows, dtype=torch.long), ds, valid, prefill, int(cu[-1]))
+
+
+def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: PagedPlan, *,
+                            window_size: tuple[int, int] = (-1, -1), scale: float | None = None,
+                            sinks: Tensor | None = None) -> Tensor:
+    N, H, d = q.shape
+    Hkv, dv = k_cache.shape[-2], v_cache.shape[-1]
+    kf, vf = k_cache.reshape(-1, Hkv, d), v_cache.reshape(-1, Hkv, dv)
+    out = q.new_empty(N, H, dv)
+    scale = d ** -0.5 if scale is None else scale
+    if len(plan.decode_rows):
+        G = H // Hkv
+        qd = q[plan.decode_rows].view(-1, Hkv, G, d).float()             # [Bd, Hkv, G, d]
+        k = kf[plan.decode_slots].float()                                 # [Bd, L, Hkv, d]
+        v = vf[plan.decode_slots].float()
+        s = torch.einsum("bhgd,blhd->bhgl", qd, k) * scale
+        s = s.masked_fill(~plan.decode_valid[:, None, None, :], float("-inf"))
+        if sinks is not None:
+            sink = sinks.float().view(1, Hkv, G, 1).expand(s.shape[0], Hkv, G, 1)
+            p = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1]
+        else:
+            p = torch.softmax(s, -1)
+        o = torch.einsum("bhgl,blhd->bhgd", p, v)
+        out[plan.decode_rows] = o.reshape(-1, H, dv).to(q.dtype)
+    for r0, r1, slots in plan.prefill:
+        o = attention_torch(q[None, r0:r1], kf[slots][None], vf[slots][None], causal=True,
+                            window_size=window_size, scale=scale, sinks=sinks)
+        out[r0:r1] = o[0]
+    return out
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cu_seqlens_q: Tensor,
+                    seq_lens: Tensor, *, window_size: tuple[int, int] = (-1, -1), scale: float | None = None,
+                    sinks: Tensor | None = None) -> Tensor:
+    """q [N, H, d]; k_cache [P, page, Hkv, d]; v_cache [P, page, Hkv, dv]; block_table [B, pages] int;
+    cu_seqlens_q [B+1]; seq_lens [B] (keys per sequence, new tokens included) -> [N, H, dv]. Causal."""
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"expected q [N, H, d], k/v cache [pages, page_size, Hkv, d]; got q {tuple(q.shape)}, "
+                         f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    plan = plan_paged(block_table, cu_seqlens_q, seq_lens, k_cache.shape[1], window_size[0])
+    return paged_attention_planned(q, k_cache, v_cache, plan, window_size=window_size, scale=scale, sinks=sinks)
+
+
+def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                              cu_seqlens_q: Tensor, seq_lens: Tensor, *, window_size: tuple[int, int] = (-1, -1),
+                              scale: float | None = None, sinks: Tensor | None = None) -> Tensor:
+    """The spec: gather each sequence's keys through its block table, then dense causal attention."""
+    ps = k_cache.shape[1]
+    outs = []
+    for b in range(len(seq_lens)):
+        q0, q1, L = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(seq_lens[b])
+        if q1 == q0:
+            continue
+        slots = _slots(block_table[b], 0, L, ps)
+        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots]
+        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots]
+        outs.append(attention_reference(q[None, q0:q1], k[None], v[None], causal=True, window_size=window_size,
+                                        scale=scale, sinks=sinks)[0])
+    return torch.cat(outs)

@@ -1,0 +1,193 @@
+"""The engine against the reference generator: same greedy tokens whatever the batching, chunking,
+prefix caching or preemption; nothing lost, nothing leaked."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.engine import LLM, GenerationConfig, SamplingParams, generate
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return attnzoo.load_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    """16 prompts of mixed lengths (3 to ~150 tokens), several sharing a long prefix."""
+    rnd = random.Random(0)
+    words = ("the of and to in is was for on as with by at from that this which river mountain city "
+             "history science music ocean forest language").split()
+    shared = "You are a careful assistant. Answer in one short sentence. " * 4
+    out = []
+    for i in range(16):
+        body = " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 60)))
+        out.append((shared if i % 3 == 0 else "") + f"Question {i}: {body}")
+    return [model.tokenizer.encode(p) for p in out]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    return [generate(model, p, GenerationConfig(max_tokens=MAX_NEW)) for p in prompts]
+
+
+def assert_same_or_tie(model, prompt, got, want):
+    """Identical tokens, or a first difference where the reference's top-2 logits tie to rounding."""
+    if got == want:
+        return
+    i = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + want[:i]]))[0, -1]
+    top2 = logits.topk(2).values
+    gap = float(top2[0] - top2[1])
+    assert gap < 1e-3 * float(top2[0].abs()) + 1e-4, f"token {i} differs ({got[i]} vs {want[i]}) with gap {gap}"
+
+
+def run_and_check(llm: LLM, model, prompts, reference):
+    outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert len(outs) == len(prompts)
+    for p, o, ref in zip(prompts, outs, reference):
+        assert o.finished and o.finish_reason == "length"
+        assert_same_or_tie(model, p, o.token_ids, ref)
+    llm.check_integrity()
+    llm.clear_prefix_cache()
+    g = llm.kv.groups[0]
+    assert g.pool.num_free == g.pool.capacity, "pages leaked after the workload"
+    return outs
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_batched_matches_reference(model, prompts, reference, prefix_caching):
+    llm = LLM(model, kv_cache_memory=64 << 20, enable_prefix_caching=prefix_caching)
+    run_and_check(llm, model, prompts, reference)
+
+
+def test_one_by_one_matches_reference_and_hits_prefix_cache(model, prompts, reference):
+    llm = LLM(model, kv_cache_memory=256 << 20)  # room for all 16: no eviction of the shared prefix
+    hits = []
+    for p, ref in zip(prompts, reference):
+        (o,) = llm.generate([p], SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert_same_or_tie(model, p, o.token_ids, ref)
+        hits.append(o.cached_tokens)
+        llm.check_integrity()
+    # prompts 3, 6, 9, ... share a 49-token system prefix with prompt 0: 3 pages of 16 must hit
+    assert all(hits[i] >= 48 for i in (3, 6, 9, 12, 15)), hits
+    assert hits[0] == 0
+
+
+def test_small_chunks_match_reference(model, prompts, reference):
+    llm = LLM(model, kv_cache_memory=64 << 20, max_num_batched_tokens=16)
+    run_and_check(llm, model, prompts, reference)
+
+
+def test_preemption_recomputes_identically(model, prompts, reference):
+    # 16 pages of 16 tokens: far less than 16 requests need at once
+    llm = LLM(model, kv_cache_memory=16 * 16 * 30 * 2 * 3 * 64 * 4, page_size=16)
+    assert llm.kv.num_pages == 16
+    outs = run_and_check(llm, model, prompts, reference)
+    assert llm.scheduler.num_preemptions > 0
+    assert sum(o.num_preemptions for o in outs) == llm.scheduler.num_preemptions
+
+
+def test_neighbours_do_not_change_logits(model):
+    from attnzoo.engine.request import Request
+    from attnzoo.engine.scheduler import StepPlan
+    llm = LLM(model, kv_cache_memory=16 << 20, enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(0)
+    mine = torch.randint(0, 49152, (20,), generator=g).tolist()
+    results = []
+    for _ in range(2):
+        other = torch.randint(0, 49152, (20,), generator=g).tolist()  # same shape, new content
+        reqs = [Request("a", mine, SamplingParams(max_tokens=1)), Request("b", other, SamplingParams(max_tokens=1))]
+        for r in reqs:
+            assert llm.kv.allocate(r, 20)
+        logits, _ = llm.runner.run(StepPlan(reqs, [20, 20]))
+        results.append(logits[0].clone())
+        for r in reqs:
+            llm.kv.free(r)
+    assert torch.equal(results[0], results[1])
+
+
+def test_seeded_sampling_is_batch_independent(model, prompts):
+    llm = LLM(model, kv_cache_memory=64 << 20)
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    (alone,) = llm.generate([prompts[1]], p, use_tqdm=False)
+    crowd = llm.generate(prompts[:6], [SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True)] + [p] +
+                         [SamplingParams(max_tokens=7, temperature=0.7, seed=i) for i in range(4)], use_tqdm=False)
+    assert crowd[1].token_ids == alone.token_ids
+    llm.check_integrity()
+
+
+def test_n_completions_and_stop_strings(model):
+    llm = LLM(model, kv_cache_memory=32 << 20)
+    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "Count from 1 to 10."}])
+    (o,) = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, stop=["5"]), use_tqdm=False)
+    assert o.finish_reason == "stop" and o.outputs[0].stop_reason == "5"
+    assert "5" not in o.text and "4" in o.text
+    (o,) = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=7), use_tqdm=False)
+    assert len(o.outputs) == 3 and all(len(c.token_ids) >= 1 for c in o.outputs)
+    assert len({tuple(c.token_ids) for c in o.outputs}) > 1
+
+
+def test_logprobs_and_timings(model):
+    llm = LLM(model, kv_cache_memory=32 << 20)
+    (o,) = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0, logprobs=3),
+                        use_tqdm=False)
+    lps = o.outputs[0].logprobs
+    assert len(lps) == len(o.token_ids)
+    for tok, lp in zip(o.token_ids, lps):
+        assert tok in lp and lp[tok] == max(lp.values())  # greedy picks the most likely token
+    m = o.metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+
+
+def test_abort_frees_pages_at_once(model, prompts):
+    llm = LLM(model, kv_cache_memory=32 << 20, enable_prefix_caching=False)
+    a = llm.add_request(prompts[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    b = llm.add_request(prompts[1], SamplingParams(max_tokens=5, ignore_eos=True))
+    llm.step()
+    llm.step()
+    llm.abort(a)
+    llm.check_integrity()
+    outs = []
+    while llm.has_unfinished():
+        outs += llm.step()
+    finished = {o.request_id: o for o in outs if o.finished}
+    assert finished[b].finish_reason == "length"
+    g = llm.kv.groups[0]
+    assert g.pool.num_free == g.pool.capacity
+
+
+@pytest.mark.parametrize("prompt, params, fragment", [
+    ("", SamplingParams(), "empty"),
+    ([], SamplingParams(), "empty"),
+    ([1, 2, 10**6], SamplingParams(), "vocabulary"),
+    ([1] * 8192, SamplingParams(), "context"),
+    ([1, 2], SamplingParams(max_tokens=8191), "context"),
+])
+def test_bad_requests_are_rejected_before_scheduling(model, prompts, prompt, params, fragment):
+    llm = LLM(model, kv_cache_memory=32 << 20)
+    ok = llm.add_request(prompts[0], SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match=fragment):
+        llm.add_request(prompt, params)
+    outs = []
+    while llm.has_unfinished():
+        outs += llm.step()
+    assert [o.request_id for o in outs if o.finished] == [ok]
+    llm.check_integrity()
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(n=0), "n"),
+])
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
