@@ -53,8 +53,7 @@ class RadixCache:
     def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], Node]:
         """Longest cached prefix of `tokens`, rounded down to whole pages: (its pages, handle node).
         Splits the last node if the match ends inside it, so the handle's path is exactly the match."""
-        tokens = self._aligned(tokens)
-        node, matched, pages = self._walk(tokens)
+        node, _, pages = self._walk(self._aligned(tokens))
         return pages, node
 
     def insert(self, tokens: Sequence[int], pages: Sequence[int]) -> int:
