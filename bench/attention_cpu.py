@@ -112,11 +112,11 @@ def bench_row(name: str, tq: int, tk: int, flops: float, with_ref: bool) -> str:
     return f"| {name} | {c_ours} | {c_sdpa} | {c_ref} | {speed} | {how} |"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds (smoke test)")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.pop("ATTNZOO_BACKEND", None)  # the dispatcher is pinned via backend= anyway
 

@@ -68,13 +68,13 @@ def speeds(stamps_fn, short: list[int], long: list[int], n: int) -> tuple[float,
     return decode, ttft, pre
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=1000, help="length of the long prompt for prefill speed")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.new_tokens, args.prompt_tokens = 8, 64
     from transformers import AutoModelForCausalLM

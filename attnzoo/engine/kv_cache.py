@@ -28,7 +28,7 @@ class CacheGroup:
     spec: CacheSpec
     layer_ids: list[int]
     pool: BlockPool
-    k: torch.Tensor          # [layers_in_group, pages, page_size, Hkv, d]
+    k: torch.Tensor          # [layers_in_group, Hkv, pages, page_size, d] (head-major: see ops/attention/paged.py)
     v: torch.Tensor
 
     @property
@@ -57,7 +57,7 @@ class PagedKVCache:
         self.groups: list[CacheGroup] = []
         self.layer_group: dict[int, tuple[int, int]] = {}
         for gi, (spec, layers) in enumerate(group_specs(specs)):
-            shape = (len(layers), num_pages, page_size, spec.num_kv_heads)
+            shape = (len(layers), spec.num_kv_heads, num_pages, page_size)
             self.groups.append(CacheGroup(spec, layers, BlockPool(num_pages),
                                           torch.zeros(*shape, spec.head_dim, dtype=dtype),
                                           torch.zeros(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype)))
@@ -226,6 +226,6 @@ class StepKV:
         g = self.cache.groups[gi]
         kc, vc = g.k[j], g.v[j]
         slots = self.slot_maps[gi]
-        kc.view(-1, *kc.shape[2:])[slots] = k.to(kc.dtype)
-        vc.view(-1, *vc.shape[2:])[slots] = v.to(vc.dtype)
+        kc.view(kc.shape[0], -1, kc.shape[-1])[:, slots] = k.transpose(0, 1).to(kc.dtype)
+        vc.view(vc.shape[0], -1, vc.shape[-1])[:, slots] = v.transpose(0, 1).to(vc.dtype)
         return paged_attention_planned(q, kc, vc, self.plans[gi], window_size=window_size, scale=scale, sinks=sinks)

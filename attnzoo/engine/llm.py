@@ -96,10 +96,12 @@ def _free_memory_bytes() -> int:
 
 
 class LLM:
-    def __init__(self, model: str | os.PathLike | DecoderLM = DEFAULT_MODEL, *, page_size: int = 16,
+    def __init__(self, model: str | os.PathLike | DecoderLM = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
+                 page_size: int = 16,
                  kv_cache_memory: int | None = None, kv_cache_fraction: float = 0.25, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True, seed: int = 0):
-        self.model = model if isinstance(model, DecoderLM) else load_model(model)
+        # dtype applies when loading by name or path; a passed-in model keeps its own
+        self.model = model if isinstance(model, DecoderLM) else load_model(model, dtype)
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config
         self.max_model_len = cfg.max_position_embeddings

@@ -175,12 +175,20 @@ class Sampler:
         tokens = x.argmax(-1).tolist()  # final for greedy rows
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
         if rand:
-            probs = self.filter_logits(x[rand], [rows[i].params for i in rand]).softmax(-1)
-            for j, i in enumerate(rand):  # one draw per row with its own generator: batch-independent
-                g = rows[i].generator or self.generator
-                # Draw on the generator's device (a CPU generator with CUDA logits is allowed).
-                pr = probs[j] if g is None or g.device == probs.device else probs[j].to(g.device)
-                tokens[i] = int(torch.multinomial(pr, 1, generator=g))
+            params = [rows[i].params for i in rand]
+            if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+                z = self.filter_logits(x[rand], params)  # sorts the vocabulary: only when a filter is on
+            else:
+                z = x[rand] / torch.tensor([p.temperature for p in params], device=x.device)[:, None]
+            # Inverse-CDF sampling: one uniform per row from the row's own generator keeps seeded requests
+            # batch-independent, at the cost of a cumsum rather than multinomial's per-row passes.
+            cdf = z.softmax(-1).cumsum(-1)
+            u = torch.cat([torch.rand(1, generator=g, device=g.device if g is not None else "cpu")
+                           for g in (rows[i].generator or self.generator for i in rand)])
+            u = (u.to(cdf.device) * cdf[:, -1]).clamp(min=torch.finfo(cdf.dtype).tiny)[:, None]
+            picked = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)[:, 0].tolist()
+            for j, i in enumerate(rand):
+                tokens[i] = picked[j]
 
         logprobs: list[dict[int, float] | None] = [None] * len(rows)
         sampled: list[float | None] = [None] * len(rows)

@@ -75,12 +75,24 @@ class Scheduler:
             budget -= n
             i += 1
         # admit waiting requests while there is budget, room for sequences and no memory pressure
+        first_pages: set[tuple[int, ...]] = set()   # prefixes this step computes from scratch
+        deferred: list[Request] = []
+        ps = self.kv.page_size
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
             req = self.waiting[0]
             if req.num_computed == 0:
                 self.kv.match_prefix(req)
                 if req.first_scheduled_time is None:
                     req.cached_tokens = req.num_computed
+            # In-batch prefix sharing (SGLang): a request whose first page starts like one being computed
+            # from scratch in this very step waits one step and then hits the cache instead.
+            head = tuple(req.token(t) for t in range(min(ps, req.num_tokens)))
+            if self.kv.radix is not None and req.num_computed == 0 and req.num_tokens > ps:
+                if head in first_pages:
+                    self.kv.free(req)
+                    deferred.append(self.waiting.popleft())
+                    continue
+                first_pages.add(head)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self.kv.allocate(req, req.num_computed + n):
                 if not self.running and not plan.requests:
@@ -95,6 +107,7 @@ class Scheduler:
             plan.requests.append(req)
             plan.num_new.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))  # they keep their place at the front
         return plan
 
     def finish(self, req: Request, reason: str) -> None:

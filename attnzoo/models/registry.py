@@ -42,13 +42,39 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> DecoderLM:
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN emulates
+    bf16 and it is several times slower than fp32, so "auto" keeps fp32 there."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """torch dtype from a name; "auto" = bfloat16 where the CPU has native bf16, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32) -> DecoderLM:
     """A model by name (`smollm2`), a `.gguf` file, or a transformers directory (config.json + safetensors).
 
-    Returns a DecoderLM: `model(input_ids[B, T]) -> logits[B, T, V]`, with `.config` and `.tokenizer`."""
+    Returns a DecoderLM: `model(input_ids[B, T]) -> logits[B, T, V]`, with `.config` and `.tokenizer`.
+    dtype: float32 (default, the conformance dtype), bfloat16, or "auto" (see `resolve_dtype`)."""
     from attnzoo.models.gguf_loader import is_gguf, load_gguf
     from attnzoo.models.hf_loader import load_hf
 
+    dtype = resolve_dtype(dtype)
     path = resolve(name_or_path)
     if path.is_file() and is_gguf(path):
         return load_gguf(path, dtype)

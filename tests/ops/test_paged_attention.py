@@ -20,8 +20,8 @@ def make_case(q_lens, seq_lens, H=6, Hkv=2, d=16, page=4, seed=0, dtype=torch.fl
     for b, n in enumerate(pages_per):
         table[b, :n] = perm[used:used + n]
         used += n
-    kc = torch.randn(num_pages, page, Hkv, d, generator=g, dtype=dtype)
-    vc = torch.randn(num_pages, page, Hkv, d, generator=g, dtype=dtype)
+    kc = torch.randn(Hkv, num_pages, page, d, generator=g, dtype=dtype)
+    vc = torch.randn(Hkv, num_pages, page, d, generator=g, dtype=dtype)
     q = torch.randn(sum(q_lens), H, d, generator=g, dtype=dtype)
     cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
     return q, kc, vc, table, cu, torch.tensor(seq_lens), page
@@ -43,8 +43,8 @@ def test_paged_matches_reference_and_dense(q_lens, seq_lens, window, with_sinks)
     # the reference itself: gather by hand, float64 dense attention
     for b in range(len(q_lens)):
         slots = [int(table[b, p // page]) * page + p % page for p in range(seq_lens[b])]
-        k = kc.reshape(-1, *kc.shape[2:])[slots].double()
-        v = vc.reshape(-1, *vc.shape[2:])[slots].double()
+        k = kc.reshape(kc.shape[0], -1, kc.shape[-1])[:, slots].transpose(0, 1).double()  # by hand: [L, Hkv, d]
+        v = vc.reshape(vc.shape[0], -1, vc.shape[-1])[:, slots].transpose(0, 1).double()
         qq = q[int(cu[b]):int(cu[b + 1])].double()
         dense = attention_reference(qq[None], k[None], v[None], causal=True, window_size=window,
                                     sinks=None if sinks is None else sinks.double())[0]

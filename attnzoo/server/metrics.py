@@ -1,0 +1,104 @@
+"""Prometheus metrics (vLLM's names with an `attnzoo:` prefix) and the periodic stats log line.
+
+Everything here is updated from the engine thread only; prometheus_client is thread-safe for scraping."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from attnzoo.engine.llm import LLM, RequestOutput
+
+log = logging.getLogger("attnzoo.server")
+
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+            40.0, 80.0, 160.0, 640.0)
+LOG_INTERVAL_S = 5.0
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = r = CollectorRegistry()
+        lab = ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"attnzoo:{name}", doc, lab, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"attnzoo:{name}", doc, lab, registry=r).labels(model_name)
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(f"attnzoo:{name}", doc, lab, buckets=_LATENCY, registry=r).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV pages in use (0-1).")
+        # prometheus_client appends _total to counters itself
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("num_preemptions", "Requests preempted (recomputed later).")
+        self._success = Counter("attnzoo:request_success", "Finished requests by reason.",
+                                lab + ["finished_reason"], registry=r)
+        self.ttft = hist("time_to_first_token_seconds", "Arrival to first generated token.")
+        self.itl = hist("inter_token_latency_seconds", "Time between generated tokens.")
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish.")
+        self.queue = hist("request_queue_time_seconds", "Arrival to first scheduled.")
+        self.model_name = model_name
+        self._seen_preemptions = 0
+        # window for the log line
+        self._last_log = time.monotonic()
+        self._win_prompt = self._win_gen = self._win_queries = self._win_hits = 0
+
+    def on_step(self, llm: LLM) -> None:
+        s = llm.scheduler
+        self.running.set(len(s.running))
+        self.waiting.set(len(s.waiting))
+        self.kv_usage.set(llm.kv.usage)
+        if s.num_preemptions > self._seen_preemptions:
+            self.preemptions.inc(s.num_preemptions - self._seen_preemptions)
+            self._seen_preemptions = s.num_preemptions
+
+    def on_first_token(self, out: RequestOutput) -> None:
+        n = len(out.prompt_token_ids)
+        self.prompt_tokens.inc(n)
+        self.prefix_queries.inc(n)
+        self.prefix_hits.inc(out.cached_tokens)
+        self._win_prompt += n
+        self._win_queries += n
+        self._win_hits += out.cached_tokens
+        m = out.metrics
+        if m.time_to_first_token is not None:
+            self.ttft.observe(m.time_to_first_token)
+        if m.queue_time is not None:
+            self.queue.observe(m.queue_time)
+
+    def on_tokens(self, new_tokens: int, gap_s: float | None) -> None:
+        self.generation_tokens.inc(new_tokens)
+        self._win_gen += new_tokens
+        if gap_s is not None:
+            self.itl.observe(gap_s)
+
+    def on_finished(self, out: RequestOutput) -> None:
+        # a group's reason is its first child's; n > 1 groups count once, as one request
+        self._success.labels(self.model_name, out.outputs[0].finish_reason or "abort").inc()
+        m = out.metrics
+        if m.finished_time is not None:
+            self.e2e.observe(m.finished_time - m.arrival_time)
+
+    def maybe_log(self, llm: LLM, busy: bool) -> None:
+        """vLLM's periodic line, every LOG_INTERVAL_S while there is or was work in the window."""
+        now = time.monotonic()
+        dt = now - self._last_log
+        if dt < LOG_INTERVAL_S or not (busy or self._win_prompt or self._win_gen):
+            return
+        hit = 100.0 * self._win_hits / self._win_queries if self._win_queries else 0.0
+        log.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
+                 "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+                 self._win_prompt / dt, self._win_gen / dt, len(llm.scheduler.running), len(llm.scheduler.waiting),
+                 100.0 * llm.kv.usage, hit)
+        self._last_log = now
+        self._win_prompt = self._win_gen = self._win_queries = self._win_hits = 0

@@ -1,0 +1,85 @@
+"""The HTTP endpoints; the work is in chat.py and completions.py."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from attnzoo.server.chat import create_chat, render
+from attnzoo.server.completions import create_completion
+from attnzoo.server.errors import APIError, error_response
+from attnzoo.server.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from attnzoo.server.state import ServerState
+
+router = APIRouter()
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    st = _state(request)
+    root = next(iter(st.model_aliases), st.model_name)
+    return {"object": "list", "data": [{"id": st.model_name, "object": "model", "created": st.created,
+                                        "owned_by": "attnzoo", "root": root, "parent": None,
+                                        "max_model_len": st.llm.max_model_len}]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    return await create_completion(body, request, _state(request))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    return await create_chat(body, request, _state(request))
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    eng = _state(request).engine
+    if not eng.alive:
+        return error_response(503, f"engine is not running: {eng.error!r}", code="engine_dead")
+    stalled = time.monotonic() - eng.last_step_time
+    if eng.busy and stalled > _state(request).stall_timeout_s:
+        return error_response(503, f"engine has not completed a step for {stalled:.0f} s", code="engine_stalled")
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    st = _state(request)
+    st.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+    text = body.prompt if body.prompt is not None else render(st, body.messages, body.add_generation_prompt)
+    ids = await st.encode(text)
+    return {"count": len(ids), "max_model_len": st.llm.max_model_len, "tokens": ids}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    st = _state(request)
+    st.check_model(body.model)
+    vocab = st.llm.model.config.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+    return {"prompt": st.tokenizer.decode(body.tokens)}
+
+
+@router.get("/", response_class=HTMLResponse)
+async def chat_page() -> HTMLResponse:
+    return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))

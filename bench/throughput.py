@@ -1,0 +1,138 @@
+"""Offline throughput: attnzoo's engine vs transformers' batched `generate`, same GGUF, same run.
+
+    python bench/throughput.py [--num-requests 32] [--min-input 64] [--max-input 256] [--output-len 128]
+                               [--dtypes float32,bfloat16] [--quick]
+    attnzoo bench throughput ...   (the same)
+
+nano-vllm's offline workload scaled to a 2-core CPU: N requests of random token ids with random input
+lengths, a fixed number of output tokens each (EOS ignored), all submitted at once; output tokens/s.
+transformers runs them as one left-padded batch. Before any speed is printed, greedy tokens of
+attnzoo (fp32) must equal transformers' for one request, and each bf16 model must agree with its fp32
+twin on the next-token argmax of every prompt. Single-stream decode tok/s is measured too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+from common import machine
+from generate_cpu import hf_generate, hf_stamps
+
+import attnzoo
+from attnzoo.engine import LLM, SamplingParams
+from attnzoo.models.registry import resolve
+
+
+def workload(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    rnd = random.Random(seed)
+    return [[rnd.randrange(100, 40000) for _ in range(rnd.randint(lo, hi))] for _ in range(n)]
+
+
+def run_attnzoo(llm: LLM, prompts: list[list[int]], out_len: int) -> float:
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True), use_tqdm=False)
+    dt = time.perf_counter() - t0
+    assert all(len(o.token_ids) == out_len for o in outs)
+    llm.check_integrity()
+    return len(prompts) * out_len / dt
+
+
+@torch.inference_mode()
+def run_hf(hf, prompts: list[list[int]], out_len: int, pad_id: int) -> float:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=out_len, min_new_tokens=out_len,
+                      pad_token_id=pad_id)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] - width == out_len
+    return len(prompts) * out_len / dt
+
+
+def single_stream_attnzoo(llm: LLM, prompt: list[int], n: int) -> float:
+    rates = []
+    for _ in range(2):
+        stamps, t0 = [], time.perf_counter()
+        for _ in llm.stream(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)):
+            stamps.append(time.perf_counter() - t0)
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return max(rates)
+
+
+def single_stream_hf(hf, prompt: list[int], n: int) -> float:
+    rates = []
+    for _ in range(2):
+        s = hf_stamps(hf, prompt, n)
+        rates.append((len(s) - 1) / (s[-1] - s[0]))
+    return max(rates)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--min-input", type=int, default=64)
+    ap.add_argument("--max-input", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.num_requests, args.min_input, args.max_input, args.output_len = 4, 8, 24, 8
+    from transformers import AutoModelForCausalLM
+
+    print(f"# machine: {machine()}")
+    path = resolve(args.model)
+    prompts = workload(args.num_requests, args.min_input, args.max_input, args.seed)
+    dtypes = [attnzoo.models.registry.resolve_dtype(d) for d in args.dtypes.split(",")]
+    ours = {d: attnzoo.load_model(args.model, dtype=d) for d in dtypes}
+    theirs = {d: AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=d).eval()
+              for d in dtypes}
+    fp32 = ours.get(torch.float32) or attnzoo.load_model(args.model)
+
+    # correctness before speed
+    n_check = min(16, args.output_len)
+    engine = LLM(fp32, kv_cache_memory=256 << 20)
+    (o,) = engine.generate([prompts[0]], SamplingParams(max_tokens=n_check, temperature=0, ignore_eos=True),
+                           use_tqdm=False)
+    ref = hf_generate(theirs.get(torch.float32) or AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval(), prompts[0], n_check)
+    if o.token_ids != ref:
+        raise SystemExit(f"FAILED: attnzoo fp32 engine tokens {o.token_ids} != transformers {ref}; no speed reported")
+    for d, m in ours.items():
+        if d is torch.float32:
+            continue
+        with torch.no_grad():
+            agree = sum(int(m(torch.tensor([p]), last_only=True)[0, -1].argmax() ==
+                            fp32(torch.tensor([p]), last_only=True)[0, -1].argmax()) for p in prompts)
+        if agree < 0.9 * len(prompts):
+            raise SystemExit(f"FAILED: {d} next-token argmax agrees with fp32 on only {agree}/{len(prompts)} prompts")
+    print(f"# correctness: attnzoo fp32 engine = transformers for {n_check} greedy tokens; bf16 argmax agrees with fp32")
+
+    pad = fp32.tokenizer.eos_token_ids[0]
+    rows = []
+    for d in dtypes:
+        name = str(d).replace("torch.", "")
+        llm = LLM(ours[d], kv_cache_memory=1 << 30, max_num_seqs=max(64, args.num_requests))
+        run_attnzoo(llm, prompts[:2], 4)  # warm-up
+        ours_tps = statistics.median(run_attnzoo(llm, prompts, args.output_len) for _ in range(2))
+        hf_tps = run_hf(theirs[d], prompts, args.output_len, pad)
+        s_ours = single_stream_attnzoo(llm, prompts[0], min(64, 4 * args.output_len))
+        s_hf = single_stream_hf(theirs[d], prompts[0], min(64, 4 * args.output_len))
+        rows.append((name, ours_tps, hf_tps, s_ours, s_hf))
+    print(f"\n{args.num_requests} requests, input {args.min_input}-{args.max_input} random tokens, "
+          f"{args.output_len} output tokens each (ignore_eos), greedy, all at once\n")
+    print("| dtype | attnzoo tok/s | transformers tok/s | ratio | attnzoo 1-stream decode | transformers 1-stream | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, a, h, sa, sh in rows:
+        print(f"| {name} | {a:.0f} | {h:.0f} | {a / h:.2f}x | {sa:.1f} | {sh:.1f} | {sa / sh:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
