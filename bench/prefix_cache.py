@@ -1,6 +1,6 @@
 """Prefix caching: SGLang's generated-shared-prefix workload with the radix cache on vs off.
 
-    python bench/prefix_cache.py [--groups 4] [--prompts-per-group 8] [--system-len 1024]
+    python bench/prefix_cache.py [--groups 4] [--prompts-per-group 16] [--system-len 1024]
                                  [--question-len 32] [--output-len 16] [--dtype auto] [--quick]
     attnzoo bench prefix_cache ...
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--prompts-per-group", type=int, default=8)
+    ap.add_argument("--prompts-per-group", type=int, default=16, help="16 as in SGLang's defaults")
     ap.add_argument("--system-len", type=int, default=1024)
     ap.add_argument("--question-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=16)

@@ -83,8 +83,12 @@ def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: P
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # softmax precision
         qd = q[plan.decode_rows].view(-1, Hkv, G, d).transpose(0, 1).to(acc)  # [Hkv, Bd, G, d]
         Bd, P = plan.decode_pages.shape
-        k = k_cache[:, plan.decode_pages].reshape(Hkv, Bd, -1, d).to(acc)   # [Hkv, Bd, P*page, d]
-        v = v_cache[:, plan.decode_pages].reshape(Hkv, Bd, -1, dv).to(acc)
+        pages = plan.decode_pages.reshape(-1)
+        # index_select over whole pages of a [Hkv, pages, page*d] view: ~3x faster than advanced indexing
+        k = torch.index_select(k_cache.reshape(Hkv, k_cache.shape[1], -1), 1, pages)
+        v = torch.index_select(v_cache.reshape(Hkv, v_cache.shape[1], -1), 1, pages)
+        k = k.view(Hkv, Bd, -1, d).to(acc)                                   # [Hkv, Bd, P*page, d]
+        v = v.view(Hkv, Bd, -1, dv).to(acc)
         s = torch.matmul(qd, k.transpose(-1, -2)).mul_(scale)                # [Hkv, Bd, G, L]
         s.masked_fill_(~plan.decode_valid[None, :, None, :], float("-inf"))
         if sinks is not None:
@@ -95,8 +99,8 @@ def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: P
         o = torch.matmul(p, v)                                               # [Hkv, Bd, G, dv]
         out[plan.decode_rows] = o.transpose(0, 1).reshape(-1, H, dv).to(q.dtype)
     for r0, r1, slots in plan.prefill:
-        k = kf[:, slots].transpose(0, 1)[None]                               # [1, L, Hkv, d]
-        v = vf[:, slots].transpose(0, 1)[None]
+        k = torch.index_select(kf, 1, slots).transpose(0, 1)[None]          # [1, L, Hkv, d]
+        v = torch.index_select(vf, 1, slots).transpose(0, 1)[None]
         o = attention_torch(q[None, r0:r1], k, v, causal=True, window_size=window_size, scale=scale, sinks=sinks)
         out[r0:r1] = o[0]
     return out
