@@ -20,6 +20,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="answer 429 when more requests than this wait to be scheduled (default: unbounded)")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (default: 1/4 of free RAM)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch (default 64)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto = bfloat16 on CPUs with native bf16, else float32")
     p.add_argument("--log-level", default="info")
 
 
@@ -32,7 +34,7 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
-    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
     name = args.served_model_name or args.model
     app = build_app(llm, name, model_aliases={args.model}, api_key=args.api_key,
                     max_queued_requests=args.max_queued_requests)

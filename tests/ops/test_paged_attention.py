@@ -57,3 +57,25 @@ def test_paged_rejects_bad_shapes():
         paged_attention(q[None], kc, vc, table, cu, lens)
     with pytest.raises(ValueError, match="keys"):
         paged_attention(q, kc, vc, table, cu, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_shared_prefix_cascade_matches_reference(with_sinks):
+    from attnzoo.ops.attention.paged import plan_paged
+    g = torch.Generator().manual_seed(3)
+    H, Hkv, d, page = 6, 2, 16, 4
+    kc = torch.randn(Hkv, 40, page, d, generator=g)
+    vc = torch.randn(Hkv, 40, page, d, generator=g)
+    # rows 0-2 share pages 5, 6, 7 (a radix hit), row 3 shares only page 5, row 4 is alone
+    table = torch.tensor([[5, 6, 7, 10, 11, 0], [5, 6, 7, 12, 0, 0], [5, 6, 7, 8, 13, 14],
+                          [5, 20, 21, 0, 0, 0], [30, 31, 0, 0, 0, 0]], dtype=torch.int32)
+    lens = torch.tensor([19, 13, 22, 10, 6])
+    cu = torch.arange(6, dtype=torch.int32)  # one decode query each
+    q = torch.randn(5, H, d, generator=g)
+    sinks = torch.randn(H, generator=g) if with_sinks else None
+    plan = plan_paged(table, cu, lens, page)
+    assert [r.tolist() for r, _ in plan.cascades] == [[0, 1, 2]]  # rows 0-3 share page 5; 0-2 share three
+    assert plan.cascades[0][1].tolist() == [5, 6, 7]
+    out = paged_attention(q, kc, vc, table, cu, lens, sinks=sinks)
+    ref = paged_attention_reference(q, kc, vc, table, cu, lens, sinks=sinks)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

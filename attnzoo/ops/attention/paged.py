@@ -14,7 +14,7 @@ bottom-right aligned), which covers prefill with a cached prefix, prefill chunks
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -33,6 +33,12 @@ class PagedPlan:
     decode_valid: Tensor                # [Bd, P * page_size] bool: the slot is a visible key
     prefill: list[tuple[int, int, Tensor]]  # (row_start, row_end, flat slots of all keys of that sequence)
     num_rows: int
+    # Cascade: decode rows whose sequences share their first pages (a radix-cache hit) attend to that
+    # prefix together: its K/V are gathered once and multiplied against all their queries, then merged
+    # with each row's own suffix by log-sum-exp. (index into decode rows [n], prefix pages [p])
+    cascades: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+MIN_CASCADE_PAGES = 2   # shorter shared prefixes are cheaper to gather per row
 
 
 def _slots(block_table_row: Tensor, start: int, end: int, page_size: int) -> Tensor:
@@ -60,14 +66,62 @@ def plan_paged(block_table: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor, page
             dec_spans.append((b, first, L))
         else:
             prefill.append((q0, q1, _slots(block_table[b], first, L, page_size)))
-    width = max((-(-L // page_size) - f // page_size for _, f, L in dec_spans), default=0)
+    starts = [f // page_size for _, f, _ in dec_spans]   # first page each decode row gathers itself
+    cascades = []
+    if window_left < 0 and len(dec_spans) > 1:
+        cascades = _shared_prefixes(block_table, dec_spans, page_size, starts)
+    width = max((-(-L // page_size) - p0 for (_, _, L), p0 in zip(dec_spans, starts)), default=0)
     pages = torch.zeros(len(dec_spans), width, dtype=torch.long)
     valid = torch.zeros(len(dec_spans), width * page_size, dtype=torch.bool)
-    for i, (b, first, L) in enumerate(dec_spans):
-        p0, p1 = first // page_size, -(-L // page_size)
+    for i, ((b, first, L), p0) in enumerate(zip(dec_spans, starts)):
+        p1 = -(-L // page_size)
         pages[i, : p1 - p0] = block_table[b, p0:p1].long()
-        valid[i, first - p0 * page_size: L - p0 * page_size] = True
-    return PagedPlan(torch.tensor(dec_rows, dtype=torch.long), pages, valid, prefill, int(cu[-1]))
+        valid[i, max(first - p0 * page_size, 0): L - p0 * page_size] = True
+    return PagedPlan(torch.tensor(dec_rows, dtype=torch.long), pages, valid, prefill, int(cu[-1]), cascades)
+
+
+def _shared_prefixes(block_table: Tensor, spans: list[tuple[int, int, int]], page_size: int,
+                     starts: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """Group decode rows by their first MIN_CASCADE_PAGES pages; a group's shared prefix is the pages all
+    its rows have in common (full pages strictly before each row's last key). Moves each grouped row's
+    `starts` past it."""
+    by_head: dict[tuple[int, ...], list[int]] = {}
+    for i, (b, _, L) in enumerate(spans):
+        if (L - 1) // page_size >= MIN_CASCADE_PAGES:
+            by_head.setdefault(tuple(block_table[b, :MIN_CASCADE_PAGES].tolist()), []).append(i)
+    out = []
+    for rows in by_head.values():
+        if len(rows) < 2:
+            continue
+        tables = [block_table[spans[i][0]].tolist() for i in rows]
+        limit = min((spans[i][2] - 1) // page_size for i in rows)  # never share the page being written
+        n = 0
+        while n < limit and all(t[n] == tables[0][n] for t in tables):
+            n += 1
+        if n < MIN_CASCADE_PAGES:
+            continue
+        for i in rows:
+            starts[i] = n
+        out.append((torch.tensor(rows, dtype=torch.long), torch.tensor(tables[0][:n], dtype=torch.long)))
+    return out
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """q [Hkv, R, M, d] against k/v [Hkv, R, L, d] -> (normalised output [Hkv, R, M, dv], lse [Hkv, R, M])."""
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if valid is not None:
+        s.masked_fill_(~valid[None, :, None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.unsqueeze(-1).clamp(min=torch.finfo(s.dtype).min))  # a fully masked row gives 0
+    return torch.matmul(p, v), lse
+
+
+def _gather_pages(cache: Tensor, pages: Tensor, rows: int, acc: torch.dtype) -> Tensor:
+    """[Hkv, P, page, d] cache, [rows * n] page ids -> [Hkv, rows, n * page, d] in acc. index_select over
+    whole pages of a [Hkv, P, page*d] view is ~3x faster than advanced indexing."""
+    Hkv, d = cache.shape[0], cache.shape[-1]
+    out = torch.index_select(cache.reshape(Hkv, cache.shape[1], -1), 1, pages.reshape(-1))
+    return out.view(Hkv, rows, -1, d).to(acc)
 
 
 def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: PagedPlan, *,
@@ -83,20 +137,20 @@ def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: P
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # softmax precision
         qd = q[plan.decode_rows].view(-1, Hkv, G, d).transpose(0, 1).to(acc)  # [Hkv, Bd, G, d]
         Bd, P = plan.decode_pages.shape
-        pages = plan.decode_pages.reshape(-1)
-        # index_select over whole pages of a [Hkv, pages, page*d] view: ~3x faster than advanced indexing
-        k = torch.index_select(k_cache.reshape(Hkv, k_cache.shape[1], -1), 1, pages)
-        v = torch.index_select(v_cache.reshape(Hkv, v_cache.shape[1], -1), 1, pages)
-        k = k.view(Hkv, Bd, -1, d).to(acc)                                   # [Hkv, Bd, P*page, d]
-        v = v.view(Hkv, Bd, -1, dv).to(acc)
-        s = torch.matmul(qd, k.transpose(-1, -2)).mul_(scale)                # [Hkv, Bd, G, L]
-        s.masked_fill_(~plan.decode_valid[None, :, None, :], float("-inf"))
-        if sinks is not None:
-            sink = sinks.to(acc).view(Hkv, 1, G, 1).expand(Hkv, s.shape[1], G, 1)
-            p = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1]
-        else:
-            p = torch.softmax(s, -1)
-        o = torch.matmul(p, v)                                               # [Hkv, Bd, G, dv]
+        o, lse = _attend(qd, _gather_pages(k_cache, plan.decode_pages, Bd, acc),
+                         _gather_pages(v_cache, plan.decode_pages, Bd, acc), plan.decode_valid, scale)
+        for rows, prefix in plan.cascades:
+            n = len(rows)
+            qc = qd[:, rows].reshape(Hkv, 1, n * G, d)          # every row's queries against one prefix copy
+            oc, lc = _attend(qc, _gather_pages(k_cache, prefix, 1, acc), _gather_pages(v_cache, prefix, 1, acc),
+                             None, scale)
+            oc, lc = oc.view(Hkv, n, G, dv), lc.view(Hkv, n, G)
+            both = torch.logaddexp(lse[:, rows], lc)
+            o[:, rows] = o[:, rows] * torch.exp(lse[:, rows] - both)[..., None] + oc * torch.exp(lc - both)[..., None]
+            lse[:, rows] = both
+        if sinks is not None:  # the sink joins the denominator and carries no value
+            sink = sinks.to(acc).view(Hkv, 1, G)
+            o = o * torch.exp(lse - torch.logaddexp(lse, sink))[..., None]
         out[plan.decode_rows] = o.transpose(0, 1).reshape(-1, H, dv).to(q.dtype)
     for r0, r1, slots in plan.prefill:
         k = torch.index_select(kf, 1, slots).transpose(0, 1)[None]          # [1, L, Hkv, d]
