@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,23 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name  # noqa: E402  (common.py also puts the checkout on sys.path)
+
 from attnzoo.ops.attention import attention, attention_reference  # noqa: E402
 
 H, HKV, D = 9, 3, 64
 REF_MEM_LIMIT = 2e9  # bytes; the reference holds ~4 fp32 [H, Tq, Tk] matrices at once
 ATOL = 1e-4  # fp32 vs fp32 reference; real bugs are O(0.1)
 SPOT_ROWS = 256  # when the full reference is too big, check the last rows (they need all keys)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def median_ms(fn: Callable[[], object], budget_s: float = 2.0) -> float:
