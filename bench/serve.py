@@ -65,7 +65,7 @@ def random_dataset(args: argparse.Namespace, rng: random.Random) -> list[Prompt]
         n = rng.randint(lo, max(lo, int(args.input_len * (1 + args.range_ratio))))
         m_lo = max(1, int(args.output_len * (1 - args.range_ratio)))
         m = rng.randint(m_lo, max(m_lo, int(args.output_len * (1 + args.range_ratio))))
-        if args.backend == "openai":
+        if args.backend == "openai" and args.random_prompt == "ids":
             # skip the low ids, where special and control tokens usually live
             prompt: str | list[int] = [rng.randrange(1000, args.random_vocab_size) for _ in range(n)]
         else:
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=32)
     p.add_argument("--range-ratio", "--random-range-ratio", dest="range_ratio", type=float, default=0.0)
     p.add_argument("--random-vocab-size", type=int, default=32000, help="random token ids are drawn below this")
+    p.add_argument("--random-prompt", choices=["ids", "text"], default="ids",
+                   help="random prompts as token ids (vLLM's way) or as words, for servers that take only text")
     p.add_argument("--gsp-num-groups", type=int, default=2)
     p.add_argument("--gsp-prompts-per-group", type=int, default=8)
     p.add_argument("--gsp-system-prompt-len", type=int, default=256)
