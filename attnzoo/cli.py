@@ -139,7 +139,8 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "throughput": "offline throughput vs transformers' batched generate",
            "prefix_cache": "time to first token with the radix cache on vs off",
            "generate_cpu": "single-stream decode and prefill vs transformers",
-           "attention_cpu": "the attention op vs SDPA vs the reference"}
+           "attention_cpu": "the attention op vs SDPA vs the reference",
+           "flash_cpu": "blockwise O(N) attention: time and peak memory vs naive"}
 
 
 def cmd_bench(name: str, rest: list[str]) -> int:

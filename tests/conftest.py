@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Triton decides between compiled and interpreted functions when it is imported (its own standard
+# library is @jit-decorated), and other test modules (transformers) may import it first. Without a GPU
+# the interpreter is the only way to run our kernels, so turn it on before any import.
+if os.environ.get("ATTNZOO_TRITON_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

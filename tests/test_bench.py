@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-BENCHES = ["attention_cpu", "generate_cpu", "throughput", "prefix_cache"]
+BENCHES = ["attention_cpu", "generate_cpu", "throughput", "prefix_cache", "flash_cpu"]
 
 
 @pytest.mark.parametrize("name", BENCHES)

@@ -37,6 +37,9 @@ class PagedPlan:
     # prefix together: its K/V are gathered once and multiplied against all their queries, then merged
     # with each row's own suffix by log-sum-exp. (index into decode rows [n], prefix pages [p])
     cascades: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    # CUDA decode reads pages straight through the block table (paged_decode_triton): [Bd, pages], [Bd]
+    decode_block_table: Tensor | None = None
+    decode_seq_lens: Tensor | None = None
 
 MIN_CASCADE_PAGES = 2   # shorter shared prefixes are cheaper to gather per row
 
@@ -77,7 +80,9 @@ def plan_paged(block_table: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor, page
         p1 = -(-L // page_size)
         pages[i, : p1 - p0] = block_table[b, p0:p1].long()
         valid[i, max(first - p0 * page_size, 0): L - p0 * page_size] = True
-    return PagedPlan(torch.tensor(dec_rows, dtype=torch.long), pages, valid, prefill, int(cu[-1]), cascades)
+    dec_b = torch.tensor([b for b, _, _ in dec_spans], dtype=torch.long)
+    return PagedPlan(torch.tensor(dec_rows, dtype=torch.long), pages, valid, prefill, int(cu[-1]), cascades,
+                     block_table[dec_b], torch.tensor([L for _, _, L in dec_spans], dtype=torch.int32))
 
 
 def _shared_prefixes(block_table: Tensor, spans: list[tuple[int, int, int]], page_size: int,
@@ -132,7 +137,14 @@ def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: P
     kf, vf = k_cache.reshape(Hkv, -1, d), v_cache.reshape(Hkv, -1, dv)   # [Hkv, slots, d]
     out = q.new_empty(N, H, dv)
     scale = d ** -0.5 if scale is None else scale
-    if len(plan.decode_rows):
+    if len(plan.decode_rows) and q.is_cuda and plan.decode_block_table is not None:
+        # Flash-decoding kernel: reads each K/V page once per KV head, no gather copies.
+        from attnzoo.ops.attention.triton.paged_decode import paged_decode_triton
+
+        rows = plan.decode_rows.to(q.device)
+        out[rows] = paged_decode_triton(q[rows], k_cache, v_cache, plan.decode_block_table.to(q.device),
+                                        plan.decode_seq_lens.to(q.device), scale, sinks, window_size[0])
+    elif len(plan.decode_rows):
         G = H // Hkv
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # softmax precision
         qd = q[plan.decode_rows].view(-1, Hkv, G, d).transpose(0, 1).to(acc)  # [Hkv, Bd, G, d]
@@ -153,6 +165,7 @@ def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: P
             o = o * torch.exp(lse - torch.logaddexp(lse, sink))[..., None]
         out[plan.decode_rows] = o.transpose(0, 1).reshape(-1, H, dv).to(q.dtype)
     for r0, r1, slots in plan.prefill:
+        slots = slots.to(kf.device)  # plans are host-side; no-op on CPU
         k = torch.index_select(kf, 1, slots).transpose(0, 1)[None]          # [1, L, Hkv, d]
         v = torch.index_select(vf, 1, slots).transpose(0, 1)[None]
         o = attention_torch(q[None, r0:r1], k, v, causal=True, window_size=window_size, scale=scale, sinks=sinks)

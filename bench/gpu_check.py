@@ -1,0 +1,312 @@
+"""One GPU check for the H200 (any CUDA GPU): correctness first, then speed vs torch SDPA.
+
+    python bench/gpu_check.py
+
+1. Correctness on small shapes against the reference (fp64 on the GPU): attnzoo's triton
+   forward + backward through attention(..., backend="triton"), and paged decode
+   (paged_decode_triton). A path that cannot be imported reports "not available".
+2. Ceilings measured here: a bf16 8192^3 torch.matmul (TFLOP/s) and a large device copy (GB/s).
+3. Causal bf16 attention, d=128, GQA 8:1 (H=32, Hkv=4), batch x T = 16k tokens at T = 1k,
+   4k, 16k: forward and backward TFLOP/s for triton and each SDPA backend that runs
+   (FLASH_ATTENTION, EFFICIENT_ATTENTION, CUDNN_ATTENTION), % of the matmul peak, ratio vs
+   SDPA flash. FLOPs: 4*B*H*T^2*d, halved for causal; backward counted as 2.5x forward.
+4. Paged decode, 32 sequences x 8k context: achieved bandwidth (K+V bytes read once) vs the
+   copy bandwidth, with SDPA flash decode on contiguous KV for scale.
+Times: CUDA events, warm-up first, median of repeats, fresh random inputs (never zeros).
+Writes bench/results/gpu_check-<date>-<gpu>.md and .json. Runs in ~1-3 minutes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import statistics
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+H, HKV, D = 32, 4, 128
+TOKENS = 16384
+SIZES = (1024, 4096, 16384)
+DECODE = dict(seqs=32, ctx=8192, H=32, Hkv=8, d=128, page=16)
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-3}  # ||out - ref|| / ||ref||
+
+
+# ------------------------------------------------------------------ pure helpers (tested on CPU)
+
+def attn_flops(B: int, H: int, T: int, d: int, causal: bool, backward: bool = False, Tk: int | None = None) -> float:
+    """Matmul FLOPs of attention: QK^T and PV, 2 * B*H*T*Tk*d each; causal halves; backward = 2.5x forward."""
+    f = 4.0 * B * H * T * (T if Tk is None else Tk) * d
+    if causal:
+        f /= 2
+    return f * 2.5 if backward else f
+
+
+def decode_bytes(seqs: int, ctx: int, Hkv: int, d: int, elem: int) -> float:
+    """Fewest bytes a decode step must read: every K and V of every sequence once (q and out are tiny)."""
+    return 2.0 * seqs * ctx * Hkv * d * elem
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def result_paths(gpu: str, today: datetime.date, root: Path) -> tuple[Path, Path]:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", gpu).strip("-") or "gpu"
+    base = root / f"gpu_check-{today.isoformat()}-{slug}"
+    return base.with_suffix(".md"), base.with_suffix(".json")
+
+
+def markdown(rows: list[dict], cols: list[str]) -> str:
+    def cell(x: object) -> str:
+        return f"{x:.3g}" if isinstance(x, float) else ("" if x is None else str(x))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ device side
+
+def time_ms(fn: Callable[[], object], reps: int = 10, warmup: int = 3, before: Callable[[], object] | None = None) -> float:
+    """Median ms over reps with CUDA events; `before` runs outside the timed region (e.g. clearing grads)."""
+    for _ in range(warmup):
+        if before:
+            before()
+        fn()
+    ts = []
+    for _ in range(reps):
+        if before:
+            before()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def ceilings() -> dict:
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mm = time_ms(lambda: a @ b, reps=20)
+    x = torch.randn(256 * 2**20, device="cuda", dtype=torch.float32)  # 1 GiB
+    y = torch.empty_like(x)
+    cp = time_ms(lambda: y.copy_(x), reps=20)
+    return {"matmul_tflops": 2 * n**3 / mm / 1e9, "copy_gbs": 2 * x.numel() * 4 / cp / 1e6}
+
+
+def _triton_attention() -> Callable | None:
+    try:
+        from attnzoo.ops.attention import attention
+        from attnzoo.ops.attention import triton as _t  # noqa: F401  (import error -> not available)
+    except Exception:
+        return None
+    return lambda q, k, v, **kw: attention(q, k, v, backend="triton", **kw)
+
+
+def _paged_decode() -> Callable | None:
+    try:
+        from attnzoo.ops.attention.triton import paged_decode_triton
+    except Exception:
+        return None
+    return paged_decode_triton
+
+
+def qkv(B: int, T: int, h: int, hkv: int, d: int, dtype: torch.dtype, grad: bool = False) -> list[torch.Tensor]:
+    return [torch.randn(B, T, n, d, device="cuda", dtype=dtype, requires_grad=grad) for n in (h, hkv, hkv)]
+
+
+def check_triton(att: Callable | None) -> list[dict]:
+    from attnzoo.ops.attention import attention_reference
+    rows = []
+    for B, T, Tk, h, hkv, causal, window in [(2, 300, 300, 8, 1, True, (-1, -1)), (1, 257, 513, 8, 2, True, (64, -1)),
+                                            (2, 129, 129, 4, 4, False, (-1, -1))]:
+        name = f"triton B={B} Tq={T} Tk={Tk} H={h}/{hkv} causal={causal} window={window}"
+        if att is None:
+            rows.append({"check": name, "result": "not available"})
+            continue
+        try:
+            q = torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k, v = (torch.randn(B, Tk, hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+            g = torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16)
+            out = att(q, k, v, causal=causal, window_size=window)
+            out.backward(g)
+            r = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            ref = attention_reference(*r, causal=causal, window_size=window)
+            ref.backward(g.double())
+            errs = [rel_err(a, b) for a, b in zip([out, q.grad, k.grad, v.grad], [ref, *(t.grad for t in r)])]
+            ok = all(e <= REL_TOL[torch.bfloat16] for e in errs)
+            rows.append({"check": name, "result": ("ok" if ok else "FAILED") + " rel err out/dq/dk/dv "
+                         + "/".join(f"{e:.1e}" for e in errs)})
+        except Exception as e:  # report and go on: the timing rows still say something
+            rows.append({"check": name, "result": f"FAILED: {type(e).__name__}: {e}"[:300]})
+    return rows
+
+
+def paged_inputs(seqs: int, ctx: int, h: int, hkv: int, d: int, page: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    per = -(-ctx // page)
+    pages = torch.randperm(seqs * per, device="cuda").view(seqs, per).to(torch.int32)  # scattered pages
+    q = torch.randn(seqs, h, d, device="cuda", dtype=dtype)
+    kc, vc = (torch.randn(hkv, seqs * per, page, d, device="cuda", dtype=dtype) for _ in range(2))
+    lens = torch.full((seqs,), ctx, device="cuda", dtype=torch.int32)
+    return [q, kc, vc, pages, lens]
+
+
+def check_paged(dec: Callable | None) -> list[dict]:
+    name = "paged decode 5 seqs, lens 1..700, H=32/8, d=128, bf16"
+    if dec is None:
+        return [{"check": name, "result": "not available"}]
+    try:
+        from attnzoo.ops.attention.paged import paged_attention_reference
+        q, kc, vc, table, _ = paged_inputs(5, 700, 32, 8, D, 16, torch.bfloat16)
+        lens = torch.tensor([1, 17, 300, 699, 700], device="cuda", dtype=torch.int32)
+        out = dec(q, kc, vc, table, lens)
+        cu = torch.arange(6, dtype=torch.int32)
+        # the reference walks block tables on the host: give it CPU float64 copies
+        ref = paged_attention_reference(q.double().cpu(), kc.double().cpu(), vc.double().cpu(), table.cpu(), cu,
+                                        lens.cpu())
+        e = rel_err(out.cpu(), ref)
+        return [{"check": name, "result": ("ok" if e <= REL_TOL[torch.bfloat16] else "FAILED") + f" rel err {e:.1e}"}]
+    except Exception as e:
+        return [{"check": name, "result": f"FAILED: {type(e).__name__}: {e}"[:300]}]
+
+
+def _sdpa(backend: str) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            if kt.shape[1] != qt.shape[1]:
+                try:
+                    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=True).transpose(1, 2)
+                except RuntimeError:  # backend without GQA: expand KV (the copy is timed too, and noted)
+                    G = qt.shape[1] // kt.shape[1]
+                    kt, vt = kt.repeat_interleave(G, 1), vt.repeat_interleave(G, 1)
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+    return run
+
+
+def time_prefill(name: str, fn: Callable, T: int, peak: float) -> dict:
+    B = TOKENS // T
+    row: dict = {"impl": name, "T": T, "B": B}
+    try:
+        q, k, v = qkv(B, T, H, HKV, D, torch.bfloat16, grad=True)
+        g = torch.randn_like(q)
+        with torch.no_grad():
+            fwd = time_ms(lambda: fn(q, k, v, causal=True))
+        out = fn(q, k, v, causal=True)
+
+        def clear() -> None:
+            q.grad = k.grad = v.grad = None
+        bwd = time_ms(lambda: out.backward(g, retain_graph=True), before=clear)
+    except Exception as e:
+        row["note"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+        return row
+    ff, fb = attn_flops(B, H, T, D, True), attn_flops(B, H, T, D, True, backward=True)
+    row.update(fwd_ms=fwd, fwd_tflops=ff / fwd / 1e9, fwd_pct_peak=100 * ff / fwd / 1e9 / peak,
+               bwd_ms=bwd, bwd_tflops=fb / bwd / 1e9, bwd_pct_peak=100 * fb / bwd / 1e9 / peak)
+    return row
+
+
+def time_decode(dec: Callable | None, copy_gbs: float) -> list[dict]:
+    c = DECODE
+    nbytes = decode_bytes(c["seqs"], c["ctx"], c["Hkv"], c["d"], 2)
+    rows = []
+    if dec is None:
+        rows.append({"impl": "paged_decode_triton", "note": "not available"})
+    else:
+        try:
+            args = paged_inputs(c["seqs"], c["ctx"], c["H"], c["Hkv"], c["d"], c["page"], torch.bfloat16)
+            ms = time_ms(lambda: dec(*args), reps=20)
+            rows.append({"impl": "paged_decode_triton", "ms": ms, "GB/s": nbytes / ms / 1e6,
+                         "pct_copy_bw": 100 * nbytes / ms / 1e6 / copy_gbs})
+        except Exception as e:
+            rows.append({"impl": "paged_decode_triton", "note": f"FAILED: {type(e).__name__}: {e}"[:160]})
+    try:  # contiguous KV, for scale: what the best dense kernel gets on the same bytes
+        q = torch.randn(c["seqs"], 1, c["H"], c["d"], device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(c["seqs"], c["ctx"], c["Hkv"], c["d"], device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        f = _sdpa("FLASH_ATTENTION")
+        with torch.no_grad():
+            ms = time_ms(lambda: f(q, k, v, causal=False), reps=20)
+        rows.append({"impl": "sdpa FLASH (contiguous KV)", "ms": ms, "GB/s": nbytes / ms / 1e6,
+                     "pct_copy_bw": 100 * nbytes / ms / 1e6 / copy_gbs})
+    except Exception as e:
+        rows.append({"impl": "sdpa FLASH (contiguous KV)", "note": f"n/a: {type(e).__name__}"})
+    return rows
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); "
+              "run it on the GPU machine. Nothing was measured.", file=sys.stderr)
+        return 2
+    torch.manual_seed(torch.seed() % 2**31)  # fresh inputs every run
+    gpu = torch.cuda.get_device_name()
+    print(f"gpu: {gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    att, dec = _triton_attention(), _paged_decode()
+
+    checks = check_triton(att) + check_paged(dec)
+    print("\n" + markdown(checks, ["check", "result"]), flush=True)
+    # no speed for a kernel whose correctness check failed
+    if any(c["result"].startswith("FAILED") for c in checks if c["check"].startswith("triton")):
+        att = None
+    if any(c["result"].startswith("FAILED") for c in checks if c["check"].startswith("paged")):
+        dec = None
+
+    ceil = ceilings()
+    print(f"\nceilings: bf16 matmul 8192^3 {ceil['matmul_tflops']:.0f} TFLOP/s, "
+          f"device copy {ceil['copy_gbs']:.0f} GB/s (read + write)", flush=True)
+
+    impls: list[tuple[str, Callable]] = [("triton", att)] if att is not None else []
+    impls += [(f"sdpa {b.split('_')[0]}", _sdpa(b)) for b in SDPA_BACKENDS]
+    prefill = []
+    for T in SIZES:
+        rows = [time_prefill(name, fn, T, ceil["matmul_tflops"]) for name, fn in impls]
+        if att is None:
+            rows.insert(0, {"impl": "triton", "T": T, "B": TOKENS // T, "note": "not available"})
+        base = next((r for r in rows if r["impl"] == "sdpa FLASH" and "fwd_ms" in r), None)
+        for r in rows:
+            if base is not None and "fwd_ms" in r:
+                r["fwd_vs_flash"], r["bwd_vs_flash"] = base["fwd_ms"] / r["fwd_ms"], base["bwd_ms"] / r["bwd_ms"]
+        prefill += rows
+        torch.cuda.empty_cache()
+    cols = ["impl", "T", "B", "fwd_ms", "fwd_tflops", "fwd_pct_peak", "fwd_vs_flash",
+            "bwd_ms", "bwd_tflops", "bwd_pct_peak", "bwd_vs_flash", "note"]
+    print(f"\ncausal bf16, d={D}, H={H}/Hkv={HKV}, B x T = {TOKENS} (vs_flash > 1: faster than SDPA flash)")
+    print(markdown(prefill, cols), flush=True)
+
+    decode = time_decode(dec, ceil["copy_gbs"])
+    dcols = ["impl", "ms", "GB/s", "pct_copy_bw", "note"]
+    print(f"\ndecode: {DECODE}")
+    print(markdown(decode, dcols))
+
+    md_path, json_path = result_paths(gpu, datetime.date.today(), Path(__file__).resolve().parent / "results")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    head = f"# gpu_check {datetime.date.today()} on {gpu}\n\ntorch {torch.__version__}, CUDA {torch.version.cuda}\n\n"
+    md_path.write_text(head + markdown(checks, ["check", "result"]) + f"\n\nceilings: {ceil}\n\n"
+                       + markdown(prefill, cols) + "\n\n" + markdown(decode, dcols) + "\n")
+    json_path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "checks": checks, "ceilings": ceil,
+                                     "prefill": prefill, "decode": decode, "decode_shape": DECODE}, indent=1))
+    print(f"\nwrote {md_path} and {json_path}")
+    return 1 if any("FAILED" in r["result"] for r in checks) else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
