@@ -52,15 +52,16 @@ def page_bytes(specs: list[CacheSpec], page_size: int, dtype: torch.dtype) -> in
 
 class PagedKVCache:
     def __init__(self, specs: list[CacheSpec], num_pages: int, page_size: int, dtype: torch.dtype,
-                 enable_prefix_caching: bool = True):
-        self.page_size, self.num_pages = page_size, num_pages
+                 enable_prefix_caching: bool = True, device: torch.device | str = "cpu"):
+        self.page_size, self.num_pages, self.device = page_size, num_pages, torch.device(device)
         self.groups: list[CacheGroup] = []
         self.layer_group: dict[int, tuple[int, int]] = {}
         for gi, (spec, layers) in enumerate(group_specs(specs)):
             shape = (len(layers), spec.num_kv_heads, num_pages, page_size)
             self.groups.append(CacheGroup(spec, layers, BlockPool(num_pages),
-                                          torch.zeros(*shape, spec.head_dim, dtype=dtype),
-                                          torch.zeros(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype)))
+                                          torch.zeros(*shape, spec.head_dim, dtype=dtype, device=device),
+                                          torch.zeros(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype,
+                                                      device=device)))
             for j, layer in enumerate(layers):
                 self.layer_group[layer] = (gi, j)
         self.radix: RadixCache | None = None
@@ -206,10 +207,11 @@ class PagedKVCache:
                 t = torch.tensor(r.page_tables[gi], dtype=torch.long)
                 table[b, : len(t)] = t.clamp(min=0)  # released pages are never gathered
             left = g.window - 1 if g.window is not None else -1
-            plans.append(plan_paged(table, cu, seq_lens, self.page_size, left))
+            plans.append(plan_paged(table, cu, seq_lens, self.page_size, left).to(self.device))
             pos = torch.cat([torch.arange(r.num_computed, r.num_computed + n) for r, n in zip(reqs, num_new)])
             rows = torch.repeat_interleave(torch.arange(B), torch.tensor(num_new))
-            slot_maps.append(table[rows, pos // self.page_size] * self.page_size + pos % self.page_size)
+            slots = table[rows, pos // self.page_size] * self.page_size + pos % self.page_size
+            slot_maps.append(slots.to(self.device, non_blocking=True))
         return StepKV(self, plans, slot_maps)
 
 

@@ -99,21 +99,31 @@ class LLM:
     def __init__(self, model: str | os.PathLike | DecoderLM = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
                  page_size: int = 16,
                  kv_cache_memory: int | None = None, kv_cache_fraction: float = 0.25, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True, seed: int = 0):
+                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True, seed: int = 0,
+                 device: str | torch.device | None = None):
         # dtype applies when loading by name or path; a passed-in model keeps its own
         self.model = model if isinstance(model, DecoderLM) else load_model(model, dtype)
+        # the model and its KV cache live on one device: CUDA when present (paged decode runs the Triton
+        # kernel there), else the CPU
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = self.model.to(self.device)
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config
         self.max_model_len = cfg.max_position_embeddings
         dtype = self.model.embed_tokens.weight.dtype
         specs = self.model.cache_specs()
         per_page = page_bytes(specs, page_size, dtype)
-        budget = kv_cache_memory if kv_cache_memory is not None else int(_free_memory_bytes() * kv_cache_fraction)
+        if kv_cache_memory is not None:
+            budget = kv_cache_memory
+        elif self.device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(self.device)[0] * kv_cache_fraction)
+        else:
+            budget = int(_free_memory_bytes() * kv_cache_fraction)
         # never more pages than max_num_seqs full-length sequences can use
         num_pages = min(budget // per_page, max_num_seqs * -(-self.max_model_len // page_size) + 1)
         if num_pages < 1:
             raise ValueError(f"kv_cache_memory of {budget} bytes holds no page ({per_page} bytes each)")
-        self.kv = PagedKVCache(specs, num_pages, page_size, dtype, enable_prefix_caching)
+        self.kv = PagedKVCache(specs, num_pages, page_size, dtype, enable_prefix_caching, self.device)
         log.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB)", num_pages, page_size,
                  num_pages * page_size, num_pages * per_page / 2**20)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.kv)

@@ -29,12 +29,11 @@ class ModelRunner:
             if start + n == req.num_tokens:   # the chunk reaches the end: this request samples
                 rows.append(offset - 1)
                 samplers.append(i)
+        dev = self.kv.device
         cu = torch.zeros(len(plan.requests) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(plan.num_new).cumsum(0)
-        batch = Batch(positions=torch.tensor(pos), cu_seqlens=cu,
+        batch = Batch(positions=torch.tensor(pos, device=dev), cu_seqlens=cu.to(dev),
                       cache=self.kv.step_handle(plan.requests, plan.num_new),
-                      logits_rows=torch.tensor(rows, dtype=torch.long))
-        if not rows:
-            batch.logits_rows = torch.zeros(0, dtype=torch.long)
-        logits = self.model.forward_batch(torch.tensor(ids), batch)
+                      logits_rows=torch.tensor(rows, dtype=torch.long, device=dev))
+        logits = self.model.forward_batch(torch.tensor(ids, device=dev), batch)
         return logits.float(), samplers

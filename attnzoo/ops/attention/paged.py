@@ -41,6 +41,15 @@ class PagedPlan:
     decode_block_table: Tensor | None = None
     decode_seq_lens: Tensor | None = None
 
+    def to(self, device: torch.device | str) -> "PagedPlan":
+        """The plan on the device of the cache, moved once per step rather than once per layer."""
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return PagedPlan(mv(self.decode_rows), mv(self.decode_pages), mv(self.decode_valid),
+                         [(a, b, mv(t)) for a, b, t in self.prefill], self.num_rows,
+                         [(mv(r), mv(p)) for r, p in self.cascades], mv(self.decode_block_table),
+                         mv(self.decode_seq_lens))
+
+
 MIN_CASCADE_PAGES = 2   # shorter shared prefixes are cheaper to gather per row
 
 
