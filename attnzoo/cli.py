@@ -140,7 +140,8 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "prefix_cache": "time to first token with the radix cache on vs off",
            "generate_cpu": "single-stream decode and prefill vs transformers",
            "attention_cpu": "the attention op vs SDPA vs the reference",
-           "flash_cpu": "blockwise O(N) attention: time and peak memory vs naive"}
+           "flash_cpu": "blockwise O(N) attention: time and peak memory vs naive",
+           "mla": "MLA: KV bytes per token and absorbed vs expanded decode"}
 
 
 def cmd_bench(name: str, rest: list[str]) -> int:

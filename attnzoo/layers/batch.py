@@ -75,3 +75,15 @@ class ContiguousKVCache:
         out = attention(q.view(B, n, *q.shape[1:]), kc[:, :end], vc[:, :end], causal=True,
                         window_size=window_size, scale=scale, sinks=sinks)
         return out.reshape(B * n, *out.shape[2:])
+
+    def append_latent(self, layer_idx: int, latent: torch.Tensor) -> torch.Tensor:
+        """MLA: store latent [B, n, D] for the new tokens (in `keys`; no values) and return the
+        layer's whole latent so far [B, length + n, D]."""
+        B, n = latent.shape[:2]
+        if self.length + n > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; {self.length} stored + {n} new do not fit")
+        if layer_idx not in self.keys:
+            self.keys[layer_idx] = latent.new_empty(B, self.max_len, *latent.shape[2:])
+        end = self.length + n
+        self.keys[layer_idx][:, self.length:end] = latent
+        return self.keys[layer_idx][:, :end]

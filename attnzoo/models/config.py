@@ -9,7 +9,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 @dataclass
 class ModelConfig:
     """Architecture of a decoder-only LM; field names follow transformers where one exists."""
-    architecture: str                 # llama | mistral | qwen3
+    architecture: str                 # llama | mistral | qwen3 | deepseek_v3
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -31,6 +31,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""
+    # MLA (attention_type "mla"): q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+    # v_head_dim, rope_interleave; head_dim is then qk_rope_head_dim (what RoPE rotates)
+    attention_type: str = "softmax"
+    mla: dict[str, Any] | None = None
+    # DeepSeek MoE: n_routed_experts, num_experts_per_tok, moe_intermediate_size, n_group, topk_group,
+    # norm_topk_prob, routed_scaling_factor, n_shared_experts, first_k_dense_replace (dense layers before)
+    moe: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -43,6 +50,10 @@ class ModelConfig:
             raise ValueError(f"unsupported layer types {bad}; supported: {', '.join(LAYER_TYPES)}")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("sliding_attention layers need a sliding_window")
+        if self.attention_type not in ("softmax", "mla"):
+            raise ValueError(f"unsupported attention_type {self.attention_type!r}; supported: softmax, mla")
+        if (self.attention_type == "mla") != (self.mla is not None):
+            raise ValueError("attention_type 'mla' and the mla parameters go together")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 

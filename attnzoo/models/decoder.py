@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attnzoo.layers import Attention, Batch, ContiguousKVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from attnzoo.layers import (Attention, Batch, ContiguousKVCache, DeepseekMoE, MLAttention, RMSNorm, RotaryEmbedding,
+                            SwiGLU)
 from attnzoo.layers.cache_spec import CacheSpec
 from attnzoo.models.config import ModelConfig
 
@@ -16,11 +17,28 @@ class DecoderLayer(nn.Module):
         super().__init__()
         sliding = cfg.layer_types[idx] == "sliding_attention"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              bias=cfg.attention_bias, o_bias=cfg.attention_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.rms_norm_eps,
-                              window=cfg.sliding_window if sliding else None)
+        self.attn: Attention | MLAttention
+        if cfg.mla is not None:
+            m = cfg.mla
+            self.attn = MLAttention(idx, cfg.hidden_size, cfg.num_heads, q_lora_rank=m["q_lora_rank"],
+                                    kv_lora_rank=m["kv_lora_rank"], qk_nope_head_dim=m["qk_nope_head_dim"],
+                                    qk_rope_head_dim=m["qk_rope_head_dim"], v_head_dim=m["v_head_dim"],
+                                    bias=cfg.attention_bias, norm_eps=cfg.rms_norm_eps, rope_scaling=cfg.rope_scaling,
+                                    interleaved_rope=m.get("rope_interleave", True))
+        else:
+            self.attn = Attention(idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                  bias=cfg.attention_bias, o_bias=cfg.attention_bias, qk_norm=cfg.qk_norm,
+                                  norm_eps=cfg.rms_norm_eps, window=cfg.sliding_window if sliding else None)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.mlp: SwiGLU | DeepseekMoE
+        if cfg.moe is not None and idx >= cfg.moe["first_k_dense_replace"]:
+            e = cfg.moe
+            self.mlp = DeepseekMoE(cfg.hidden_size, e["moe_intermediate_size"], e["n_routed_experts"],
+                                   e["num_experts_per_tok"], n_group=e["n_group"], topk_group=e["topk_group"],
+                                   norm_topk_prob=e["norm_topk_prob"], routed_scaling_factor=e["routed_scaling_factor"],
+                                   n_shared_experts=e["n_shared_experts"])
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> torch.Tensor:
         x = x + self.attn(self.input_layernorm(x), rope, batch)

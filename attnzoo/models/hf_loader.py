@@ -15,7 +15,7 @@ from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.errors import ModelLoadError
 from attnzoo.models.weights import build_model
 
-HF_ARCHITECTURES = ("llama", "mistral", "qwen3")
+HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "deepseek_v3")
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
@@ -48,11 +48,22 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     if layer_types and "sliding_attention" not in layer_types:
         window = None
     eos = raw.get("eos_token_id")
+    mla = moe = None
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
+    if arch == "deepseek_v3":
+        mla = {k: raw.get(k, d) for k, d in (("q_lora_rank", 1536), ("kv_lora_rank", 512), ("qk_nope_head_dim", 128),
+                                             ("qk_rope_head_dim", 64), ("v_head_dim", 128), ("rope_interleave", True))}
+        moe = {k: raw.get(k, d) for k, d in (("n_routed_experts", 256), ("num_experts_per_tok", 8),
+                                             ("moe_intermediate_size", 2048), ("n_group", 8), ("topk_group", 4),
+                                             ("norm_topk_prob", True), ("routed_scaling_factor", 2.5),
+                                             ("n_shared_experts", 1), ("first_k_dense_replace", 3))}
+        head_dim = mla["qk_rope_head_dim"]  # RoPE rotates only the decoupled rope slice
+        window, layer_types = None, None
     return ModelConfig(
         architecture=arch, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"], num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        head_dim=head_dim,
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
         partial_rotary_factor=partial, max_position_embeddings=raw.get("max_position_embeddings", 2048),
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
@@ -60,7 +71,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         qk_norm=arch == "qwen3", sliding_window=window, layer_types=list(layer_types or []),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-        name=raw.get("_name_or_path", ""))
+        name=raw.get("_name_or_path", ""), attention_type="mla" if mla else "softmax", mla=mla, moe=moe)
 
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:

@@ -1,0 +1,89 @@
+"""Multi-head Latent Attention layer (DeepSeek-V2/V3; parameter names as transformers' DeepseekV3Attention)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnzoo.layers.batch import Batch, ContiguousKVCache
+from attnzoo.layers.cache_spec import LatentKV
+from attnzoo.layers.norm import RMSNorm
+from attnzoo.ops.latent import mla_absorbed, mla_expanded
+from attnzoo.ops.rope import apply_rope
+
+
+def mla_softmax_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None) -> float:
+    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN with mscale_all_dim set
+    (transformers' yarn_apply_mscale): DeepSeek moves YaRN's temperature into the softmax scale."""
+    scale = qk_head_dim ** -0.5
+    s = rope_scaling or {}
+    m_all, factor = s.get("mscale_all_dim"), float(s.get("factor", 1.0))
+    if s.get("rope_type", "default") != "default" and m_all and factor > 1:
+        m = 0.1 * m_all * math.log(factor) + 1.0
+        scale *= m * m
+    return scale
+
+
+class MLAttention(nn.Module):
+    """Caches only the normalised latent c_kv and the shared roped key k_pe (kv_lora_rank + dr per token).
+
+    RoPE (rope_interleave): DeepSeek rotates interleaved pairs; transformers then writes the result
+    de-interleaved. q_pe and k_pe get the same permutation, so scores are identical either way: we keep
+    the interleaved layout (the cached k_pe is therefore a permutation of transformers' cached k_pe).
+    """
+
+    def __init__(self, layer_idx: int, hidden_size: int, num_heads: int, *, q_lora_rank: int | None,
+                 kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
+                 bias: bool = False, norm_eps: float = 1e-6, rope_scaling: dict[str, Any] | None = None,
+                 interleaved_rope: bool = True):
+        super().__init__()
+        self.layer_idx, self.num_heads, self.interleaved_rope = layer_idx, num_heads, interleaved_rope
+        self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
+        self.dn, self.dr, self.dv = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        qk = qk_nope_head_dim + qk_rope_head_dim
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden_size, num_heads * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden_size, q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, norm_eps)
+            self.q_b_proj = nn.Linear(q_lora_rank, num_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, norm_eps)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias)
+        self.scale = mla_softmax_scale(qk, rope_scaling)
+
+    def cache_spec(self) -> LatentKV:
+        return LatentKV(self.kv_lora_rank + self.dr)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
+        n, H = x.shape[0], self.num_heads
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(n, H, self.dn + self.dr).split([self.dn, self.dr], -1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], -1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        if rope is not None:
+            q_pe = apply_rope(q_pe, *rope, interleaved=self.interleaved_rope)
+            k_pe = apply_rope(k_pe[:, None], *rope, interleaved=self.interleaved_rope)[:, 0]
+        w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]
+        cache = batch.cache
+        if cache is None:
+            o = mla_expanded(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, scale=self.scale, causal=True,
+                             cu_seqlens_q=batch.cu_seqlens, cu_seqlens_k=batch.cu_seqlens)
+        elif isinstance(cache, ContiguousKVCache):
+            B = cache.batch_size
+            t = n // B
+            latent = cache.append_latent(self.layer_idx, torch.cat([c_kv, k_pe], -1).view(B, t, -1))
+            c_all, kpe_all = latent.split([self.kv_lora_rank, self.dr], -1)
+            # decode is memory-bound: attend over the latent (absorbed); prefill is compute-bound: expand
+            fn = mla_absorbed if t == 1 else mla_expanded
+            o = fn(q_nope.view(B, t, H, -1), q_pe.view(B, t, H, -1), c_all, kpe_all, w_uk, w_uv,
+                   scale=self.scale, causal=True)
+        else:
+            raise NotImplementedError(f"MLA supports no cache or ContiguousKVCache; the paged engine cache "
+                                      f"({type(cache).__name__}) has no latent (LatentKV) storage yet")
+        return self.o_proj(o.reshape(n, H * self.dv))
