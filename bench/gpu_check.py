@@ -263,6 +263,41 @@ def time_prefill(name: str, fn: Callable, T: int, peak: float) -> dict:
     return row
 
 
+MLA = dict(seqs=32, ctx=8192, H=128, dqk=576, dv=512, page=64)  # DeepSeek-V3's absorbed decode shape
+
+
+def mla_decode(copy_gbs: float) -> list[dict]:
+    """MLA absorbed decode over a paged latent cache (Triton): checked against the float64 reference on a
+    small case, then timed at 32 x 8k with 128 heads; bytes = the latent rows read once."""
+    name = "mla_paged_decode_triton"
+    try:
+        from attnzoo.ops.latent_paged import mla_paged_decode_reference
+        from attnzoo.ops.latent_triton import mla_paged_decode_triton
+    except Exception as e:  # noqa: BLE001
+        return [{"impl": name, "note": f"not available: {type(e).__name__}"}]
+
+    def inputs(seqs: int, ctx: int, h: int) -> tuple:
+        per = -(-ctx // MLA["page"])
+        table = torch.randperm(seqs * per, device="cuda").view(seqs, per).to(torch.int32)
+        q = torch.randn(seqs, h, MLA["dqk"], device="cuda", dtype=torch.bfloat16)
+        cache = torch.randn(seqs * per, MLA["page"], MLA["dqk"], device="cuda", dtype=torch.bfloat16)
+        return q, cache, table, torch.full((seqs,), ctx, device="cuda", dtype=torch.int32)
+
+    scale = (128 + 64) ** -0.5
+    q, cache, table, lens = inputs(4, 700, 16)
+    lens = torch.tensor([1, 63, 400, 700], device="cuda", dtype=torch.int32)
+    out = mla_paged_decode_triton(q, cache, table, lens, MLA["dv"], scale)
+    ref = mla_paged_decode_reference(q.double().cpu(), cache.double().cpu(), table.cpu(), lens.cpu(), MLA["dv"], scale)
+    e = rel_err(out.cpu(), ref)
+    if not e <= REL_TOL[torch.bfloat16]:
+        return [{"impl": name, "note": f"FAILED check: rel err {e:.1e}; no speed reported"}]
+    q, cache, table, lens = inputs(MLA["seqs"], MLA["ctx"], MLA["H"])
+    ms = time_ms(lambda: mla_paged_decode_triton(q, cache, table, lens, MLA["dv"], scale), reps=20)
+    nbytes = MLA["seqs"] * MLA["ctx"] * MLA["dqk"] * 2
+    return [{"impl": name, "ms": ms, "GB/s": nbytes / ms / 1e6, "pct_copy_bw": 100 * nbytes / ms / 1e6 / copy_gbs,
+             "note": f"check rel err {e:.1e}"}]
+
+
 def time_decode(dec: Callable | None, copy_gbs: float) -> list[dict]:
     c = DECODE
     nbytes = decode_bytes(c["seqs"], c["ctx"], c["Hkv"], c["d"], 2)
@@ -334,14 +369,22 @@ def main() -> int:
     dcols = ["impl", "ms", "GB/s", "pct_copy_bw", "note"]
     print(f"\ndecode: {DECODE}")
     print(markdown(decode, dcols))
+    try:
+        mla = mla_decode(ceil["copy_gbs"])
+    except Exception as e:  # noqa: BLE001 - one failing section must not hide the others
+        mla = [{"impl": "mla_paged_decode_triton", "note": f"FAILED: {type(e).__name__}: {e}"[:200]}]
+    print(f"\nMLA decode: {MLA}")
+    print(markdown(mla, dcols), flush=True)
 
     md_path, json_path = result_paths(gpu, datetime.date.today(), Path(__file__).resolve().parent / "results")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     head = f"# gpu_check {datetime.date.today()} on {gpu}\n\ntorch {torch.__version__}, CUDA {torch.version.cuda}\n\n"
     md_path.write_text(head + markdown(checks, ["check", "result"]) + f"\n\nceilings: {ceil}\n\n"
-                       + markdown(prefill, cols) + "\n\n" + markdown(decode, dcols) + "\n")
+                       + markdown(prefill, cols) + "\n\n" + markdown(decode, dcols) + f"\n\nMLA decode: {MLA}\n\n"
+                       + markdown(mla, dcols) + "\n")
     json_path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "checks": checks, "ceilings": ceil,
-                                     "prefill": prefill, "decode": decode, "decode_shape": DECODE}, indent=1))
+                                     "prefill": prefill, "decode": decode, "decode_shape": DECODE,
+                                     "mla_decode": mla, "mla_shape": MLA}, indent=1))
     print(f"\nwrote {md_path} and {json_path}")
     return 1 if any("FAILED" in r["result"] for r in checks) else 0
 

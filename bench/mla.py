@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median_s  # noqa: E402  (common.py also puts the checkout on sys.path)
 
 from attnzoo.layers.cache_spec import FullKV, LatentKV  # noqa: E402
+from attnzoo.engine.kv_cache import PagedKVCache  # noqa: E402
 from attnzoo.ops.latent_paged import mla_paged_decode_torch  # noqa: E402
 
 R, DN, DR, DV, PAGE = 512, 128, 64, 128, 64
@@ -42,11 +43,17 @@ def bytes_table() -> None:
             ("MLA expanded K/V (128 x (192 + 128))", FullKV(128, DN + DR, DV))]
     mla = rows[0][1].bytes_per_token(bf16)
     print("## (a) KV cache per token per layer, bf16\n")
-    print("| cache | bytes / token / layer | vs MLA |")
-    print("|---|---|---|")
+    print("| cache | bytes / token / layer (spec) | measured in the engine's page pool | vs MLA |")
+    print("|---|---|---|---|")
     for name, spec in rows:
         n = spec.bytes_per_token(bf16)
-        print(f"| {name} | {n:,} | {n / mla:.1f}x |")
+        # the engine's own allocation: one layer, 8 pages of PAGE tokens, bf16
+        pool = PagedKVCache([spec], num_pages=8, page_size=PAGE, dtype=torch.bfloat16, enable_prefix_caching=False)
+        g = pool.groups[0]
+        measured = (g.k.nbytes + g.v.nbytes) // (8 * PAGE)
+        if measured != n:
+            raise SystemExit(f"FAILED: {name}: the pool holds {measured} bytes per token, the spec says {n}")
+        print(f"| {name} | {n:,} | {measured:,} | {n / mla:.1f}x |")
     print()
 
 

@@ -16,7 +16,7 @@ from attnzoo.engine.block_pool import BlockPool
 from attnzoo.engine.radix_cache import RadixCache
 from attnzoo.engine.request import Request
 from attnzoo.layers.batch import Batch
-from attnzoo.layers.cache_spec import CacheSpec, FullKV, SlidingKV
+from attnzoo.layers.cache_spec import CacheSpec, FullKV, LatentKV, SlidingKV
 from attnzoo.ops.attention.paged import PagedPlan, paged_attention_planned, plan_paged
 
 log = logging.getLogger("attnzoo.engine")
@@ -39,7 +39,7 @@ class CacheGroup:
 def group_specs(specs: list[CacheSpec]) -> list[tuple[CacheSpec, list[int]]]:
     groups: dict[CacheSpec, list[int]] = {}
     for i, s in enumerate(specs):
-        if not isinstance(s, FullKV):  # SlidingKV is a FullKV
+        if not isinstance(s, (FullKV, LatentKV)):  # SlidingKV is a FullKV
             raise NotImplementedError(f"layer {i}: the engine has no cache group for {type(s).__name__} yet")
         groups.setdefault(s, []).append(i)
     return list(groups.items())
@@ -57,11 +57,14 @@ class PagedKVCache:
         self.groups: list[CacheGroup] = []
         self.layer_group: dict[int, tuple[int, int]] = {}
         for gi, (spec, layers) in enumerate(group_specs(specs)):
-            shape = (len(layers), spec.num_kv_heads, num_pages, page_size)
-            self.groups.append(CacheGroup(spec, layers, BlockPool(num_pages),
-                                          torch.zeros(*shape, spec.head_dim, dtype=dtype, device=device),
-                                          torch.zeros(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype,
-                                                      device=device)))
+            if isinstance(spec, LatentKV):  # MLA: one latent row per token, no separate values
+                k = torch.zeros(len(layers), 1, num_pages, page_size, spec.dim, dtype=dtype, device=device)
+                v = torch.zeros(0, dtype=dtype, device=device)
+            else:
+                shape = (len(layers), spec.num_kv_heads, num_pages, page_size)
+                k = torch.zeros(*shape, spec.head_dim, dtype=dtype, device=device)
+                v = torch.zeros(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype, device=device)
+            self.groups.append(CacheGroup(spec, layers, BlockPool(num_pages), k, v))
             for j, layer in enumerate(layers):
                 self.layer_group[layer] = (gi, j)
         self.radix: RadixCache | None = None
@@ -231,3 +234,12 @@ class StepKV:
         kc.view(kc.shape[0], -1, kc.shape[-1])[:, slots] = k.transpose(0, 1).to(kc.dtype)
         vc.view(vc.shape[0], -1, vc.shape[-1])[:, slots] = v.transpose(0, 1).to(vc.dtype)
         return paged_attention_planned(q, kc, vc, self.plans[gi], window_size=window_size, scale=scale, sinks=sinks)
+
+    def latent_step(self, layer_idx: int, latent: torch.Tensor) -> tuple[torch.Tensor, PagedPlan]:
+        """LatentKV layers (MLA): store this step's latent rows [N, D]; return the layer's page pool
+        [pages, page_size, D] and the step's plan (decode rows with their block tables, prefill slots),
+        with which the layer runs its own attention."""
+        gi, j = self.cache.layer_group[layer_idx]
+        kc = self.cache.groups[gi].k[j][0]
+        kc.view(-1, kc.shape[-1])[self.slot_maps[gi]] = latent.to(kc.dtype)
+        return kc, self.plans[gi]

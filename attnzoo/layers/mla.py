@@ -56,6 +56,30 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias)
         self.scale = mla_softmax_scale(qk, rope_scaling)
 
+    def _paged(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, w_uk: torch.Tensor,
+               w_uv: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Paged latent cache: single-token rows decode in the absorbed form straight from the pages (MQA
+        over the latent, FlashMLA's shape); prefill chunks gather their context's latents and expand."""
+        pool, plan = cache.latent_step(self.layer_idx, latent)     # pool [pages, page_size, dc + dr]
+        n, H = q_nope.shape[:2]
+        o = q_nope.new_empty(n, H, self.dv)
+        rows = plan.decode_rows
+        if len(rows):
+            q_abs = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope[rows], w_uk), q_pe[rows]], -1)
+            if pool.is_cuda:
+                from attnzoo.ops.latent_triton import mla_paged_decode_triton as decode
+            else:
+                from attnzoo.ops.latent_paged import mla_paged_decode_torch as decode
+            o_lat = decode(q_abs, pool, plan.decode_block_table, plan.decode_seq_lens, self.kv_lora_rank,
+                           self.scale)
+            o[rows] = torch.einsum("nhc,hvc->nhv", o_lat.to(w_uv.dtype), w_uv)
+        flat = pool.reshape(-1, pool.shape[-1])
+        for r0, r1, slots in plan.prefill:
+            c_all, kpe_all = flat[slots].split([self.kv_lora_rank, self.dr], -1)
+            o[r0:r1] = mla_expanded(q_nope[None, r0:r1], q_pe[None, r0:r1], c_all[None], kpe_all[None], w_uk, w_uv,
+                                    scale=self.scale, causal=True)[0]
+        return o
+
     def cache_spec(self) -> LatentKV:
         return LatentKV(self.kv_lora_rank + self.dr)
 
@@ -83,7 +107,9 @@ class MLAttention(nn.Module):
             fn = mla_absorbed if t == 1 else mla_expanded
             o = fn(q_nope.view(B, t, H, -1), q_pe.view(B, t, H, -1), c_all, kpe_all, w_uk, w_uv,
                    scale=self.scale, causal=True)
+        elif hasattr(cache, "latent_step"):  # the paged engine
+            o = self._paged(q_nope, q_pe, torch.cat([c_kv, k_pe], -1), w_uk, w_uv, cache)
         else:
-            raise NotImplementedError(f"MLA supports no cache or ContiguousKVCache; the paged engine cache "
-                                      f"({type(cache).__name__}) has no latent (LatentKV) storage yet")
+            raise NotImplementedError(f"MLA needs a cache with latent (LatentKV) storage; "
+                                      f"{type(cache).__name__} has none")
         return self.o_proj(o.reshape(n, H * self.dv))
