@@ -38,7 +38,6 @@ class Request:
     num_preemptions: int = 0
     finish_reason: str | None = None    # stop | length | abort
     stop_reason: int | str | None = None
-    text: str = ""
     logprobs: list[dict[int, float]] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None

@@ -4,7 +4,7 @@ from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.errors import ModelLoadError
 from attnzoo.models.registry import DEFAULT_MODEL, KNOWN_MODELS, load_model
-from attnzoo.models.tokenizer import IncrementalDecoder, Tokenizer
+from attnzoo.models.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_MODEL", "DecoderLM", "IncrementalDecoder", "KNOWN_MODELS", "ModelConfig", "ModelLoadError",
+__all__ = ["DEFAULT_MODEL", "DecoderLM", "KNOWN_MODELS", "ModelConfig", "ModelLoadError",
            "Tokenizer", "load_model"]

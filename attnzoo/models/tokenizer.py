@@ -105,19 +105,3 @@ class Tokenizer:
         eos = self.token_str(self.eos_token_ids[0]) if self.eos_token_ids else ""
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=bos, eos_token=eos)
-
-
-class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas. Byte-level BPE splits UTF-8 characters across
-    tokens, so a delta that ends in U+FFFD is held back until the character completes."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta

@@ -5,7 +5,8 @@ import torch
 
 from attnzoo.engine import GenerationConfig, generate
 from attnzoo.engine.simple import sample
-from attnzoo.models import DecoderLM, IncrementalDecoder, ModelConfig
+from attnzoo.engine.detokenizer import RequestDetokenizer
+from attnzoo.models import DecoderLM, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,8 @@ def test_incremental_decoder_holds_back_split_characters():
     text = "a🙂é"
     ids = t.encode(text)
     assert len(ids) == 1 + 4 + 2
-    dec = IncrementalDecoder(t)
-    deltas = [dec.push(i) for i in ids]
+    dec = RequestDetokenizer(t, [])
+    deltas = [dec.push(i)[0] for i in ids]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
     assert deltas[1:4] == ["", "", ""]  # the emoji appears only when its 4th byte arrives
