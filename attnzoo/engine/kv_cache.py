@@ -1,5 +1,7 @@
 """Paged KV memory: one cache group per distinct layer cache spec (vLLM's KV-cache groups), each with
-its own BlockPool and per-layer page tensors; the radix prefix cache over the first group.
+its own BlockPool and per-layer page tensors; the radix prefix cache over the first group; and a state
+pool for layers that keep a fixed-size state per sequence instead of per-token KV (RecurrentState: the
+delta-rule layers), one slot per running sequence.
 
 The engine talks to this class only through page tables and token counts; the layers talk to the
 `StepKV` handle it builds each step (`Batch.cache`), which stores new K/V and runs paged attention.
@@ -16,7 +18,7 @@ from attnzoo.engine.block_pool import BlockPool
 from attnzoo.engine.radix_cache import RadixCache
 from attnzoo.engine.request import Request
 from attnzoo.layers.batch import Batch
-from attnzoo.layers.cache_spec import CacheSpec, FullKV, LatentKV, SlidingKV
+from attnzoo.layers.cache_spec import CacheSpec, FullKV, LatentKV, RecurrentState, SlidingKV
 from attnzoo.ops.attention.paged import PagedPlan, paged_attention_planned, plan_paged
 
 log = logging.getLogger("attnzoo.engine")
@@ -37,8 +39,11 @@ class CacheGroup:
 
 
 def group_specs(specs: list[CacheSpec]) -> list[tuple[CacheSpec, list[int]]]:
+    """Paged groups: layers with equal per-token specs share a page table (recurrent layers have none)."""
     groups: dict[CacheSpec, list[int]] = {}
     for i, s in enumerate(specs):
+        if isinstance(s, RecurrentState):
+            continue
         if not isinstance(s, (FullKV, LatentKV)):  # SlidingKV is a FullKV
             raise NotImplementedError(f"layer {i}: the engine has no cache group for {type(s).__name__} yet")
         groups.setdefault(s, []).append(i)
@@ -50,10 +55,46 @@ def page_bytes(specs: list[CacheSpec], page_size: int, dtype: torch.dtype) -> in
     return sum(s.bytes_per_token(torch.finfo(dtype).bits // 8) for s in specs) * page_size
 
 
+def state_bytes(specs: list[CacheSpec], dtype: torch.dtype) -> int:
+    """Bytes one sequence's recurrent states cost across all layers."""
+    return sum(s.bytes_per_sequence(torch.finfo(dtype).bits // 8) for s in specs if isinstance(s, RecurrentState))
+
+
+class StatePool:
+    """Fixed-size per-sequence states in slots: [slots, conv_dim, K-1] conv inputs (model dtype) and
+    [slots, H, dk, dv] float32 state matrices per recurrent layer. A slot is zeroed when taken, so a
+    sequence starts from the zero state; preemption (recompute) and finishing give it back."""
+
+    def __init__(self, specs: dict[int, RecurrentState], num_slots: int, dtype: torch.dtype, device: torch.device):
+        self.num_slots = num_slots
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.conv = {i: torch.zeros(num_slots, s.conv_dim, s.conv_width - 1, dtype=dtype, device=device)
+                     for i, s in specs.items()}
+        self.state = {i: torch.zeros(num_slots, s.num_heads, s.k_dim, s.v_dim, dtype=torch.float32, device=device)
+                      for i, s in specs.items()}
+
+    def take(self) -> int | None:
+        if not self.free_slots:
+            return None
+        slot = self.free_slots.pop()
+        for t in (*self.conv.values(), *self.state.values()):
+            t[slot].zero_()
+        return slot
+
+    def give_back(self, slot: int) -> None:
+        if slot in self.free_slots or not 0 <= slot < self.num_slots:
+            raise AssertionError(f"state slot {slot} released twice or out of range")
+        self.free_slots.append(slot)
+
+
 class PagedKVCache:
     def __init__(self, specs: list[CacheSpec], num_pages: int, page_size: int, dtype: torch.dtype,
-                 enable_prefix_caching: bool = True, device: torch.device | str = "cpu"):
+                 enable_prefix_caching: bool = True, device: torch.device | str = "cpu", num_state_slots: int = 0):
         self.page_size, self.num_pages, self.device = page_size, num_pages, torch.device(device)
+        recurrent = {i: s for i, s in enumerate(specs) if isinstance(s, RecurrentState)}
+        if recurrent and num_state_slots < 1:
+            raise ValueError("this model has recurrent-state layers: give the cache num_state_slots >= 1")
+        self.states = StatePool(recurrent, num_state_slots, dtype, self.device) if recurrent else None
         self.groups: list[CacheGroup] = []
         self.layer_group: dict[int, tuple[int, int]] = {}
         for gi, (spec, layers) in enumerate(group_specs(specs)):
@@ -69,7 +110,12 @@ class PagedKVCache:
                 self.layer_group[layer] = (gi, j)
         self.radix: RadixCache | None = None
         if enable_prefix_caching:
-            if len(self.groups) == 1 and self.groups[0].window is None:
+            if self.states is not None:
+                # a cached prefix would also need each recurrent layer's state at that token (SGLang keeps
+                # Mamba snapshots at page boundaries); without snapshots a hit would skip the state's update
+                log.info("prefix caching is off: layers %s keep a recurrent state per sequence, which the "
+                         "radix cache cannot restore at a prefix boundary", sorted(recurrent))
+            elif len(self.groups) == 1 and self.groups[0].window is None:
                 self.radix = RadixCache(self.groups[0].pool, page_size)
             else:
                 log.info("prefix caching is off: the radix cache covers models with one full-attention "
@@ -96,10 +142,14 @@ class PagedKVCache:
         if not req.page_tables:
             req.page_tables = [[] for _ in self.groups]
         need = self.pages_needed(req, num_tokens)
+        if self.states is not None and req.state_slot is None and not self.states.free_slots:
+            return False
         if not self._ensure_free(need):
             return False
         for g, table, n in zip(self.groups, req.page_tables, need):
             table.extend(g.pool.allocate(n))
+        if self.states is not None and req.state_slot is None:
+            req.state_slot = self.states.take()
         return True
 
     def match_prefix(self, req: Request) -> None:
@@ -160,18 +210,30 @@ class PagedKVCache:
             g.pool.decref([p for p in table if p != NULL_PAGE])
         if req.prefix_handle is not None:
             self.radix.unlock(req.prefix_handle)
-        req.page_tables, req.prefix_handle, req.tree_tokens = [], None, 0
+        if req.state_slot is not None:
+            self.states.give_back(req.state_slot)
+        req.page_tables, req.prefix_handle, req.tree_tokens, req.state_slot = [], None, 0, None
 
     @property
     def usage(self) -> float:
         used = sum(g.pool.capacity - g.pool.num_free for g in self.groups)
         if self.radix is not None:
             used -= self.radix.evictable_pages
+        if self.states is not None:  # state slots count as much as page memory does
+            return (used + self.states.num_slots - len(self.states.free_slots)) / (
+                sum(g.pool.capacity for g in self.groups) + self.states.num_slots)
         return used / sum(g.pool.capacity for g in self.groups)
 
     def check_integrity(self, running: list[Request]) -> None:
         """Every page reference is accounted for: free + evictable + protected + request-private == capacity,
-        and each page's ref count equals the references the tree and the running requests hold."""
+        and each page's ref count equals the references the tree and the running requests hold. Every state
+        slot is free or held by exactly one running request."""
+        if self.states is not None:
+            held = [r.state_slot for r in running if r.state_slot is not None]
+            if len(set(held)) != len(held) or set(held) & set(self.states.free_slots) or \
+                    len(held) + len(self.states.free_slots) != self.states.num_slots:
+                raise AssertionError(f"state slots: held {sorted(held)}, free {sorted(self.states.free_slots)}, "
+                                     f"capacity {self.states.num_slots}")
         for gi, g in enumerate(self.groups):
             g.pool.check()
             expected = [0] * g.pool.capacity
@@ -215,7 +277,10 @@ class PagedKVCache:
             rows = torch.repeat_interleave(torch.arange(B), torch.tensor(num_new))
             slots = table[rows, pos // self.page_size] * self.page_size + pos % self.page_size
             slot_maps.append(slots.to(self.device, non_blocking=True))
-        return StepKV(self, plans, slot_maps)
+        state_slots = None
+        if self.states is not None:
+            state_slots = torch.tensor([r.state_slot for r in reqs], dtype=torch.long, device=self.device)
+        return StepKV(self, plans, slot_maps, state_slots)
 
 
 @dataclass
@@ -224,6 +289,7 @@ class StepKV:
     cache: PagedKVCache
     plans: list[PagedPlan]
     slot_maps: list[torch.Tensor]
+    state_slots: torch.Tensor | None = None   # [B] each sequence's slot in the state pool
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, *,
                window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
@@ -243,3 +309,14 @@ class StepKV:
         kc = self.cache.groups[gi].k[j][0]
         kc.view(-1, kc.shape[-1])[self.slot_maps[gi]] = latent.to(kc.dtype)
         return kc, self.plans[gi]
+
+    def recurrent_states(self, layer_idx: int, spec: RecurrentState, like: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RecurrentState layers: this step's sequences' conv inputs and state matrices, in batch order."""
+        pool = self.cache.states
+        return pool.conv[layer_idx][self.state_slots], pool.state[layer_idx][self.state_slots]
+
+    def store_recurrent_states(self, layer_idx: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        pool = self.cache.states
+        pool.conv[layer_idx][self.state_slots] = conv.to(pool.conv[layer_idx].dtype)
+        pool.state[layer_idx][self.state_slots] = state.to(torch.float32)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from attnzoo.engine.detokenizer import RequestDetokenizer
-from attnzoo.engine.kv_cache import PagedKVCache, page_bytes
+from attnzoo.engine.kv_cache import PagedKVCache, page_bytes, state_bytes
 from attnzoo.engine.model_runner import ModelRunner
 from attnzoo.engine.request import Request, Status
 from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_generator
@@ -119,13 +119,24 @@ class LLM:
             budget = int(torch.cuda.mem_get_info(self.device)[0] * kv_cache_fraction)
         else:
             budget = int(_free_memory_bytes() * kv_cache_fraction)
+        # delta-rule layers keep a fixed state per sequence: one slot per schedulable sequence, paid up front
+        per_seq_state = state_bytes(specs, dtype)
+        if per_seq_state:
+            budget -= per_seq_state * max_num_seqs
+            if budget <= 0:
+                raise ValueError(f"the recurrent states of {max_num_seqs} sequences ({per_seq_state * max_num_seqs} "
+                                 f"bytes) do not fit in the cache memory; lower max_num_seqs or raise kv_cache_memory")
         # never more pages than max_num_seqs full-length sequences can use
-        num_pages = min(budget // per_page, max_num_seqs * -(-self.max_model_len // page_size) + 1)
+        num_pages = min(budget // per_page, max_num_seqs * -(-self.max_model_len // page_size) + 1) if per_page else 1
         if num_pages < 1:
             raise ValueError(f"kv_cache_memory of {budget} bytes holds no page ({per_page} bytes each)")
-        self.kv = PagedKVCache(specs, num_pages, page_size, dtype, enable_prefix_caching, self.device)
+        self.kv = PagedKVCache(specs, num_pages, page_size, dtype, enable_prefix_caching, self.device,
+                               num_state_slots=max_num_seqs if per_seq_state else 0)
         log.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB)", num_pages, page_size,
                  num_pages * page_size, num_pages * per_page / 2**20)
+        if per_seq_state:
+            log.info("recurrent state: %d slots x %.2f MiB = %.1f MiB", max_num_seqs, per_seq_state / 2**20,
+                     max_num_seqs * per_seq_state / 2**20)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.kv)
         self.runner = ModelRunner(self.model, self.kv)
         self.sampler = Sampler(torch.Generator().manual_seed(seed))

@@ -34,6 +34,7 @@ class Request:
     page_tables: list[list[int]] = field(default_factory=list)   # per cache group; -1 = released page
     prefix_handle: Any = None           # locked radix node covering the shared prefix
     tree_tokens: int = 0                # tokens of this request that the radix tree holds
+    state_slot: int | None = None       # its slot in the recurrent-state pool (delta-rule layers)
     cached_tokens: int = 0              # prompt tokens served from the prefix cache (first admission)
     num_preemptions: int = 0
     finish_reason: str | None = None    # stop | length | abort

@@ -10,19 +10,22 @@ from attnzoo.ops.rope import apply_rope
 
 
 class Attention(nn.Module):
-    """Softmax attention for MHA / GQA / MQA (by head ratio), optional sliding window, sinks and per-head
-    q/k RMSNorm (Qwen3). q, k and v come from one fused projection: one weight read per step."""
+    """Softmax attention for MHA / GQA / MQA (by head ratio), optional sliding window, sinks, per-head
+    q/k RMSNorm (Qwen3) and a sigmoid output gate (Qwen3-Next: the query projection yields [q | gate] per
+    head, o <- o * sigmoid(gate) before o_proj). q, k and v come from one fused projection."""
 
     def __init__(self, layer_idx: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  bias: bool = False, o_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
                  window: int | None = None, sinks: bool = False, use_rope: bool = True,
-                 interleaved_rope: bool = False):
+                 interleaved_rope: bool = False, output_gate: bool = False):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
         self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = layer_idx, num_heads, num_kv_heads, head_dim
         self.window, self.use_rope, self.interleaved_rope = window, use_rope, interleaved_rope
-        self.qkv_proj = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
+        self.output_gate = output_gate
+        q_width = num_heads * head_dim * (2 if output_gate else 1)
+        self.qkv_proj = nn.Linear(hidden_size, q_width + 2 * num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
@@ -35,8 +38,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
         n, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
-        q, k, v = q.view(n, self.num_heads, d), k.view(n, self.num_kv_heads, d), v.view(n, self.num_kv_heads, d)
+        q_width = self.num_heads * d * (2 if self.output_gate else 1)
+        q, k, v = self.qkv_proj(x).split([q_width, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        gate = None
+        if self.output_gate:
+            q, gate = q.view(n, self.num_heads, 2 * d).split(d, -1)
+        q, k, v = q.reshape(n, self.num_heads, d), k.view(n, self.num_kv_heads, d), v.view(n, self.num_kv_heads, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope and rope is not None:
@@ -45,4 +52,6 @@ class Attention(nn.Module):
         # transformers' sliding_window=W means W keys including the query: flash-attn window (W-1, 0)
         window = (self.window - 1, 0) if self.window is not None else (-1, -1)
         o = batch.attend(self.layer_idx, q, k, v, window_size=window, sinks=self.sinks)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
         return self.o_proj(o.reshape(n, self.num_heads * d))

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from attnzoo.layers.cache_spec import RecurrentState
 from attnzoo.ops import attention
 
 
@@ -19,6 +20,16 @@ class KVCache(Protocol):
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: "Batch", *,
                window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
         """Store k/v [N, Hkv, d] for this step's tokens, attend q [N, H, d] causally; return [N, H, dv]."""
+        ...
+
+    def recurrent_states(self, layer_idx: int, spec: RecurrentState, like: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's sequences' states in batch order (zero for a fresh sequence): conv [B, conv_dim, K-1]
+        (like's dtype) and state [B, H, dk, dv] float32. The layer may update them in place."""
+        ...
+
+    def store_recurrent_states(self, layer_idx: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        """Keep the states the sequences carry into their next step."""
         ...
 
 
@@ -58,6 +69,20 @@ class ContiguousKVCache:
     length: int = 0
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
+    states: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def recurrent_states(self, layer_idx: int, spec: RecurrentState, like: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Delta-rule layers: (conv state [B, conv_dim, K-1], state [B, H, dk, dv] float32), zero at first."""
+        if layer_idx not in self.states:
+            B = self.batch_size
+            self.states[layer_idx] = (
+                like.new_zeros(B, spec.conv_dim, spec.conv_width - 1),
+                torch.zeros(B, spec.num_heads, spec.k_dim, spec.v_dim, dtype=torch.float32, device=like.device))
+        return self.states[layer_idx]
+
+    def store_recurrent_states(self, layer_idx: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        self.states[layer_idx] = (conv, state)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, *,
                window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:

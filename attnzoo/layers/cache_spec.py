@@ -50,8 +50,17 @@ class IndexerKeys(CacheSpec):
 
 @dataclass(frozen=True)
 class RecurrentState(CacheSpec):
-    """Delta rule: fixed-size state per sequence (conv state + state matrix); shapes per sequence."""
-    shapes: tuple[tuple[int, ...], ...]
+    """Delta rule (GDN/KDA): a fixed-size state per sequence, nothing per token: the causal conv's last
+    `conv_width - 1` inputs [conv_dim, conv_width - 1] (model dtype) and the state matrices
+    [num_heads, k_dim, v_dim] (float32: they integrate over the whole sequence)."""
+    conv_dim: int
+    conv_width: int
+    num_heads: int
+    k_dim: int
+    v_dim: int
 
     def bytes_per_token(self, dtype_bytes: int) -> int:
         return 0
+
+    def bytes_per_sequence(self, dtype_bytes: int) -> int:
+        return self.conv_dim * (self.conv_width - 1) * dtype_bytes + self.num_heads * self.k_dim * self.v_dim * 4

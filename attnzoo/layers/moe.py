@@ -1,5 +1,8 @@
-"""DeepSeek-V3 mixture of experts: sigmoid router with a selection-only bias, group-limited top-k,
-SwiGLU routed experts (a loop over experts) plus always-on shared experts."""
+"""Mixtures of SwiGLU experts (a loop over the experts a step uses).
+
+DeepseekMoE (DeepSeek-V3, Kimi Linear): sigmoid router with a selection-only bias, group-limited top-k,
+always-on shared experts. QwenMoE (Qwen3-Next): softmax router, top-k, one shared expert scaled by a
+sigmoid gate."""
 
 from __future__ import annotations
 
@@ -46,12 +49,42 @@ class DeepseekMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, ids = self.route(x)
-        out = torch.zeros_like(x)
-        for e in ids.unique().tolist():
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            gate, up = F.linear(x[tok], self.experts_gate_up[e]).split(self.intermediate, -1)
-            y = F.linear(F.silu(gate) * up, self.experts_down[e]) * w[tok, slot, None].to(x.dtype)
-            out.index_add_(0, tok, y)
+        out = run_experts(x, w, ids, self.experts_gate_up, self.experts_down)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        return out
+
+
+def run_experts(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """sum_k w[:, k] * expert_{ids[:, k]}(x) for SwiGLU experts gate_up [E, 2I, D], down [E, D, I]."""
+    out = torch.zeros_like(x)
+    inter = down.shape[-1]
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        gate, up = F.linear(x[tok], gate_up[e]).split(inter, -1)
+        y = F.linear(F.silu(gate) * up, down[e]) * w[tok, slot, None].to(x.dtype)
+        out.index_add_(0, tok, y)
+    return out
+
+
+class QwenMoE(nn.Module):
+    def __init__(self, hidden_size: int, moe_intermediate_size: int, num_experts: int, top_k: int, *,
+                 norm_topk_prob: bool = True, shared_expert_intermediate_size: int = 0):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.gate_weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.experts_gate_up = nn.Parameter(torch.zeros(num_experts, 2 * moe_intermediate_size, hidden_size))
+        self.experts_down = nn.Parameter(torch.zeros(num_experts, hidden_size, moe_intermediate_size))
+        self.shared_expert = SwiGLU(hidden_size, shared_expert_intermediate_size) if shared_expert_intermediate_size else None
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_intermediate_size else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.linear(x, self.gate_weight).softmax(-1, dtype=torch.float32)
+        w, ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            w = w / w.sum(-1, keepdim=True)
+        out = run_experts(x, w.to(x.dtype), ids, self.experts_gate_up, self.experts_down)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

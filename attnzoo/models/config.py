@@ -3,13 +3,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 
 
 @dataclass
 class ModelConfig:
     """Architecture of a decoder-only LM; field names follow transformers where one exists."""
-    architecture: str                 # llama | mistral | qwen3 | deepseek_v3
+    architecture: str                 # llama | mistral | qwen3 | deepseek_v3 | qwen3_next | qwen3_5 | kimi_linear
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -35,9 +35,15 @@ class ModelConfig:
     # v_head_dim, rope_interleave; head_dim is then qk_rope_head_dim (what RoPE rotates)
     attention_type: str = "softmax"
     mla: dict[str, Any] | None = None
-    # DeepSeek MoE: n_routed_experts, num_experts_per_tok, moe_intermediate_size, n_group, topk_group,
+    # MoE (kind deepseek, the default, or qwen): n_routed_experts, num_experts_per_tok, moe_intermediate_size, n_group, topk_group,
     # norm_topk_prob, routed_scaling_factor, n_shared_experts, first_k_dense_replace (dense layers before)
     moe: dict[str, Any] | None = None
+    mlp_layer_types: list[str] = field(default_factory=list)   # per layer: dense | sparse (MoE)
+    # delta-rule layers (layer type "linear_attention"): kind gdn | kda, num_k_heads, num_v_heads, k_dim,
+    # v_dim, conv_width
+    linear: dict[str, Any] | None = None
+    attn_output_gate: bool = False    # Qwen3-Next: o * sigmoid(gate) from a doubled query projection
+    use_rope: bool = True             # False: no positional encoding in attention (Kimi Linear's NoPE MLA)
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -54,6 +60,14 @@ class ModelConfig:
             raise ValueError(f"unsupported attention_type {self.attention_type!r}; supported: softmax, mla")
         if (self.attention_type == "mla") != (self.mla is not None):
             raise ValueError("attention_type 'mla' and the mla parameters go together")
+        if "linear_attention" in self.layer_types and self.linear is None:
+            raise ValueError("linear_attention layers need the linear (delta rule) parameters")
+        if not self.mlp_layer_types:
+            first = (self.moe or {}).get("first_k_dense_replace", 0)
+            self.mlp_layer_types = ["sparse" if self.moe is not None and i >= first else "dense"
+                                    for i in range(self.num_layers)]
+        if len(self.mlp_layer_types) != self.num_layers or set(self.mlp_layer_types) - {"dense", "sparse"}:
+            raise ValueError(f"mlp_layer_types must name dense or sparse for each of {self.num_layers} layers")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 

@@ -8,6 +8,8 @@ from torch import nn
 
 from attnzoo.layers import (Attention, Batch, ContiguousKVCache, DeepseekMoE, MLAttention, RMSNorm, RotaryEmbedding,
                             SwiGLU)
+from attnzoo.layers.delta import GatedDeltaNet, KimiDeltaAttention
+from attnzoo.layers.moe import QwenMoE
 from attnzoo.layers.cache_spec import CacheSpec
 from attnzoo.models.config import ModelConfig
 
@@ -17,8 +19,16 @@ class DecoderLayer(nn.Module):
         super().__init__()
         sliding = cfg.layer_types[idx] == "sliding_attention"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn: Attention | MLAttention
-        if cfg.mla is not None:
+        self.attn: Attention | MLAttention | GatedDeltaNet | KimiDeltaAttention
+        if cfg.layer_types[idx] == "linear_attention":
+            lin = cfg.linear
+            if lin["kind"] == "gdn":
+                self.attn = GatedDeltaNet(idx, cfg.hidden_size, lin["num_k_heads"], lin["num_v_heads"], lin["k_dim"],
+                                          lin["v_dim"], lin["conv_width"], cfg.rms_norm_eps)
+            else:
+                self.attn = KimiDeltaAttention(idx, cfg.hidden_size, lin["num_v_heads"], lin["k_dim"],
+                                               lin["conv_width"], cfg.rms_norm_eps)
+        elif cfg.mla is not None:
             m = cfg.mla
             self.attn = MLAttention(idx, cfg.hidden_size, cfg.num_heads, q_lora_rank=m["q_lora_rank"],
                                     kv_lora_rank=m["kv_lora_rank"], qk_nope_head_dim=m["qk_nope_head_dim"],
@@ -28,11 +38,16 @@ class DecoderLayer(nn.Module):
         else:
             self.attn = Attention(idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                   bias=cfg.attention_bias, o_bias=cfg.attention_bias, qk_norm=cfg.qk_norm,
-                                  norm_eps=cfg.rms_norm_eps, window=cfg.sliding_window if sliding else None)
+                                  norm_eps=cfg.rms_norm_eps, window=cfg.sliding_window if sliding else None,
+                                  output_gate=cfg.attn_output_gate)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp: SwiGLU | DeepseekMoE
-        if cfg.moe is not None and idx >= cfg.moe["first_k_dense_replace"]:
-            e = cfg.moe
+        self.mlp: SwiGLU | DeepseekMoE | QwenMoE
+        e = cfg.moe
+        if cfg.mlp_layer_types[idx] == "sparse" and e.get("kind") == "qwen":
+            self.mlp = QwenMoE(cfg.hidden_size, e["moe_intermediate_size"], e["n_routed_experts"],
+                               e["num_experts_per_tok"], norm_topk_prob=e["norm_topk_prob"],
+                               shared_expert_intermediate_size=e["shared_expert_intermediate_size"])
+        elif cfg.mlp_layer_types[idx] == "sparse":
             self.mlp = DeepseekMoE(cfg.hidden_size, e["moe_intermediate_size"], e["n_routed_experts"],
                                    e["num_experts_per_tok"], n_group=e["n_group"], topk_group=e["topk_group"],
                                    norm_topk_prob=e["norm_topk_prob"], routed_scaling_factor=e["routed_scaling_factor"],
@@ -58,8 +73,10 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = self.make_rotary()
 
-    def make_rotary(self) -> RotaryEmbedding:
+    def make_rotary(self) -> RotaryEmbedding | None:
         c = self.config
+        if not c.use_rope:
+            return None
         return RotaryEmbedding(c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
 
     def cache_specs(self) -> list[CacheSpec]:
@@ -68,7 +85,7 @@ class DecoderLM(nn.Module):
     def forward_batch(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """input_ids [N] (packed) -> logits [len(batch.logits_rows) or N, V]."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary(batch.positions)
+        rope = self.rotary(batch.positions) if self.rotary is not None else None
         for layer in self.layers:
             x = layer(x, rope, batch)
         if batch.logits_rows is not None:

@@ -15,7 +15,7 @@ from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.errors import ModelLoadError
 from attnzoo.models.weights import build_model
 
-HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "deepseek_v3")
+HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "deepseek_v3", "qwen3_next", "qwen3_5", "qwen3_5_text", "kimi_linear")
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
@@ -30,10 +30,65 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
     return theta, (None if kind == "default" else {**merged, "rope_type": kind}), partial
 
 
+def _delta_rule_config(raw: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Hybrid delta-rule models: layer pattern, delta-rule sizes, MoE and attention flavour."""
+    n = raw["num_hidden_layers"]
+    out: dict[str, Any] = {}
+    if arch == "kimi_linear":
+        lin = raw.get("linear_attn_config") or {}
+        H = lin.get("num_heads", raw.get("linear_num_heads"))
+        d = lin.get("head_dim", raw.get("linear_head_dim"))
+        out["linear"] = dict(kind="kda", num_k_heads=H, num_v_heads=H, k_dim=d, v_dim=d,
+                             conv_width=lin.get("short_conv_kernel_size", raw.get("linear_conv_kernel_dim", 4)))
+        # the checkpoint's lists are 1-indexed; transformers' fallback pattern without them is not the checkpoint's
+        full = set(lin.get("full_attn_layers") or [])
+        out["layer_types"] = raw.get("layer_types") or [
+            "full_attention" if i + 1 in full else "linear_attention" for i in range(n)]
+        out["mla"] = {k: raw.get(k, dflt) for k, dflt in (("q_lora_rank", None), ("kv_lora_rank", 512),
+                                                        ("qk_nope_head_dim", 128), ("qk_rope_head_dim", 64),
+                                                        ("v_head_dim", 128))}
+        out["mla"]["rope_interleave"] = True
+        out["head_dim"] = out["mla"]["qk_rope_head_dim"]
+        out["use_rope"] = False  # NoPE MLA: position comes from the KDA layers' conv and decay
+        experts = raw.get("num_experts", raw.get("num_local_experts", 0))
+        if experts:
+            out["moe"] = dict(kind="deepseek", n_routed_experts=experts,
+                              num_experts_per_tok=raw.get("num_experts_per_token", raw.get("num_experts_per_tok", 1)),
+                              moe_intermediate_size=raw["moe_intermediate_size"],
+                              n_group=raw.get("num_expert_group", raw.get("n_group", 1)) or 1,
+                              topk_group=raw.get("topk_group", 1) or 1,
+                              norm_topk_prob=raw.get("moe_renormalize", raw.get("norm_topk_prob", True)),
+                              routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
+                              n_shared_experts=raw.get("num_shared_experts", raw.get("n_shared_experts", 0)) or 0)
+            first = raw.get("first_k_dense_replace", 1)
+            out["mlp_layer_types"] = raw.get("mlp_layer_types") or ["dense" if i < first else "sparse" for i in range(n)]
+        return out
+    out["linear"] = dict(kind="gdn", num_k_heads=raw["linear_num_key_heads"], num_v_heads=raw["linear_num_value_heads"],
+                         k_dim=raw["linear_key_head_dim"], v_dim=raw["linear_value_head_dim"],
+                         conv_width=raw.get("linear_conv_kernel_dim", 4))
+    interval = raw.get("full_attention_interval", 4)
+    out["layer_types"] = raw.get("layer_types") or [
+        "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
+    out["attn_output_gate"] = True
+    experts = raw.get("num_experts", 0)
+    if arch == "qwen3_next" and experts:
+        out["moe"] = dict(kind="qwen", n_routed_experts=experts, num_experts_per_tok=raw["num_experts_per_tok"],
+                          moe_intermediate_size=raw["moe_intermediate_size"],
+                          norm_topk_prob=raw.get("norm_topk_prob", True),
+                          shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0))
+        skip, step = set(raw.get("mlp_only_layers") or []), raw.get("decoder_sparse_step", 1)
+        out["mlp_layer_types"] = ["sparse" if i not in skip and (i + 1) % step == 0 else "dense" for i in range(n)]
+    return out
+
+
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     arch = raw.get("model_type")
+    if arch == "qwen3_5" and "text_config" in raw:  # the multimodal checkpoint: its text model
+        raw = {**raw["text_config"], "model_type": "qwen3_5"}
     if arch not in HF_ARCHITECTURES:
         raise ModelLoadError(f"model_type {arch!r} is not supported; supported: {', '.join(HF_ARCHITECTURES)}")
+    if arch == "qwen3_5_text":
+        arch = "qwen3_5"
     heads = raw["num_attention_heads"]
     theta, scaling, partial = _rope(raw)
     window = raw.get("sliding_window")
@@ -59,19 +114,26 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
                                              ("n_shared_experts", 1), ("first_k_dense_replace", 3))}
         head_dim = mla["qk_rope_head_dim"]  # RoPE rotates only the decoupled rope slice
         window, layer_types = None, None
+    extra: dict[str, Any] = {}
+    if arch in ("qwen3_next", "qwen3_5", "kimi_linear"):
+        extra = _delta_rule_config(raw, arch)
+        layer_types, window = extra.pop("layer_types"), None
+        mla, moe = extra.pop("mla", None), extra.pop("moe", None)
+        head_dim = extra.pop("head_dim", head_dim)
     return ModelConfig(
         architecture=arch, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"], num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-        partial_rotary_factor=partial, max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        partial_rotary_factor=partial,
+        max_position_embeddings=raw.get("max_position_embeddings", raw.get("model_max_length", 2048)),
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
         attention_bias=raw.get("attention_bias", False), mlp_bias=raw.get("mlp_bias", False),
-        qk_norm=arch == "qwen3", sliding_window=window, layer_types=list(layer_types or []),
+        qk_norm=arch in ("qwen3", "qwen3_next", "qwen3_5"), sliding_window=window, layer_types=list(layer_types or []),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-        name=raw.get("_name_or_path", ""), attention_type="mla" if mla else "softmax", mla=mla, moe=moe)
+        name=raw.get("_name_or_path", ""), attention_type="mla" if mla else "softmax", mla=mla, moe=moe, **extra)
 
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:
@@ -90,6 +152,9 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:
                     tensors[name] = st.get_tensor(name)
         except Exception as e:  # safetensors raises several error types for missing/corrupt files
             raise ModelLoadError(f"{path / f} could not be read as safetensors: {e}") from None
+    if "model.language_model.embed_tokens.weight" in tensors:  # Qwen3.5's multimodal layout: keep the text model
+        tensors = {k.replace("model.language_model.", "model.", 1): t for k, t in tensors.items()
+                   if k.startswith(("model.language_model.", "lm_head."))}
     model = build_model(cfg, tensors, dtype)
     from attnzoo.models.tokenizer import Tokenizer
     model.tokenizer = Tokenizer.from_hf_dir(path, cfg)
