@@ -1,5 +1,6 @@
-"""Paged KV memory: one cache group per distinct layer cache spec (vLLM's KV-cache groups), each with
-its own BlockPool and per-layer page tensors; the radix prefix cache over the first group; and a state
+"""Paged KV memory: one cache group per distinct layer cache spec (vLLM's KV-cache groups) with per-layer
+page tensors; groups that attend to the full context share one page table (one BlockPool), each sliding
+window has its own; the radix prefix cache over the full-context table; and a state
 pool for layers that keep a fixed-size state per sequence instead of per-token KV (RecurrentState: the
 delta-rule layers), one slot per running sequence.
 
@@ -18,7 +19,7 @@ from attnzoo.engine.block_pool import BlockPool
 from attnzoo.engine.radix_cache import RadixCache
 from attnzoo.engine.request import Request
 from attnzoo.layers.batch import Batch
-from attnzoo.layers.cache_spec import CacheSpec, FullKV, LatentKV, RecurrentState, SlidingKV
+from attnzoo.layers.cache_spec import CacheSpec, FullKV, IndexerKeys, LatentKV, RecurrentState, SlidingKV
 from attnzoo.ops.attention.paged import PagedPlan, paged_attention_planned, plan_paged
 
 log = logging.getLogger("attnzoo.engine")
@@ -26,10 +27,20 @@ NULL_PAGE = -1  # a page released because it left the sliding window (vLLM's nul
 
 
 @dataclass
+class PageTable:
+    """One kind of page table: every full-attention spec shares one (a page id then addresses the same
+    tokens in each of them, so the radix tree covers them all); each sliding window gets its own, whose
+    pages are released as they leave the window."""
+    pool: BlockPool
+    window: int | None
+
+
+@dataclass
 class CacheGroup:
     spec: CacheSpec
     layer_ids: list[int]
-    pool: BlockPool
+    pool: BlockPool          # its table's pool (shared with the other groups on that table)
+    table: int               # index into PagedKVCache.tables and Request.page_tables
     k: torch.Tensor          # [layers_in_group, Hkv, pages, page_size, d] (head-major: see ops/attention/paged.py)
     v: torch.Tensor
 
@@ -38,26 +49,36 @@ class CacheGroup:
         return self.spec.window if isinstance(self.spec, SlidingKV) else None
 
 
-def group_specs(specs: list[CacheSpec]) -> list[tuple[CacheSpec, list[int]]]:
-    """Paged groups: layers with equal per-token specs share a page table (recurrent layers have none)."""
+def flat_specs(specs: list[CacheSpec | tuple[CacheSpec, ...]]) -> list[tuple[int, CacheSpec]]:
+    """(layer, spec) pairs: a layer may declare several specs (DSA: a latent and indexer keys)."""
+    return [(i, s) for i, entry in enumerate(specs) for s in (entry if isinstance(entry, tuple) else (entry,))]
+
+
+def spec_kind(spec: CacheSpec) -> str:
+    return "latent" if isinstance(spec, LatentKV) else "indexer" if isinstance(spec, IndexerKeys) else "kv"
+
+
+def group_specs(specs: list[CacheSpec | tuple[CacheSpec, ...]]) -> list[tuple[CacheSpec, list[int]]]:
+    """Paged groups: layers with equal per-token specs share page tensors (recurrent layers have none)."""
     groups: dict[CacheSpec, list[int]] = {}
-    for i, s in enumerate(specs):
+    for i, s in flat_specs(specs):
         if isinstance(s, RecurrentState):
             continue
-        if not isinstance(s, (FullKV, LatentKV)):  # SlidingKV is a FullKV
+        if not isinstance(s, (FullKV, LatentKV, IndexerKeys)):  # SlidingKV is a FullKV
             raise NotImplementedError(f"layer {i}: the engine has no cache group for {type(s).__name__} yet")
         groups.setdefault(s, []).append(i)
     return list(groups.items())
 
 
-def page_bytes(specs: list[CacheSpec], page_size: int, dtype: torch.dtype) -> int:
-    """Bytes one page costs across all layers (each group gets the same number of pages)."""
-    return sum(s.bytes_per_token(torch.finfo(dtype).bits // 8) for s in specs) * page_size
+def page_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one page costs across all layers (each table gets the same number of pages)."""
+    return sum(s.bytes_per_token(torch.finfo(dtype).bits // 8) for _, s in flat_specs(specs)) * page_size
 
 
-def state_bytes(specs: list[CacheSpec], dtype: torch.dtype) -> int:
+def state_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], dtype: torch.dtype) -> int:
     """Bytes one sequence's recurrent states cost across all layers."""
-    return sum(s.bytes_per_sequence(torch.finfo(dtype).bits // 8) for s in specs if isinstance(s, RecurrentState))
+    return sum(s.bytes_per_sequence(torch.finfo(dtype).bits // 8) for _, s in flat_specs(specs)
+               if isinstance(s, RecurrentState))
 
 
 class StatePool:
@@ -88,26 +109,34 @@ class StatePool:
 
 
 class PagedKVCache:
-    def __init__(self, specs: list[CacheSpec], num_pages: int, page_size: int, dtype: torch.dtype,
-                 enable_prefix_caching: bool = True, device: torch.device | str = "cpu", num_state_slots: int = 0):
+    def __init__(self, specs: list[CacheSpec | tuple[CacheSpec, ...]], num_pages: int, page_size: int,
+                 dtype: torch.dtype, enable_prefix_caching: bool = True, device: torch.device | str = "cpu",
+                 num_state_slots: int = 0):
         self.page_size, self.num_pages, self.device = page_size, num_pages, torch.device(device)
-        recurrent = {i: s for i, s in enumerate(specs) if isinstance(s, RecurrentState)}
+        recurrent = {i: s for i, s in flat_specs(specs) if isinstance(s, RecurrentState)}
         if recurrent and num_state_slots < 1:
             raise ValueError("this model has recurrent-state layers: give the cache num_state_slots >= 1")
         self.states = StatePool(recurrent, num_state_slots, dtype, self.device) if recurrent else None
+        self.tables: list[PageTable] = []
+        table_of_window: dict[int | None, int] = {}
         self.groups: list[CacheGroup] = []
-        self.layer_group: dict[int, tuple[int, int]] = {}
+        self.layer_group: dict[tuple[int, str], tuple[int, int]] = {}
         for gi, (spec, layers) in enumerate(group_specs(specs)):
-            if isinstance(spec, LatentKV):  # MLA: one latent row per token, no separate values
+            window = spec.window if isinstance(spec, SlidingKV) else None
+            if window not in table_of_window:
+                table_of_window[window] = len(self.tables)
+                self.tables.append(PageTable(BlockPool(num_pages), window))
+            ti = table_of_window[window]
+            if isinstance(spec, (LatentKV, IndexerKeys)):  # one row per token shared by all heads, no values
                 k = torch.zeros(len(layers), 1, num_pages, page_size, spec.dim, dtype=dtype, device=device)
                 v = torch.zeros(0, dtype=dtype, device=device)
             else:
                 shape = (len(layers), spec.num_kv_heads, num_pages, page_size)
                 k = torch.zeros(*shape, spec.head_dim, dtype=dtype, device=device)
                 v = torch.zeros(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype, device=device)
-            self.groups.append(CacheGroup(spec, layers, BlockPool(num_pages), k, v))
+            self.groups.append(CacheGroup(spec, layers, self.tables[ti].pool, ti, k, v))
             for j, layer in enumerate(layers):
-                self.layer_group[layer] = (gi, j)
+                self.layer_group[(layer, spec_kind(spec))] = (gi, j)
         self.radix: RadixCache | None = None
         if enable_prefix_caching:
             if self.states is not None:
@@ -115,39 +144,40 @@ class PagedKVCache:
                 # Mamba snapshots at page boundaries); without snapshots a hit would skip the state's update
                 log.info("prefix caching is off: layers %s keep a recurrent state per sequence, which the "
                          "radix cache cannot restore at a prefix boundary", sorted(recurrent))
-            elif len(self.groups) == 1 and self.groups[0].window is None:
-                self.radix = RadixCache(self.groups[0].pool, page_size)
+            elif len(self.tables) == 1 and self.tables[0].window is None:
+                self.radix = RadixCache(self.tables[0].pool, page_size)
             else:
-                log.info("prefix caching is off: the radix cache covers models with one full-attention "
-                         "cache group; this model has %s", [type(g.spec).__name__ for g in self.groups])
+                log.info("prefix caching is off: the radix cache covers models whose layers all attend to the "
+                         "full context; this model has sliding windows %s",
+                         [t.window for t in self.tables if t.window is not None])
 
     # ---- page accounting ------------------------------------------------------------------------
     def pages_needed(self, req: Request, num_tokens: int) -> list[int]:
         """New pages each group needs so that req's tables cover num_tokens tokens."""
         want = -(-num_tokens // self.page_size)
-        tables = req.page_tables or [[] for _ in self.groups]
+        tables = req.page_tables or [[] for _ in self.tables]
         return [max(0, want - len(t)) for t in tables]
 
     def _ensure_free(self, need: list[int]) -> bool:
-        for g, n in zip(self.groups, need):
-            if g.pool.num_free < n and self.radix is not None and g.pool is self.radix.pool:
-                self.radix.evict(n - g.pool.num_free)
-            if g.pool.num_free < n:
+        for t, n in zip(self.tables, need):
+            if t.pool.num_free < n and self.radix is not None and t.pool is self.radix.pool:
+                self.radix.evict(n - t.pool.num_free)
+            if t.pool.num_free < n:
                 return False
         return True
 
     def allocate(self, req: Request, num_tokens: int) -> bool:
         """Grow req's page tables to cover num_tokens tokens, evicting cached prefixes if needed.
-        All groups or none: on failure nothing changes."""
+        All tables (and the state slot) or none: on failure nothing changes."""
         if not req.page_tables:
-            req.page_tables = [[] for _ in self.groups]
+            req.page_tables = [[] for _ in self.tables]
         need = self.pages_needed(req, num_tokens)
         if self.states is not None and req.state_slot is None and not self.states.free_slots:
             return False
         if not self._ensure_free(need):
             return False
-        for g, table, n in zip(self.groups, req.page_tables, need):
-            table.extend(g.pool.allocate(n))
+        for t, table, n in zip(self.tables, req.page_tables, need):
+            table.extend(t.pool.allocate(n))
         if self.states is not None and req.state_slot is None:
             req.state_slot = self.states.take()
         return True
@@ -161,7 +191,7 @@ class PagedKVCache:
         if not pages:
             return
         self.radix.lock(handle)
-        self.groups[0].pool.incref(pages)
+        self.tables[0].pool.incref(pages)
         req.page_tables = [list(pages)]
         req.prefix_handle, req.tree_tokens = handle, len(pages) * self.page_size
         req.num_computed = req.tree_tokens
@@ -176,7 +206,7 @@ class PagedKVCache:
             return
         ids, table = req.all_ids()[:n], req.page_tables[0]
         already = self.radix.insert(ids, table[: n // self.page_size])
-        pool = self.groups[0].pool
+        pool = self.tables[0].pool
         if already > req.tree_tokens:  # another request cached this range first: use its pages
             tree_pages, _ = self.radix.match_prefix(ids[:already])
             lo, hi = req.tree_tokens // self.page_size, already // self.page_size
@@ -193,21 +223,21 @@ class PagedKVCache:
 
     def release_window(self, req: Request) -> None:
         """Sliding groups: free pages whose every position is before the next query's window."""
-        for g, table in zip(self.groups, req.page_tables):
-            if g.window is None:
+        for t, table in zip(self.tables, req.page_tables):
+            if t.window is None:
                 continue
-            first_visible = req.num_computed - g.window + 1
+            first_visible = req.num_computed - t.window + 1
             for i in range(min(len(table), max(0, first_visible) // self.page_size)):
                 if table[i] != NULL_PAGE:
-                    g.pool.decref([table[i]])
+                    t.pool.decref([table[i]])
                     table[i] = NULL_PAGE
 
     def free(self, req: Request) -> None:
         """Drop every page reference req holds and its prefix lock (finish, abort, preemption)."""
         if self.radix is not None and req.page_tables:
             self.cache_prefix(req)  # keep its KV for future hits
-        for g, table in zip(self.groups, req.page_tables):
-            g.pool.decref([p for p in table if p != NULL_PAGE])
+        for t, table in zip(self.tables, req.page_tables):
+            t.pool.decref([p for p in table if p != NULL_PAGE])
         if req.prefix_handle is not None:
             self.radix.unlock(req.prefix_handle)
         if req.state_slot is not None:
@@ -216,13 +246,14 @@ class PagedKVCache:
 
     @property
     def usage(self) -> float:
-        used = sum(g.pool.capacity - g.pool.num_free for g in self.groups)
+        used = sum(t.pool.capacity - t.pool.num_free for t in self.tables)
+        total = sum(t.pool.capacity for t in self.tables)
         if self.radix is not None:
             used -= self.radix.evictable_pages
-        if self.states is not None:  # state slots count as much as page memory does
-            return (used + self.states.num_slots - len(self.states.free_slots)) / (
-                sum(g.pool.capacity for g in self.groups) + self.states.num_slots)
-        return used / sum(g.pool.capacity for g in self.groups)
+        if self.states is not None:  # a state slot counts as one unit of memory, like a page
+            used += self.states.num_slots - len(self.states.free_slots)
+            total += self.states.num_slots
+        return used / max(total, 1)
 
     def check_integrity(self, running: list[Request]) -> None:
         """Every page reference is accounted for: free + evictable + protected + request-private == capacity,
@@ -234,7 +265,7 @@ class PagedKVCache:
                     len(held) + len(self.states.free_slots) != self.states.num_slots:
                 raise AssertionError(f"state slots: held {sorted(held)}, free {sorted(self.states.free_slots)}, "
                                      f"capacity {self.states.num_slots}")
-        for gi, g in enumerate(self.groups):
+        for gi, g in enumerate(self.tables):
             g.pool.check()
             expected = [0] * g.pool.capacity
             tree_pages = set()
@@ -250,12 +281,12 @@ class PagedKVCache:
             actual = [g.pool.ref(p) for p in range(g.pool.capacity)]
             if actual != expected:
                 bad = [p for p in range(g.pool.capacity) if actual[p] != expected[p]][:5]
-                raise AssertionError(f"group {gi}: page refs differ from holders at pages {bad}: "
+                raise AssertionError(f"table {gi}: page refs differ from holders at pages {bad}: "
                                      f"refs {[actual[p] for p in bad]} vs holders {[expected[p] for p in bad]}")
             private = sum(1 for p in range(g.pool.capacity) if expected[p] and p not in tree_pages)
             cached = len(tree_pages)
             if g.pool.num_free + cached + private != g.pool.capacity:
-                raise AssertionError(f"group {gi}: free {g.pool.num_free} + cached {cached} + private {private} "
+                raise AssertionError(f"table {gi}: free {g.pool.num_free} + cached {cached} + private {private} "
                                      f"!= capacity {g.pool.capacity}")
 
     # ---- the per-step handle the layers see ------------------------------------------------------
@@ -265,7 +296,7 @@ class PagedKVCache:
         cu[1:] = torch.tensor(num_new).cumsum(0)
         seq_lens = torch.tensor([r.num_computed + n for r, n in zip(reqs, num_new)])
         plans, slot_maps = [], []
-        for gi, g in enumerate(self.groups):
+        for gi, g in enumerate(self.tables):
             width = max(len(r.page_tables[gi]) for r in reqs)
             table = torch.full((B, width), 0, dtype=torch.long)
             for b, r in enumerate(reqs):
@@ -287,28 +318,35 @@ class PagedKVCache:
 class StepKV:
     """Implements the layers' KVCache protocol for one step of the paged engine."""
     cache: PagedKVCache
-    plans: list[PagedPlan]
-    slot_maps: list[torch.Tensor]
+    plans: list[PagedPlan]          # per page table
+    slot_maps: list[torch.Tensor]   # per page table: the pool slot of each new token
     state_slots: torch.Tensor | None = None   # [B] each sequence's slot in the state pool
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, *,
                window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
-        gi, j = self.cache.layer_group[layer_idx]
+        gi, j = self.cache.layer_group[(layer_idx, "kv")]
         g = self.cache.groups[gi]
         kc, vc = g.k[j], g.v[j]
-        slots = self.slot_maps[gi]
+        slots = self.slot_maps[g.table]
         kc.view(kc.shape[0], -1, kc.shape[-1])[:, slots] = k.transpose(0, 1).to(kc.dtype)
         vc.view(vc.shape[0], -1, vc.shape[-1])[:, slots] = v.transpose(0, 1).to(vc.dtype)
-        return paged_attention_planned(q, kc, vc, self.plans[gi], window_size=window_size, scale=scale, sinks=sinks)
+        return paged_attention_planned(q, kc, vc, self.plans[g.table], window_size=window_size, scale=scale,
+                                       sinks=sinks)
 
     def latent_step(self, layer_idx: int, latent: torch.Tensor) -> tuple[torch.Tensor, PagedPlan]:
         """LatentKV layers (MLA): store this step's latent rows [N, D]; return the layer's page pool
         [pages, page_size, D] and the step's plan (decode rows with their block tables, prefill slots),
         with which the layer runs its own attention."""
-        gi, j = self.cache.layer_group[layer_idx]
-        kc = self.cache.groups[gi].k[j][0]
-        kc.view(-1, kc.shape[-1])[self.slot_maps[gi]] = latent.to(kc.dtype)
-        return kc, self.plans[gi]
+        return self.rows_step(layer_idx, "latent", latent)
+
+    def rows_step(self, layer_idx: int, kind: str, rows: torch.Tensor) -> tuple[torch.Tensor, PagedPlan]:
+        """One-row-per-token groups (kind "latent" or "indexer"): store this step's rows [N, D], return the
+        layer's pool [pages, page_size, D] and the plan of its page table."""
+        gi, j = self.cache.layer_group[(layer_idx, kind)]
+        g = self.cache.groups[gi]
+        kc = g.k[j][0]
+        kc.view(-1, kc.shape[-1])[self.slot_maps[g.table]] = rows.to(kc.dtype)
+        return kc, self.plans[g.table]
 
     def recurrent_states(self, layer_idx: int, spec: RecurrentState, like: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:

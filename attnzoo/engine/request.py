@@ -31,7 +31,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0               # tokens whose KV is in the cache
-    page_tables: list[list[int]] = field(default_factory=list)   # per cache group; -1 = released page
+    page_tables: list[list[int]] = field(default_factory=list)   # per page table; -1 = released page
     prefix_handle: Any = None           # locked radix node covering the shared prefix
     tree_tokens: int = 0                # tokens of this request that the radix tree holds
     state_slot: int | None = None       # its slot in the recurrent-state pool (delta-rule layers)
