@@ -39,6 +39,8 @@ class Batch:
     cu_seqlens: torch.Tensor      # [B+1] int32: new tokens of sequence i are rows cu[i]:cu[i+1]
     cache: KVCache | None = None
     logits_rows: torch.Tensor | None = None  # rows whose logits are needed (None: all)
+    shared: dict = field(default_factory=dict)  # values a layer passes to later layers in this step
+                                                 # (IndexShare: the selection of the last full indexer)
 
     @classmethod
     def dense(cls, batch_size: int, seq_len: int, start: int = 0, device: torch.device | str = "cpu",
@@ -101,14 +103,16 @@ class ContiguousKVCache:
                         window_size=window_size, scale=scale, sinks=sinks)
         return out.reshape(B * n, *out.shape[2:])
 
-    def append_latent(self, layer_idx: int, latent: torch.Tensor) -> torch.Tensor:
-        """MLA: store latent [B, n, D] for the new tokens (in `keys`; no values) and return the
-        layer's whole latent so far [B, length + n, D]."""
-        B, n = latent.shape[:2]
+    rows: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def append_rows(self, layer_idx: int, kind: str, new: torch.Tensor) -> torch.Tensor:
+        """One row per token shared by all heads (kind "latent": MLA; "indexer": DSA's indexer keys):
+        store new [B, n, D] and return the layer's rows so far [B, length + n, D]."""
+        B, n = new.shape[:2]
         if self.length + n > self.max_len:
             raise ValueError(f"cache holds {self.max_len} tokens; {self.length} stored + {n} new do not fit")
-        if layer_idx not in self.keys:
-            self.keys[layer_idx] = latent.new_empty(B, self.max_len, *latent.shape[2:])
+        if (layer_idx, kind) not in self.rows:
+            self.rows[(layer_idx, kind)] = new.new_empty(B, self.max_len, *new.shape[2:])
         end = self.length + n
-        self.keys[layer_idx][:, self.length:end] = latent
-        return self.keys[layer_idx][:, :end]
+        self.rows[(layer_idx, kind)][:, self.length:end] = new
+        return self.rows[(layer_idx, kind)][:, :end]

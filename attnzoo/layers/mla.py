@@ -101,7 +101,7 @@ class MLAttention(nn.Module):
         elif isinstance(cache, ContiguousKVCache):
             B = cache.batch_size
             t = n // B
-            latent = cache.append_latent(self.layer_idx, torch.cat([c_kv, k_pe], -1).view(B, t, -1))
+            latent = cache.append_rows(self.layer_idx, "latent", torch.cat([c_kv, k_pe], -1).view(B, t, -1))
             c_all, kpe_all = latent.split([self.kv_lora_rank, self.dr], -1)
             # decode is memory-bound: attend over the latent (absorbed); prefill is compute-bound: expand
             fn = mla_absorbed if t == 1 else mla_expanded

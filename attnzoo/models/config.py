@@ -9,7 +9,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 @dataclass
 class ModelConfig:
     """Architecture of a decoder-only LM; field names follow transformers where one exists."""
-    architecture: str                 # llama | mistral | qwen3 | deepseek_v3 | qwen3_next | qwen3_5 | kimi_linear
+    architecture: str  # llama mistral qwen3 deepseek_v3 deepseek_v32 glm_moe_dsa qwen3_next qwen3_5 kimi_linear
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -44,6 +44,9 @@ class ModelConfig:
     linear: dict[str, Any] | None = None
     attn_output_gate: bool = False    # Qwen3-Next: o * sigmoid(gate) from a doubled query projection
     use_rope: bool = True             # False: no positional encoding in attention (Kimi Linear's NoPE MLA)
+    # DeepSeek Sparse Attention on MLA: index_n_heads, index_head_dim, index_topk, indexer_interleaved_rope,
+    # indexer_types (per layer full | shared: IndexShare)
+    dsa: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -62,6 +65,13 @@ class ModelConfig:
             raise ValueError("attention_type 'mla' and the mla parameters go together")
         if "linear_attention" in self.layer_types and self.linear is None:
             raise ValueError("linear_attention layers need the linear (delta rule) parameters")
+        if self.dsa is not None:
+            if self.mla is None:
+                raise ValueError("DSA runs on MLA: the mla parameters are needed")
+            types = self.dsa.setdefault("indexer_types", ["full"] * self.num_layers)
+            if len(types) != self.num_layers or set(types) - {"full", "shared"} or types[0] != "full":
+                raise ValueError(f"indexer_types must name full or shared for each of {self.num_layers} layers, "
+                                 f"the first full; got {types}")
         if not self.mlp_layer_types:
             first = (self.moe or {}).get("first_k_dense_replace", 0)
             self.mlp_layer_types = ["sparse" if self.moe is not None and i >= first else "dense"

@@ -9,6 +9,7 @@ from torch import nn
 from attnzoo.layers import (Attention, Batch, ContiguousKVCache, DeepseekMoE, MLAttention, RMSNorm, RotaryEmbedding,
                             SwiGLU)
 from attnzoo.layers.delta import GatedDeltaNet, KimiDeltaAttention
+from attnzoo.layers.dsa import DSAttention
 from attnzoo.layers.moe import QwenMoE
 from attnzoo.layers.cache_spec import CacheSpec
 from attnzoo.models.config import ModelConfig
@@ -19,7 +20,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         sliding = cfg.layer_types[idx] == "sliding_attention"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn: Attention | MLAttention | GatedDeltaNet | KimiDeltaAttention
+        self.attn: Attention | MLAttention | DSAttention | GatedDeltaNet | KimiDeltaAttention
         if cfg.layer_types[idx] == "linear_attention":
             lin = cfg.linear
             if lin["kind"] == "gdn":
@@ -28,6 +29,16 @@ class DecoderLayer(nn.Module):
             else:
                 self.attn = KimiDeltaAttention(idx, cfg.hidden_size, lin["num_v_heads"], lin["k_dim"],
                                                lin["conv_width"], cfg.rms_norm_eps)
+        elif cfg.dsa is not None:
+            m, d = cfg.mla, cfg.dsa
+            self.attn = DSAttention(idx, cfg.hidden_size, cfg.num_heads, q_lora_rank=m["q_lora_rank"],
+                                    kv_lora_rank=m["kv_lora_rank"], qk_nope_head_dim=m["qk_nope_head_dim"],
+                                    qk_rope_head_dim=m["qk_rope_head_dim"], v_head_dim=m["v_head_dim"],
+                                    index_n_heads=d["index_n_heads"], index_head_dim=d["index_head_dim"],
+                                    index_topk=d["index_topk"], indexer_interleaved_rope=d["indexer_interleaved_rope"],
+                                    shared_indexer=d["indexer_types"][idx] == "shared", bias=cfg.attention_bias,
+                                    norm_eps=cfg.rms_norm_eps, rope_scaling=cfg.rope_scaling,
+                                    interleaved_rope=m.get("rope_interleave", True))
         elif cfg.mla is not None:
             m = cfg.mla
             self.attn = MLAttention(idx, cfg.hidden_size, cfg.num_heads, q_lora_rank=m["q_lora_rank"],
@@ -79,7 +90,7 @@ class DecoderLM(nn.Module):
             return None
         return RotaryEmbedding(c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
 
-    def cache_specs(self) -> list[CacheSpec]:
+    def cache_specs(self) -> list[CacheSpec | tuple[CacheSpec, ...]]:
         return [layer.attn.cache_spec() for layer in self.layers]
 
     def forward_batch(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:

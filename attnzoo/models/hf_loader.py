@@ -15,7 +15,7 @@ from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.errors import ModelLoadError
 from attnzoo.models.weights import build_model
 
-HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "deepseek_v3", "qwen3_next", "qwen3_5", "qwen3_5_text", "kimi_linear")
+HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen3_next", "qwen3_5", "qwen3_5_text", "kimi_linear")
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
@@ -81,6 +81,24 @@ def _delta_rule_config(raw: dict[str, Any], arch: str) -> dict[str, Any]:
     return out
 
 
+def _indexer_types(raw: dict[str, Any]) -> list[str]:
+    """IndexShare schedule (GLM-5.2): explicit list, else a pattern like "FFSS...", else layer i is full
+    iff max(i - offset + 1, 0) % freq == 0 (transformers' GlmMoeDsaConfig rule)."""
+    n = raw["num_hidden_layers"]
+    if raw.get("indexer_types"):
+        return list(raw["indexer_types"])
+    pattern = raw.get("index_topk_pattern")
+    if pattern is not None:
+        if isinstance(pattern, str):
+            bad = set(pattern) - {"F", "S"}
+            if bad:
+                raise ModelLoadError(f"index_topk_pattern {pattern!r} has letters {sorted(bad)}; allowed: F, S")
+            return ["full" if c == "F" else "shared" for c in pattern]
+        return list(pattern)
+    freq, offset = max(raw.get("index_topk_freq", 1), 1), raw.get("index_skip_topk_offset", 2)
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n)]
+
+
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     arch = raw.get("model_type")
     if arch == "qwen3_5" and "text_config" in raw:  # the multimodal checkpoint: its text model
@@ -105,7 +123,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     eos = raw.get("eos_token_id")
     mla = moe = None
     head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-    if arch == "deepseek_v3":
+    if arch in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa"):
         mla = {k: raw.get(k, d) for k, d in (("q_lora_rank", 1536), ("kv_lora_rank", 512), ("qk_nope_head_dim", 128),
                                              ("qk_rope_head_dim", 64), ("v_head_dim", 128), ("rope_interleave", True))}
         moe = {k: raw.get(k, d) for k, d in (("n_routed_experts", 256), ("num_experts_per_tok", 8),
@@ -114,7 +132,17 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
                                              ("n_shared_experts", 1), ("first_k_dense_replace", 3))}
         head_dim = mla["qk_rope_head_dim"]  # RoPE rotates only the decoupled rope slice
         window, layer_types = None, None
+        if raw.get("mlp_layer_types"):
+            moe["first_k_dense_replace"] = raw["mlp_layer_types"].count("dense")
+            if raw["mlp_layer_types"] != sorted(raw["mlp_layer_types"]):  # dense first, then sparse
+                raise ModelLoadError(f"mlp_layer_types {raw['mlp_layer_types']} interleave dense and sparse layers")
     extra: dict[str, Any] = {}
+    if arch in ("deepseek_v32", "glm_moe_dsa"):
+        extra["dsa"] = dict(index_n_heads=raw.get("index_n_heads", 64), index_head_dim=raw.get("index_head_dim", 128),
+                            index_topk=raw.get("index_topk", 2048),
+                            # DeepSeek-V3.2's indexer rotates half-split pairs, GLM-5's interleaved ones
+                            indexer_interleaved_rope=arch == "glm_moe_dsa",
+                            indexer_types=_indexer_types(raw))
     if arch in ("qwen3_next", "qwen3_5", "kimi_linear"):
         extra = _delta_rule_config(raw, arch)
         layer_types, window = extra.pop("layer_types"), None

@@ -48,6 +48,9 @@ def _convert(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str,
             out.update(_gdn(cfg, tensors, src + "linear_attn.", dst + "attn."))
         elif cfg.mla is not None:
             out.update(_mla_attention(cfg, tensors, a, dst + "attn."))
+            if cfg.dsa is not None and cfg.dsa["indexer_types"][i] == "full":
+                names = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
+                out.update({dst + "attn." + n: _take(tensors, a + "indexer." + n) for n in names})
         else:
             out.update(_softmax_attention(cfg, tensors, a, dst + "attn."))
         m = src + ("block_sparse_moe." if src + "block_sparse_moe.gate_proj.weight" in tensors

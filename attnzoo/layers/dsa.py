@@ -1,0 +1,144 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5; shared/mechanisms.md §8, §10): MLA whose queries each
+attend only to the top-k previous tokens chosen by a lightning indexer.
+
+The indexer reads MLA's normalised query latent (wq_b), keeps one key per token (wk + LayerNorm, cached as
+`IndexerKeys`), rotates the first qk_rope_head_dim dims of both (half-split in DeepSeek-V3.2, interleaved
+in GLM-5), and scores I[t,s] = sum_h w[t,h] ReLU(q[t,h].k[s] / sqrt(dI)). All heads share the selection, so
+attention runs in MLA's absorbed (MQA) form over the selected latent rows: one 576-wide row per selected
+token, read once for all heads. IndexShare (GLM-5.2): a "shared" layer has no indexer and no indexer cache;
+it reuses the selection of the most recent "full" layer in the same step (passed down in `batch.shared`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnzoo.layers.batch import Batch, ContiguousKVCache
+from attnzoo.layers.cache_spec import IndexerKeys, LatentKV
+from attnzoo.layers.mla import MLAttention
+from attnzoo.ops.latent.sparse import mla_sparse_absorbed
+from attnzoo.ops.rope import apply_rope
+from attnzoo.ops.sparse.select import lightning_indexer_scores, topk_indices
+
+SHARED_KEY = "dsa_selection"  # batch.shared entry: per sequence, (query rows, selected flat rows [n, k])
+
+
+class DSAttention(MLAttention):
+    def __init__(self, layer_idx: int, hidden_size: int, num_heads: int, *, q_lora_rank: int, kv_lora_rank: int,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, index_n_heads: int,
+                 index_head_dim: int, index_topk: int, indexer_interleaved_rope: bool = False,
+                 shared_indexer: bool = False, **mla_kwargs: Any):
+        super().__init__(layer_idx, hidden_size, num_heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
+                         qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                         v_head_dim=v_head_dim, **mla_kwargs)
+        if q_lora_rank is None:
+            raise ValueError("DSA's indexer reads the query latent: q_lora_rank must be set")
+        self.index_n_heads, self.index_head_dim, self.index_topk = index_n_heads, index_head_dim, index_topk
+        self.indexer_interleaved_rope, self.shared_indexer = indexer_interleaved_rope, shared_indexer
+        if not shared_indexer:
+            self.wq_b = nn.Linear(q_lora_rank, index_n_heads * index_head_dim, bias=False)
+            self.wk = nn.Linear(hidden_size, index_head_dim, bias=False)
+            self.k_norm = nn.LayerNorm(index_head_dim, eps=1e-6)
+            self.weights_proj = nn.Linear(hidden_size, index_n_heads, bias=False)
+
+    def cache_spec(self) -> LatentKV | tuple[LatentKV, IndexerKeys]:
+        if self.shared_indexer:
+            return LatentKV(self.kv_lora_rank + self.dr)
+        return LatentKV(self.kv_lora_rank + self.dr), IndexerKeys(self.index_head_dim)
+
+    def _indexer(self, x: torch.Tensor, q_lat: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [N, HI, dI], k [N, dI], head weights [N, HI] float32)."""
+        n, r = x.shape[0], self.dr
+        q = self.wq_b(q_lat).view(n, self.index_n_heads, self.index_head_dim)
+        k = self.k_norm(self.wk(x))
+        if rope is not None:  # rotary part first, then the pass-through part
+            q = torch.cat([apply_rope(q[..., :r], *rope, interleaved=self.indexer_interleaved_rope), q[..., r:]], -1)
+            k = torch.cat([apply_rope(k[:, None, :r], *rope, interleaved=self.indexer_interleaved_rope)[:, 0],
+                           k[:, r:]], -1)
+        w = self.weights_proj(x).float() * self.index_n_heads ** -0.5
+        return q, k, w
+
+    def _select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None
+                ) -> torch.Tensor:
+        """Queries q [B, Tq, HI, dI] (the last Tq positions of their sequences) against keys [B, Tk, dI]
+        -> selected key positions [B, Tq, k], -1 where fewer than k keys are visible."""
+        scores = lightning_indexer_scores(q, keys, w, scale=self.index_head_dim ** -0.5)
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        return topk_indices(scores, min(self.index_topk, keys.shape[1]))
+
+    def _contexts(self, x: torch.Tensor, latent: torch.Tensor, k_idx: torch.Tensor | None, batch: Batch
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int, torch.Tensor, torch.Tensor | None]]]:
+        """Flat latent rows, flat indexer-key rows, and per group of query rows: (row start, row end, the
+        flat row of every key position [G, L] per query group, a validity mask [G, L] or None)."""
+        cache, n = batch.cache, x.shape[0]
+        if cache is None:
+            cu = batch.cu_seqlens.tolist()
+            spans = [(a, b, torch.arange(a, b, device=x.device)[None], None) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+            return latent, k_idx, spans
+        if isinstance(cache, ContiguousKVCache):
+            B = cache.batch_size
+            t = n // B
+            lat = cache.append_rows(self.layer_idx, "latent", latent.view(B, t, -1))
+            L = lat.shape[1]
+            keys = None
+            if k_idx is not None:
+                keys = cache.append_rows(self.layer_idx, "indexer", k_idx.view(B, t, -1)).reshape(B * L, -1)
+            rows = torch.arange(B * L, device=x.device).view(B, L)
+            return lat.reshape(B * L, -1), keys, [(b * t, (b + 1) * t, rows[b:b + 1], None) for b in range(B)]
+        pool, plan = cache.rows_step(self.layer_idx, "latent", latent)
+        keys = cache.rows_step(self.layer_idx, "indexer", k_idx)[0] if k_idx is not None else None
+        ps = pool.shape[1]
+        spans = []
+        rows = plan.decode_rows
+        if len(rows):  # decode rows batched over their whole block tables (cascades do not apply), padding masked
+            bt = plan.decode_block_table.long()
+            grid = (bt[:, :, None] * ps + torch.arange(ps, device=x.device)).flatten(1)
+            valid = torch.arange(grid.shape[1], device=x.device) < plan.decode_seq_lens[:, None]
+            spans.append((rows, None, grid, valid))
+        spans += [(r0, r1, slots[None], None) for r0, r1, slots in plan.prefill]
+        flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
+        return flat(pool), flat(keys), spans
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
+        n, H = x.shape[0], self.num_heads
+        q_lat = self.q_a_layernorm(self.q_a_proj(x))
+        q_nope, q_pe = self.q_b_proj(q_lat).view(n, H, self.dn + self.dr).split([self.dn, self.dr], -1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], -1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        if rope is not None:
+            q_pe = apply_rope(q_pe, *rope, interleaved=self.interleaved_rope)
+            k_pe = apply_rope(k_pe[:, None], *rope, interleaved=self.interleaved_rope)[:, 0]
+        w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]
+        iq = ik = iw = None
+        if not self.shared_indexer:
+            iq, ik, iw = self._indexer(x, q_lat, rope)
+        latent_flat, keys_flat, spans = self._contexts(x, torch.cat([c_kv, k_pe], -1), ik, batch)
+        q_abs = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_uk), q_pe], -1)
+        o = q_nope.new_empty(n, H, self.kv_lora_rank)
+        if self.shared_indexer:
+            if SHARED_KEY not in batch.shared:
+                raise ValueError(f"layer {self.layer_idx} shares its indexer but no earlier layer ran one")
+            chosen = batch.shared[SHARED_KEY]
+        else:
+            chosen = []
+            for r0, r1, grid, valid in spans:
+                qi, wi = (iq[r0], iw[r0]) if r1 is None else (iq[r0:r1], iw[r0:r1])
+                if r1 is None:  # decode rows: one query per row of the grid
+                    pos = self._select(qi[:, None], wi[:, None], keys_flat[grid], valid)[:, 0]
+                else:
+                    pos = self._select(qi[None], wi[None], keys_flat[grid[0]][None], None)[0]
+                    grid = grid.expand(pos.shape[0], -1)
+                chosen.append(torch.where(pos >= 0, grid.gather(1, pos.clamp(min=0)), -1))
+            batch.shared[SHARED_KEY] = chosen
+        for (r0, r1, _, _), sel in zip(spans, chosen):
+            rows = r0 if r1 is None else slice(r0, r1)
+            o[rows] = mla_sparse_absorbed(q_abs[rows], latent_flat, sel, self.kv_lora_rank, self.scale).to(o.dtype)
+        o = torch.einsum("nhc,hvc->nhv", o, w_uv)
+        return self.o_proj(o.reshape(n, H * self.dv))
+
