@@ -141,6 +141,7 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "generate_cpu": "single-stream decode and prefill vs transformers",
            "attention_cpu": "the attention op vs SDPA vs the reference",
            "flash_cpu": "blockwise O(N) attention: time and peak memory vs naive",
+           "delta_rule": "gated delta rule: chunked vs recurrent prefill, decode vs softmax",
            "mla": "MLA: KV bytes per token and absorbed vs expanded decode"}
 
 

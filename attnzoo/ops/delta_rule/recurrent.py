@@ -1,0 +1,94 @@
+"""The gated delta rule token by token, vectorised over sequences and heads: decode (T is usually 1).
+
+One step per value head (q scaled; decay = exp(g), a scalar or one per key channel, acting on S's rows):
+    S <- Diag(decay) S;   S <- S + k (beta (v - S^T k))^T;   o = S^T q
+`delta_rule_step` is the engine's decode call and updates the state in place; `fused_recurrent_delta_rule`
+runs whole sequences (same contract as delta_rule_reference) and is differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnzoo.ops.delta_rule.chunk import make_layout, prepare_qk, sequences
+from attnzoo.ops.delta_rule.reference import check_inputs
+
+
+def _rows(decay: Tensor) -> Tensor:
+    """decay [.., Hv] or [.., Hv, dk] -> broadcastable to the state [.., Hv, dk, dv]."""
+    return decay[..., None] if decay.dim() == 3 else decay[..., None, None]
+
+
+def _step(S: Tensor, q: Tensor, k: Tensor, v: Tensor, decay: Tensor | None, beta: Tensor,
+          inplace: bool) -> tuple[Tensor, Tensor]:
+    """S [a, Hv, dk, dv]; q, k [a, Hv, dk]; v [a, Hv, dv]; decay None, [a, Hv] or [a, Hv, dk]; beta [a, Hv].
+    Returns (o [a, Hv, dv], new S); `inplace` writes S itself (S may be any strided view)."""
+    if decay is not None:
+        S = S.mul_(_rows(decay)) if inplace else S * _rows(decay)
+    err = v - (k[..., None, :] @ S).squeeze(-2)
+    upd = k[..., :, None] * (beta[..., None] * err)[..., None, :]  # rank-1 write, [a, Hv, dk, dv]
+    S = S.add_(upd) if inplace else S + upd
+    return (q[..., None, :] @ S).squeeze(-2), S
+
+
+def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, state: Tensor, *,
+                    scale: float | None = None, use_qk_l2norm: bool = False) -> Tensor:
+    """One decode token per sequence: q, k [B, Hk, dk]; v [B, Hv, dv]; g [B, Hv] or [B, Hv, dk] (or None);
+    beta [B, Hv]; state [B, Hv, dk, dv] (float32, or any float dtype: computed in it) UPDATED IN PLACE
+    (it may be a strided view into a state pool). Returns o [B, Hv, dv] in v's dtype."""
+    if q.dim() != 3 or k.shape != q.shape:
+        raise ValueError(f"q and k must be [batch, key_heads, dk] and equal; got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, Hk, dk = q.shape
+    if v.dim() != 3 or v.shape[0] != B or v.shape[1] % Hk:
+        raise ValueError(f"v must be [{B}, value_heads, dv] with value_heads a multiple of {Hk}, got {tuple(v.shape)}")
+    Hv, dv = v.shape[1:]
+    if beta.shape != (B, Hv):
+        raise ValueError(f"beta must be [{B}, {Hv}], got {tuple(beta.shape)}")
+    if g is not None and g.shape not in ((B, Hv), (B, Hv, dk)):
+        raise ValueError(f"g must be [{B}, {Hv}] or [{B}, {Hv}, {dk}], got {tuple(g.shape)}")
+    if state.shape != (B, Hv, dk, dv) or not state.is_floating_point():
+        raise ValueError(f"state must be a float [{B}, {Hv}, {dk}, {dv}] tensor, got {state.dtype} {tuple(state.shape)}")
+    dt, r = state.dtype, Hv // Hk
+    q, k = prepare_qk(q.to(dt), k.to(dt), dk ** -0.5 if scale is None else scale, use_qk_l2norm)
+    q, k = q.repeat_interleave(r, 1), k.repeat_interleave(r, 1)
+    decay = None if g is None else g.to(dt).exp()
+    o, _ = _step(state, q, k, v.to(dt), decay, beta.to(dt), inplace=True)
+    return o.to(v.dtype)
+
+
+def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, *,
+                               scale: float | None = None, initial_state: Tensor | None = None,
+                               output_final_state: bool = True, use_qk_l2norm: bool = False,
+                               cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Same contract as delta_rule_reference (and chunk_delta_rule): one step per token, all sequences
+    (batch rows or cu_seqlens spans) and heads at once. In-place state updates when no gradient is
+    needed, out of place (differentiable) otherwise."""
+    n = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    B, T, Hk, dk = q.shape
+    Hv, dv = v.shape[2:]
+    out_dtype = v.dtype
+    wide = torch.float64 if v.dtype == torch.float64 else torch.float32
+    q, k, v, beta = (t.to(wide).flatten(0, 1) for t in (q, k, v, beta))
+    q, k = prepare_qk(q, k, dk ** -0.5 if scale is None else scale, use_qk_l2norm)
+    # token-major -> step-major (step t: token t of every sequence still running, longest first)
+    lay = make_layout(*sequences(B, T, cu_seqlens), 1, q.device)
+    idx = lay.gather[:, 0]
+    r = Hv // Hk
+    q, k = q[idx].repeat_interleave(r, 1), k[idx].repeat_interleave(r, 1)
+    v, beta = v[idx], beta[idx]
+    decay = None if g is None else g.to(wide).flatten(0, 1)[idx].exp()
+    S = (q.new_zeros(n, Hv, dk, dv) if initial_state is None
+         else initial_state.to(wide).index_select(0, lay.order))
+    # S is our own copy (index_select), so without autograd it is updated in place
+    inplace = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta, S, decay)))
+    outs = []
+    for first, a in lay.steps:
+        t = slice(first, first + a)
+        o, Sa = _step(S[:a], q[t], k[t], v[t], None if decay is None else decay[t], beta[t], inplace)
+        outs.append(o)
+        if not inplace:
+            S = Sa if a == n else torch.cat([Sa, S[a:]])
+    o = torch.cat(outs)[lay.token_chunk] if outs else v.new_zeros(0, Hv, dv)
+    final = S.index_select(0, torch.argsort(lay.order)) if output_final_state else None
+    return o.reshape(B, T, Hv, dv).to(out_dtype), final
