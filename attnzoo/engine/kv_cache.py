@@ -324,14 +324,19 @@ class StepKV:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, *,
                window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        kc, vc, plan = self.kv_step(layer_idx, k, v)
+        return paged_attention_planned(q, kc, vc, plan, window_size=window_size, scale=scale, sinks=sinks)
+
+    def kv_step(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, PagedPlan]:
+        """Store this step's k/v [N, Hkv, d]; return the layer's head-major pools [Hkv, pages, page_size, d]
+        and its table's plan, for layers that run their own attention over the pages (block-sparse MSA)."""
         gi, j = self.cache.layer_group[(layer_idx, "kv")]
         g = self.cache.groups[gi]
         kc, vc = g.k[j], g.v[j]
         slots = self.slot_maps[g.table]
         kc.view(kc.shape[0], -1, kc.shape[-1])[:, slots] = k.transpose(0, 1).to(kc.dtype)
         vc.view(vc.shape[0], -1, vc.shape[-1])[:, slots] = v.transpose(0, 1).to(vc.dtype)
-        return paged_attention_planned(q, kc, vc, self.plans[g.table], window_size=window_size, scale=scale,
-                                       sinks=sinks)
+        return kc, vc, self.plans[g.table]
 
     def latent_step(self, layer_idx: int, latent: torch.Tensor) -> tuple[torch.Tensor, PagedPlan]:
         """LatentKV layers (MLA): store this step's latent rows [N, D]; return the layer's page pool

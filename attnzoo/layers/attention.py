@@ -36,7 +36,9 @@ class Attention(nn.Module):
             return SlidingKV(self.num_kv_heads, self.head_dim, window=self.window)
         return FullKV(self.num_kv_heads, self.head_dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [N, hidden] -> q [N, H, d], k, v [N, Hkv, d] (normed, roped) and the output gate (or None)."""
         n, d = x.shape[0], self.head_dim
         q_width = self.num_heads * d * (2 if self.output_gate else 1)
         q, k, v = self.qkv_proj(x).split([q_width, self.num_kv_heads * d, self.num_kv_heads * d], -1)
@@ -49,9 +51,15 @@ class Attention(nn.Module):
         if self.use_rope and rope is not None:
             q = apply_rope(q, *rope, interleaved=self.interleaved_rope)
             k = apply_rope(k, *rope, interleaved=self.interleaved_rope)
-        # transformers' sliding_window=W means W keys including the query: flash-attn window (W-1, 0)
-        window = (self.window - 1, 0) if self.window is not None else (-1, -1)
-        o = batch.attend(self.layer_idx, q, k, v, window_size=window, sinks=self.sinks)
+        return q, k, v, gate
+
+    def output(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         if gate is not None:
             o = o * torch.sigmoid(gate)
-        return self.o_proj(o.reshape(n, self.num_heads * d))
+        return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
+        q, k, v, gate = self.project(x, rope)
+        # transformers' sliding_window=W means W keys including the query: flash-attn window (W-1, 0)
+        window = (self.window - 1, 0) if self.window is not None else (-1, -1)
+        return self.output(batch.attend(self.layer_idx, q, k, v, window_size=window, sinks=self.sinks), gate)

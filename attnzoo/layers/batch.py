@@ -86,21 +86,27 @@ class ContiguousKVCache:
     def store_recurrent_states(self, layer_idx: int, conv: torch.Tensor, state: torch.Tensor) -> None:
         self.states[layer_idx] = (conv, state)
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, *,
-               window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    def append_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B*n, Hkv, d] of the new tokens; return the layer's K and V so far [B, length + n, Hkv, d]."""
         B = self.batch_size
-        n = q.shape[0] // B
+        n = k.shape[0] // B
         if self.length + n > self.max_len:
             raise ValueError(f"cache holds {self.max_len} tokens; {self.length} stored + {n} new do not fit")
         if layer_idx not in self.keys:
             self.keys[layer_idx] = k.new_empty(B, self.max_len, *k.shape[1:])
             self.values[layer_idx] = v.new_empty(B, self.max_len, *v.shape[1:])
-        kc, vc = self.keys[layer_idx], self.values[layer_idx]
         end = self.length + n
-        kc[:, self.length:end] = k.view(B, n, *k.shape[1:])
-        vc[:, self.length:end] = v.view(B, n, *v.shape[1:])
-        out = attention(q.view(B, n, *q.shape[1:]), kc[:, :end], vc[:, :end], causal=True,
-                        window_size=window_size, scale=scale, sinks=sinks)
+        self.keys[layer_idx][:, self.length:end] = k.view(B, n, *k.shape[1:])
+        self.values[layer_idx][:, self.length:end] = v.view(B, n, *v.shape[1:])
+        return self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, *,
+               window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        B = self.batch_size
+        n = q.shape[0] // B
+        kc, vc = self.append_kv(layer_idx, k, v)
+        out = attention(q.view(B, n, *q.shape[1:]), kc, vc, causal=True, window_size=window_size, scale=scale,
+                        sinks=sinks)
         return out.reshape(B * n, *out.shape[2:])
 
     rows: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)

@@ -3,13 +3,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "sparse_attention")
 
 
 @dataclass
 class ModelConfig:
     """Architecture of a decoder-only LM; field names follow transformers where one exists."""
     architecture: str  # llama mistral qwen3 deepseek_v3 deepseek_v32 glm_moe_dsa qwen3_next qwen3_5 kimi_linear
+    #                    minimax_m3
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -47,6 +48,10 @@ class ModelConfig:
     # DeepSeek Sparse Attention on MLA: index_n_heads, index_head_dim, index_topk, indexer_interleaved_rope,
     # indexer_types (per layer full | shared: IndexShare)
     dsa: dict[str, Any] | None = None
+    # MiniMax Sparse Attention on GQA (layer type "sparse_attention"): index_head_dim, block_size,
+    # topk_blocks, local_blocks
+    msa: dict[str, Any] | None = None
+    mlp_clamp: tuple[float, float] | None = None   # (alpha, limit): the clamped GLU of GPT-OSS / MiniMax-M3
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -65,6 +70,8 @@ class ModelConfig:
             raise ValueError("attention_type 'mla' and the mla parameters go together")
         if "linear_attention" in self.layer_types and self.linear is None:
             raise ValueError("linear_attention layers need the linear (delta rule) parameters")
+        if "sparse_attention" in self.layer_types and self.msa is None:
+            raise ValueError("sparse_attention layers need the msa parameters")
         if self.dsa is not None:
             if self.mla is None:
                 raise ValueError("DSA runs on MLA: the mla parameters are needed")

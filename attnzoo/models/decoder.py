@@ -10,7 +10,9 @@ from attnzoo.layers import (Attention, Batch, ContiguousKVCache, DeepseekMoE, ML
                             SwiGLU)
 from attnzoo.layers.delta import GatedDeltaNet, KimiDeltaAttention
 from attnzoo.layers.dsa import DSAttention
+from attnzoo.layers.mlp import ClampedGLU
 from attnzoo.layers.moe import QwenMoE
+from attnzoo.layers.msa import MiniMaxSparseAttention
 from attnzoo.layers.cache_spec import CacheSpec
 from attnzoo.models.config import ModelConfig
 
@@ -20,7 +22,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         sliding = cfg.layer_types[idx] == "sliding_attention"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn: Attention | MLAttention | DSAttention | GatedDeltaNet | KimiDeltaAttention
+        self.attn: Attention | MLAttention | DSAttention | GatedDeltaNet | KimiDeltaAttention | MiniMaxSparseAttention
         if cfg.layer_types[idx] == "linear_attention":
             lin = cfg.linear
             if lin["kind"] == "gdn":
@@ -29,6 +31,13 @@ class DecoderLayer(nn.Module):
             else:
                 self.attn = KimiDeltaAttention(idx, cfg.hidden_size, lin["num_v_heads"], lin["k_dim"],
                                                lin["conv_width"], cfg.rms_norm_eps)
+        elif cfg.layer_types[idx] == "sparse_attention":
+            m = cfg.msa
+            self.attn = MiniMaxSparseAttention(idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                               index_head_dim=m["index_head_dim"], block_size=m["block_size"],
+                                               topk_blocks=m["topk_blocks"], local_blocks=m["local_blocks"],
+                                               norm_eps=cfg.rms_norm_eps, qk_norm=cfg.qk_norm,
+                                               bias=cfg.attention_bias, o_bias=cfg.attention_bias)
         elif cfg.dsa is not None:
             m, d = cfg.mla, cfg.dsa
             self.attn = DSAttention(idx, cfg.hidden_size, cfg.num_heads, q_lora_rank=m["q_lora_rank"],
@@ -54,6 +63,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: SwiGLU | DeepseekMoE | QwenMoE
         e = cfg.moe
+        clamp = ClampedGLU(*cfg.mlp_clamp) if cfg.mlp_clamp else None
         if cfg.mlp_layer_types[idx] == "sparse" and e.get("kind") == "qwen":
             self.mlp = QwenMoE(cfg.hidden_size, e["moe_intermediate_size"], e["n_routed_experts"],
                                e["num_experts_per_tok"], norm_topk_prob=e["norm_topk_prob"],
@@ -62,9 +72,10 @@ class DecoderLayer(nn.Module):
             self.mlp = DeepseekMoE(cfg.hidden_size, e["moe_intermediate_size"], e["n_routed_experts"],
                                    e["num_experts_per_tok"], n_group=e["n_group"], topk_group=e["topk_group"],
                                    norm_topk_prob=e["norm_topk_prob"], routed_scaling_factor=e["routed_scaling_factor"],
-                                   n_shared_experts=e["n_shared_experts"])
+                                   n_shared_experts=e["n_shared_experts"], clamp=clamp,
+                                   shared_intermediate_size=e.get("shared_intermediate_size"))
         else:
-            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, clamp=clamp)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> torch.Tensor:
         x = x + self.attn(self.input_layernorm(x), rope, batch)

@@ -15,7 +15,8 @@ from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.errors import ModelLoadError
 from attnzoo.models.weights import build_model
 
-HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen3_next", "qwen3_5", "qwen3_5_text", "kimi_linear")
+HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen3_next", "qwen3_5", "qwen3_5_text", "kimi_linear",
+                    "minimax_m3_vl", "minimax_m3_vl_text")
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
@@ -81,6 +82,32 @@ def _delta_rule_config(raw: dict[str, Any], arch: str) -> dict[str, Any]:
     return out
 
 
+def _minimax_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """MiniMax-M3 text: MSA on the "minimax_m3_sparse" layers, clamped-GLU MLPs, sigmoid-routed MoE. Its
+    `intermediate_size` is the experts' width; dense layers use `dense_intermediate_size`. transformers
+    ignores `rotary_dim` (rotation width comes from partial_rotary_factor); so do we."""
+    n = raw["num_hidden_layers"]
+    types = raw.get("layer_types") or ["full_attention"] * n
+    bad = set(types) - {"full_attention", "minimax_m3_sparse"}
+    if bad:
+        raise ModelLoadError(f"layer types {sorted(bad)} are not supported; supported: full_attention, minimax_m3_sparse")
+    if raw.get("index_n_heads", raw.get("num_key_value_heads")) != raw.get("num_key_value_heads"):
+        raise ModelLoadError("MSA needs one index head per KV head (index_n_heads == num_key_value_heads)")
+    experts = raw.get("num_local_experts", 0)
+    return dict(
+        layer_types=["sparse_attention" if t == "minimax_m3_sparse" else t for t in types],
+        msa=dict(index_head_dim=raw.get("index_head_dim", 128), block_size=raw.get("index_block_size", 128),
+                 topk_blocks=raw.get("index_topk_blocks", 16), local_blocks=raw.get("index_local_blocks", 1)),
+        mlp_clamp=(float(raw.get("swiglu_alpha", 1.702)), float(raw.get("swiglu_limit", 7.0))),
+        intermediate_size=raw.get("dense_intermediate_size", raw["intermediate_size"]),
+        mlp_layer_types=raw.get("mlp_layer_types") or ["sparse" if experts else "dense"] * n,
+        moe=None if not experts else dict(
+            kind="deepseek", n_routed_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
+            moe_intermediate_size=raw["intermediate_size"], n_group=1, topk_group=1, norm_topk_prob=True,
+            routed_scaling_factor=raw.get("routed_scaling_factor", 1.0), n_shared_experts=1,
+            shared_intermediate_size=raw.get("shared_intermediate_size", raw["intermediate_size"])))
+
+
 def _indexer_types(raw: dict[str, Any]) -> list[str]:
     """IndexShare schedule (GLM-5.2): explicit list, else a pattern like "FFSS...", else layer i is full
     iff max(i - offset + 1, 0) % freq == 0 (transformers' GlmMoeDsaConfig rule)."""
@@ -101,12 +128,11 @@ def _indexer_types(raw: dict[str, Any]) -> list[str]:
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     arch = raw.get("model_type")
-    if arch == "qwen3_5" and "text_config" in raw:  # the multimodal checkpoint: its text model
-        raw = {**raw["text_config"], "model_type": "qwen3_5"}
+    if arch in ("qwen3_5", "minimax_m3_vl") and "text_config" in raw:  # multimodal checkpoint: its text model
+        raw = {**raw["text_config"], "model_type": arch}
     if arch not in HF_ARCHITECTURES:
         raise ModelLoadError(f"model_type {arch!r} is not supported; supported: {', '.join(HF_ARCHITECTURES)}")
-    if arch == "qwen3_5_text":
-        arch = "qwen3_5"
+    arch = {"qwen3_5_text": "qwen3_5", "minimax_m3_vl": "minimax_m3", "minimax_m3_vl_text": "minimax_m3"}.get(arch, arch)
     heads = raw["num_attention_heads"]
     theta, scaling, partial = _rope(raw)
     window = raw.get("sliding_window")
@@ -143,6 +169,9 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
                             # DeepSeek-V3.2's indexer rotates half-split pairs, GLM-5's interleaved ones
                             indexer_interleaved_rope=arch == "glm_moe_dsa",
                             indexer_types=_indexer_types(raw))
+    if arch == "minimax_m3":
+        extra = _minimax_config(raw)
+        layer_types, moe = extra.pop("layer_types"), extra.pop("moe")
     if arch in ("qwen3_next", "qwen3_5", "kimi_linear"):
         extra = _delta_rule_config(raw, arch)
         layer_types, window = extra.pop("layer_types"), None
@@ -150,7 +179,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         head_dim = extra.pop("head_dim", head_dim)
     return ModelConfig(
         architecture=arch, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"], num_heads=heads,
+        intermediate_size=extra.pop("intermediate_size", raw["intermediate_size"]), num_layers=raw["num_hidden_layers"], num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
@@ -158,7 +187,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=raw.get("max_position_embeddings", raw.get("model_max_length", 2048)),
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
         attention_bias=raw.get("attention_bias", False), mlp_bias=raw.get("mlp_bias", False),
-        qk_norm=arch in ("qwen3", "qwen3_next", "qwen3_5"), sliding_window=window, layer_types=list(layer_types or []),
+        qk_norm=arch in ("qwen3", "qwen3_next", "qwen3_5", "minimax_m3"), sliding_window=window, layer_types=list(layer_types or []),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         name=raw.get("_name_or_path", ""), attention_type="mla" if mla else "softmax", mla=mla, moe=moe, **extra)

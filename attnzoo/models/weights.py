@@ -17,7 +17,7 @@ def _take(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     return tensors[name]
 
 
-ZERO_CENTRED_NORMS = ("qwen3_next", "qwen3_5")  # RMSNorm weights stored as w, applied as (1 + w)
+ZERO_CENTRED_NORMS = ("qwen3_next", "qwen3_5", "minimax_m3")  # RMSNorm weights stored as w, applied as (1 + w)
 
 
 def convert_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -26,6 +26,7 @@ def convert_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor])
     if cfg.architecture in ZERO_CENTRED_NORMS:  # fold the 1 in once, so one RMSNorm serves every model
         for name in out:
             if name.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) or name == "norm.weight":
+                # (DSA's indexer k_norm is a LayerNorm, but DSA models are not in this list)
                 out[name] = out[name].float() + 1.0
     return out
 
@@ -46,6 +47,12 @@ def _convert(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str,
             out.update(_kda(tensors, a, dst + "attn."))
         elif cfg.layer_types[i] == "linear_attention":
             out.update(_gdn(cfg, tensors, src + "linear_attn.", dst + "attn."))
+        elif cfg.layer_types[i] == "sparse_attention":
+            out.update(_softmax_attention(cfg, tensors, a, dst + "attn."))
+            out[dst + "attn.index_proj.weight"] = torch.cat([_take(tensors, a + "indexer.q_proj.weight"),
+                                                             _take(tensors, a + "indexer.k_proj.weight")])
+            out[dst + "attn.index_q_norm.weight"] = _take(tensors, a + "indexer.q_norm.weight")
+            out[dst + "attn.index_k_norm.weight"] = _take(tensors, a + "indexer.k_norm.weight")
         elif cfg.mla is not None:
             out.update(_mla_attention(cfg, tensors, a, dst + "attn."))
             if cfg.dsa is not None and cfg.dsa["indexer_types"][i] == "full":
@@ -143,8 +150,11 @@ def _moe(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], m: str, d: str) 
 
 
 def _swiglu(tensors: Mapping[str, torch.Tensor], m: str, d: str, bias: bool) -> dict[str, torch.Tensor]:
-    out = {d + "gate_up_proj.weight": torch.cat([_take(tensors, m + "gate_proj.weight"), _take(tensors, m + "up_proj.weight")]),
-           d + "down_proj.weight": _take(tensors, m + "down_proj.weight")}
+    if m + "gate_up_proj.weight" in tensors:  # already fused (MiniMax-M3), gate rows first
+        gate_up = tensors[m + "gate_up_proj.weight"]
+    else:
+        gate_up = torch.cat([_take(tensors, m + "gate_proj.weight"), _take(tensors, m + "up_proj.weight")])
+    out = {d + "gate_up_proj.weight": gate_up, d + "down_proj.weight": _take(tensors, m + "down_proj.weight")}
     if bias:
         out[d + "gate_up_proj.bias"] = torch.cat([_take(tensors, m + "gate_proj.bias"), _take(tensors, m + "up_proj.bias")])
         out[d + "down_proj.bias"] = _take(tensors, m + "down_proj.bias")

@@ -1,0 +1,78 @@
+"""MiniMax Sparse Attention (MiniMax-M3; shared/mechanisms.md §9): GQA whose query heads attend only to the
+key blocks their group's index head picks.
+
+Index branch: one index query head per GQA group and one shared index key per token (cached as
+`IndexerKeys`), both RMS-normed and roped like the main q/k; token scores q.k (no scale, no ReLU) are
+max-pooled over blocks of `block_size` keys anchored at key 0; the `local_blocks` blocks ending at the
+query's own block are forced in; each (query, group) keeps its top `topk_blocks` blocks. The main attention
+is then block-sparse: a query sees at most topk_blocks * block_size keys, whatever the context length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnzoo.layers.attention import Attention
+from attnzoo.layers.batch import Batch, ContiguousKVCache
+from attnzoo.layers.cache_spec import FullKV, IndexerKeys
+from attnzoo.layers.norm import RMSNorm
+from attnzoo.ops.rope import apply_rope
+from attnzoo.ops.sparse import block_sparse_attention
+from attnzoo.ops.sparse.select import msa_block_scores, msa_select_blocks
+
+
+class MiniMaxSparseAttention(Attention):
+    def __init__(self, layer_idx: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 index_head_dim: int, block_size: int, topk_blocks: int, local_blocks: int = 1,
+                 norm_eps: float = 1e-6, **attn_kwargs):
+        super().__init__(layer_idx, hidden_size, num_heads, num_kv_heads, head_dim, norm_eps=norm_eps, **attn_kwargs)
+        self.index_head_dim, self.block_size = index_head_dim, block_size
+        self.topk_blocks, self.local_blocks = topk_blocks, local_blocks
+        # one fused projection for the index branch: a query head per KV group, then the shared key
+        self.index_proj = nn.Linear(hidden_size, (num_kv_heads + 1) * index_head_dim, bias=False)
+        self.index_q_norm = RMSNorm(index_head_dim, norm_eps)
+        self.index_k_norm = RMSNorm(index_head_dim, norm_eps)
+
+    def cache_spec(self) -> tuple[FullKV, IndexerKeys]:
+        return FullKV(self.num_kv_heads, self.head_dim), IndexerKeys(self.index_head_dim)
+
+    def _contexts(self, k: torch.Tensor, v: torch.Tensor, ik: torch.Tensor, batch: Batch
+                  ) -> list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per sequence of the step: (row start, row end, its keys [L, Hkv, d], values, index keys [L, dI])."""
+        cache = batch.cache
+        if cache is None:
+            cu = batch.cu_seqlens.tolist()
+            return [(a, b, k[a:b], v[a:b], ik[a:b]) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+        if isinstance(cache, ContiguousKVCache):
+            B = cache.batch_size
+            t = k.shape[0] // B
+            kc, vc = cache.append_kv(self.layer_idx, k, v)
+            ikc = cache.append_rows(self.layer_idx, "indexer", ik.view(B, t, -1))
+            return [(b * t, (b + 1) * t, kc[b], vc[b], ikc[b]) for b in range(B)]
+        kc, vc, plan = cache.kv_step(self.layer_idx, k, v)
+        ikc = cache.rows_step(self.layer_idx, "indexer", ik)[0].reshape(-1, self.index_head_dim)
+        kf, vf = kc.flatten(1, 2), vc.flatten(1, 2)         # [Hkv, pages * page_size, d]
+        spans = [(r0, r1, slots) for r0, r1, slots in plan.prefill]
+        ps = kc.shape[2]
+        for i, row in enumerate(plan.decode_rows.tolist()):  # one query each, over its whole block table
+            L = int(plan.decode_seq_lens[i])
+            pos = torch.arange(L, device=k.device)
+            spans.append((row, row + 1, plan.decode_block_table[i].long()[pos // ps] * ps + pos % ps))
+        return [(r0, r1, kf[:, s].transpose(0, 1), vf[:, s].transpose(0, 1), ikc[s]) for r0, r1, s in spans]
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
+        q, k, v, gate = self.project(x, rope)
+        n, G, dI = x.shape[0], self.num_kv_heads, self.index_head_dim
+        iq, ik = self.index_proj(x).split([G * dI, dI], -1)
+        iq, ik = self.index_q_norm(iq.view(n, G, dI)), self.index_k_norm(ik)
+        if rope is not None:
+            iq = apply_rope(iq, *rope)
+            ik = apply_rope(ik[:, None], *rope)[:, 0]
+        o = q.new_empty(q.shape[0], self.num_heads, v.shape[-1])
+        for r0, r1, kc, vc, ikc in self._contexts(k, v, ik, batch):
+            U = msa_block_scores(iq[None, r0:r1], ikc[None], self.block_size, local_blocks=self.local_blocks)
+            blocks = msa_select_blocks(U, self.topk_blocks)                       # [1, Tq, G, topk]
+            o[r0:r1] = block_sparse_attention(q[None, r0:r1], kc[None].to(q.dtype), vc[None].to(q.dtype), blocks,
+                                              self.block_size, scale=self.head_dim ** -0.5, causal=True)[0]
+        return self.output(o, gate)
