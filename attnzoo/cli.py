@@ -142,7 +142,8 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "attention_cpu": "the attention op vs SDPA vs the reference",
            "flash_cpu": "blockwise O(N) attention: time and peak memory vs naive",
            "delta_rule": "gated delta rule: chunked vs recurrent prefill, decode vs softmax",
-           "mla": "MLA: KV bytes per token and absorbed vs expanded decode"}
+           "mla": "MLA: KV bytes per token and absorbed vs expanded decode",
+           "sparse": "DSA / MSA / NSA select-then-attend vs dense, and the sparse cost model"}
 
 
 def cmd_bench(name: str, rest: list[str]) -> int:
