@@ -12,6 +12,9 @@
    SDPA flash. FLOPs: 4*B*H*T^2*d, halved for causal; backward counted as 2.5x forward.
 4. Paged decode, 32 sequences x 8k context: achieved bandwidth (K+V bytes read once) vs the
    copy bandwidth, with SDPA flash decode on contiguous KV for scale.
+5. Gated delta rule (attnzoo.ops.delta_rule.triton_kernels, delta_rule_gpu): fp32 checks vs the reference,
+   then bf16 chunk forward at T = 8k, 32k (Qwen3-Next GDN: Hk=16, Hv=32, dk=dv=128) and the in-place decode
+   step for 32 sequences, next to fla's Triton kernels when `import fla` works.
 Times: CUDA events, warm-up first, median of repeats, fresh random inputs (never zeros).
 Writes bench/results/gpu_check-<date>-<gpu>.md and .json. Runs in ~1-3 minutes.
 """
@@ -325,6 +328,168 @@ def time_decode(dec: Callable | None, copy_gbs: float) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ gated delta rule (GDN / KDA)
+
+GDN = dict(B=1, Hk=16, Hv=32, dk=128, dv=128, T=(8192, 32768), chunk=64, decode_seqs=32, pool=64)  # Qwen3-Next
+
+
+def delta_state_bytes(seqs: int, Hv: int, dk: int, dv: int) -> float:
+    """Fewest bytes a delta-rule decode step moves: every fp32 state [Hv, dk, dv] read once and written once."""
+    return 2.0 * seqs * Hv * dk * dv * 4
+
+
+def delta_chunk_flops(B: int, T: int, Hv: int, dk: int, dv: int, chunk: int) -> float:
+    """Matmul FLOPs of the chunked WY forward, per (chunk, value head): K K^T, Q K^T and W = T(beta e^g K)
+    (2 C^2 dk each), U = T(beta V) and Aqk V_new (2 C^2 dv each), W S, Q S and K^T V_new (2 C dk dv each);
+    the C^3/3 triangular solve is left out. Chunks are counted padded (ceil(T / C))."""
+    n = B * Hv * -(-T // chunk)
+    return n * (2.0 * chunk**2 * (3 * dk + 2 * dv) + 6.0 * chunk * dk * dv)
+
+
+def delta_rule_gpu(copy_gbs: float) -> list[dict]:
+    """attnzoo.ops.delta_rule.triton_kernels on the GPU: fp32 correctness vs delta_rule_reference (float64, on
+    the GPU) on small GDN/KDA/varlen/decode cases, then (only if those pass) bf16 timings at Qwen3-Next GDN
+    shapes: chunk forward at T = 8k and 32k (B=1, Hk=16, Hv=32, dk=dv=128) and the in-place decode step for 32
+    sequences in a 64-slot state pool, each next to fla's Triton kernels when `import fla` works."""
+    rows: list[dict] = []
+    try:
+        from attnzoo.ops.delta_rule.reference import delta_rule_reference
+        from attnzoo.ops.delta_rule.triton_kernels import (
+            chunk_delta_rule_triton,
+            delta_rule_step_triton,
+            fused_recurrent_delta_rule_triton,
+        )
+    except Exception as e:  # noqa: BLE001
+        return [{"impl": "delta rule (triton)", "note": f"not available: {type(e).__name__}: {e}"[:200]}]
+    dev = "cuda"
+
+    def inputs(B: int, T: int, hk: int, hv: int, dk: int, dv: int, gate: str, dtype: torch.dtype) -> list:
+        q, k = (torch.randn(B, T, hk, dk, device=dev, dtype=dtype) for _ in range(2))
+        v = torch.randn(B, T, hv, dv, device=dev, dtype=dtype)
+        beta = torch.rand(B, T, hv, device=dev).to(dtype)
+        shape = (B, T, hv) if gate == "head" else (B, T, hv, dk)
+        g = -F.softplus(torch.randn(shape, device=dev)) * 0.5  # log-decays <= 0, fp32 like the model's
+        return [q, k, v, g, beta]
+
+    # 1. correctness (fp32 inputs, exact fp32 dots): rel err vs the float64 reference
+    tol = 1e-4
+    cases = [("chunk GDN B=2 T=300 H=2/4 d=64 C=64", "chunk", "head", (2, 300, 2, 4, 64, 64), None),
+             ("chunk KDA B=1 T=257 H=4/4 d=128 C=64", "chunk", "channel", (1, 257, 4, 4, 128, 128), None),
+             ("chunk GDN varlen [1,100,0,191] H=16/32 d=128 C=64", "chunk", "head", (1, 292, 16, 32, 128, 128),
+              [0, 1, 101, 101, 292]),
+             ("recurrent KDA varlen [1,100,0,191] H=2/4 d=128", "recurrent", "channel", (1, 292, 2, 4, 128, 128),
+              [0, 1, 101, 101, 292])]
+    ok_all = True
+    for name, form, gate, shape, cu in cases:
+        try:
+            q, k, v, g, beta = inputs(*shape, gate, torch.float32)
+            n = shape[0] if cu is None else len(cu) - 1
+            s0 = torch.randn(n, shape[3], shape[4], shape[5], device=dev) * 0.1
+            cu_t = None if cu is None else torch.tensor(cu, device=dev, dtype=torch.int32)
+            fn = chunk_delta_rule_triton if form == "chunk" else fused_recurrent_delta_rule_triton
+            o, s = fn(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True, cu_seqlens=cu_t)
+            ro, rs = delta_rule_reference(*(t.double() for t in (q, k, v, g, beta)), initial_state=s0.double(),
+                                          use_qk_l2norm=True, cu_seqlens=cu_t)
+            eo, es = rel_err(o, ro), rel_err(s, rs)
+            ok = eo <= tol and es <= tol
+            rows.append({"impl": f"check {name}", "note": ("ok" if ok else "FAILED") + f" rel err o {eo:.1e} state {es:.1e}"})
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            rows.append({"impl": f"check {name}", "note": f"FAILED: {type(e).__name__}: {e}"[:300]})
+        ok_all &= ok
+    name = "check decode step KDA, 5 seqs in a 9-slot pool (state_indices, one -1), H=2/4 d=128, 3 steps"
+    try:
+        idx = torch.tensor([7, 0, -1, 3, 5], device=dev, dtype=torch.int32)
+        pool = torch.randn(9, 4, 128, 128, device=dev) * 0.1
+        state = pool[idx.clamp_min(0).long()].double()
+        worst = 0.0
+        for _ in range(3):
+            q, k, v, g, beta = (t[:, 0] for t in inputs(5, 1, 2, 4, 128, 128, "channel", torch.float32))
+            o = delta_rule_step_triton(q, k, v, g, beta, pool, use_qk_l2norm=True, state_indices=idx)
+            ro, state = delta_rule_reference(*(t.double()[:, None] for t in (q, k, v, g, beta)), initial_state=state,
+                                             use_qk_l2norm=True)
+            live = (idx >= 0).cpu()
+            worst = max(worst, rel_err(o.cpu()[live], ro[:, 0].cpu()[live]),
+                        rel_err(pool[idx[live.to(dev)].long()].cpu(), state.cpu()[live]))
+            if o[2].abs().max().item() != 0:
+                worst = float("inf")
+        ok = worst <= tol
+        rows.append({"impl": name, "note": ("ok" if ok else "FAILED") + f" worst rel err {worst:.1e}"})
+    except Exception as e:  # noqa: BLE001
+        ok = False
+        rows.append({"impl": name, "note": f"FAILED: {type(e).__name__}: {e}"[:300]})
+    ok_all &= ok
+    if not ok_all:
+        rows.append({"impl": "delta rule timings", "note": "skipped: a correctness check failed"})
+        return rows
+
+    # 2. timings, bf16 inputs (fp32 gates, fp32 states), l2norm in the kernel
+    c = GDN
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+        fla_note = ""
+    except Exception as e:  # noqa: BLE001
+        chunk_gated_delta_rule = fused_recurrent_gated_delta_rule = None
+        fla_note = f"fla not installed ({type(e).__name__})"
+        rows.append({"impl": "fla", "note": fla_note})
+
+    def fla_call(fn, q, k, *rest, **kw):  # type: ignore[no-untyped-def]
+        """fla with native GQA (Hv > Hk) if it takes it, else q/k repeated to Hv heads (the copy is timed)."""
+        try:
+            return fn(q, k, *rest, **kw)
+        except Exception:  # noqa: BLE001
+            r = rest[0].shape[2] // q.shape[2]
+            return fn(q.repeat_interleave(r, 2), k.repeat_interleave(r, 2), *rest, **kw)
+
+    for T in c["T"]:
+        for gate in ("head", "channel"):
+            if gate == "channel" and T != c["T"][0]:
+                continue
+            q, k, v, g, beta = inputs(c["B"], T, c["Hk"], c["Hv"], c["dk"], c["dv"], gate, torch.bfloat16)
+            fl = delta_chunk_flops(c["B"], T, c["Hv"], c["dk"], c["dv"], c["chunk"])
+            impls = [(f"attnzoo chunk {'GDN' if gate == 'head' else 'KDA'}",
+                      lambda: chunk_delta_rule_triton(q, k, v, g, beta, use_qk_l2norm=True, chunk_size=c["chunk"]))]
+            if chunk_gated_delta_rule is not None and gate == "head":
+                impls.append(("fla chunk_gated_delta_rule", lambda: fla_call(
+                    chunk_gated_delta_rule, q, k, v, g, beta, output_final_state=True, use_qk_l2norm_in_kernel=True)))
+            for name, fn in impls:
+                row: dict = {"impl": name, "T": T}
+                try:
+                    with torch.no_grad():
+                        ms = time_ms(fn, reps=5, warmup=2)
+                    row.update(ms=ms, Mtok_s=c["B"] * T / ms / 1e3, tflops=fl / ms / 1e9)
+                except Exception as e:  # noqa: BLE001
+                    row["note"] = f"FAILED: {type(e).__name__}: {e}"[:200]
+                rows.append(row)
+            del q, k, v, g, beta
+            torch.cuda.empty_cache()
+
+    n = c["decode_seqs"]
+    nbytes = delta_state_bytes(n, c["Hv"], c["dk"], c["dv"])
+    q, k, v, g, beta = (t[:, 0] for t in inputs(n, 1, c["Hk"], c["Hv"], c["dk"], c["dv"], "head", torch.bfloat16))
+    pool = torch.randn(c["pool"], c["Hv"], c["dk"], c["dv"], device=dev) * 0.1
+    idx = torch.randperm(c["pool"], device=dev)[:n].to(torch.int32)
+    dense = pool[idx.long()].clone()
+    impls = [("attnzoo step (pool, state_indices)",
+              lambda: delta_rule_step_triton(q, k, v, g, beta, pool, use_qk_l2norm=True, state_indices=idx)),
+             ("attnzoo step (dense state)",
+              lambda: delta_rule_step_triton(q, k, v, g, beta, dense, use_qk_l2norm=True))]
+    if fused_recurrent_gated_delta_rule is not None:
+        impls.append(("fla fused_recurrent_gated_delta_rule", lambda: fla_call(
+            fused_recurrent_gated_delta_rule, q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
+            initial_state=dense, output_final_state=True, use_qk_l2norm_in_kernel=True)))
+    for name, fn in impls:
+        row = {"impl": name, "T": 1}
+        try:
+            with torch.no_grad():
+                ms = time_ms(fn, reps=20)
+            row.update(ms=ms, **{"GB/s": nbytes / ms / 1e6, "pct_copy_bw": 100 * nbytes / ms / 1e6 / copy_gbs})
+        except Exception as e:  # noqa: BLE001
+            row["note"] = f"FAILED: {type(e).__name__}: {e}"[:200]
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); "
@@ -375,18 +540,26 @@ def main() -> int:
         mla = [{"impl": "mla_paged_decode_triton", "note": f"FAILED: {type(e).__name__}: {e}"[:200]}]
     print(f"\nMLA decode: {MLA}")
     print(markdown(mla, dcols), flush=True)
+    try:
+        dr = delta_rule_gpu(ceil["copy_gbs"])
+    except Exception as e:  # noqa: BLE001
+        dr = [{"impl": "delta rule (triton)", "note": f"FAILED: {type(e).__name__}: {e}"[:200]}]
+    drcols = ["impl", "T", "ms", "Mtok_s", "tflops", "GB/s", "pct_copy_bw", "note"]
+    print(f"\ngated delta rule: {GDN}")
+    print(markdown(dr, drcols), flush=True)
 
     md_path, json_path = result_paths(gpu, datetime.date.today(), Path(__file__).resolve().parent / "results")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     head = f"# gpu_check {datetime.date.today()} on {gpu}\n\ntorch {torch.__version__}, CUDA {torch.version.cuda}\n\n"
     md_path.write_text(head + markdown(checks, ["check", "result"]) + f"\n\nceilings: {ceil}\n\n"
                        + markdown(prefill, cols) + "\n\n" + markdown(decode, dcols) + f"\n\nMLA decode: {MLA}\n\n"
-                       + markdown(mla, dcols) + "\n")
+                       + markdown(mla, dcols) + f"\n\ngated delta rule: {GDN}\n\n" + markdown(dr, drcols) + "\n")
     json_path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "checks": checks, "ceilings": ceil,
                                      "prefill": prefill, "decode": decode, "decode_shape": DECODE,
-                                     "mla_decode": mla, "mla_shape": MLA}, indent=1))
+                                     "mla_decode": mla, "mla_shape": MLA, "delta_rule": dr, "delta_rule_shape": GDN},
+                                    indent=1))
     print(f"\nwrote {md_path} and {json_path}")
-    return 1 if any("FAILED" in r["result"] for r in checks) else 0
+    return 1 if any("FAILED" in r["result"] for r in checks) or any("FAILED" in str(r.get("note", "")) for r in dr) else 0
 
 
 if __name__ == "__main__":
