@@ -6,7 +6,8 @@
     every impl alike), T = 1k, 8k, 32k:
     - GDN at Qwen3-Next's shapes: Hk 16, Hv 32, dk = dv 128, g one per head;
     - KDA at Kimi Linear's: H 32, d 128, g one per key channel.
-    Rows: chunk_delta_rule (C = 64), fused_recurrent_delta_rule (token loop over all heads at once),
+    Rows: chunk_delta_rule (C = 64, the default, and 16), fused_recurrent_delta_rule (token loop over all
+    heads at once),
     delta_rule_reference (smallest T only), and the peer, fla-core's naive PyTorch forms
     (fla.ops.gated_delta_rule.naive / fla.ops.kda.naive) when --fla-path (or env FLA_PATH) holds fla-core;
     fla's GDN forms need equal heads, so they get q/k repeated to Hv before the clock starts.
@@ -44,8 +45,10 @@ from attnzoo.ops.delta_rule import (chunk_delta_rule, delta_rule_reference, delt
 # (Hk, Hv, d) per gate; --quick scales them down
 SHAPES = {"gdn": (16, 32, 128), "kda": (32, 32, 128)}
 QUICK_SHAPES = {"gdn": (2, 4, 32), "kda": (4, 4, 32)}
-IMPLS = ["recurrent", "chunk", "reference", "fla_chunk", "fla_recurrent"]
+IMPLS = ["recurrent", "chunk", "chunk16", "reference", "fla_chunk", "fla_recurrent"]
+SLOW = ("reference", "fla_chunk", "fla_recurrent")  # timed once, and not at the largest T (reference: smallest only)
 LABEL = {"recurrent": "fused_recurrent_delta_rule", "chunk": "chunk_delta_rule (C=64)",
+         "chunk16": "chunk_delta_rule (C=16)",
          "reference": "delta_rule_reference (token loop)", "fla_chunk": "fla naive chunk",
          "fla_recurrent": "fla naive recurrent"}
 FLA_MISSING = "fla: not installed (pip install --no-deps --target DIR fla-core einops; pass --fla-path DIR)"
@@ -80,6 +83,8 @@ def impl_fn(impl: str, gate: str, args: tuple[torch.Tensor, ...], fla):
     q, k, v, g, beta = args
     if impl == "chunk":
         return lambda: chunk_delta_rule(q, k, v, g, beta)
+    if impl == "chunk16":
+        return lambda: chunk_delta_rule(q, k, v, g, beta, chunk_size=16)
     if impl == "recurrent":
         return lambda: fused_recurrent_delta_rule(q, k, v, g, beta)
     if impl == "reference":
@@ -123,15 +128,14 @@ def case(gate: str, impl: str, T: int, quick: bool, fla_path: str | None, save: 
             f.write("5")  # VmHWM := VmRSS
         before = _status("VmRSS")
         times = []
-        for i in range(3 if T <= 1024 else 1):
+        for i in range(1 if impl in SLOW else 3 if T <= 1024 else 2 if T <= 8192 else 1):
             t0 = time.perf_counter()
             o, s = fn()
             times.append(time.perf_counter() - t0)
             if i == 0:
                 peak = _status("VmHWM") - before
         torch.save({"o": o[:, -64:].float().clone(), "s": s.float().clone()}, save)
-    times.sort()
-    return {"s": times[len(times) // 2], "peak": peak}
+    return {"s": min(times), "peak": peak}
 
 
 def spawn(gate: str, impl: str, T: int, quick: bool, fla_path: str | None, threads: int, save: str) -> dict:
@@ -155,13 +159,14 @@ def check_all(gates: list[str], impls: list[str], quick: bool, fla) -> dict[tupl
                     continue
                 with torch.inference_mode():
                     o, s = impl_fn(impl, gate, inputs(gate, T, quick, seed=7), fla)()
-                out[gate, impl] = max((o.double() - want[0]).abs().max().item(), (s.double() - want[1]).abs().max().item())
+                out[gate, impl] = max((o.double() - want[0]).abs().max().item(),
+                                      (s.double() - want[1]).abs().max().item())
     return out
 
 
 def prefill(args: argparse.Namespace, fla, emit) -> None:
     sizes = [128, 512] if args.quick else [1024, 8192, 32768]
-    impls = IMPLS if fla else IMPLS[:3]
+    impls = IMPLS if fla else IMPLS[:4]
     gates = ["gdn", "kda"]
     emit("## (a) correctness first: max abs diff vs the float64 reference (T = 200; fla chunk KDA 256)\n")
     emit("| gate | impl | max abs diff (outputs, final state) | status |")
@@ -173,8 +178,9 @@ def prefill(args: argparse.Namespace, fla, emit) -> None:
     for gate in gates:
         Hk, Hv, d = (QUICK_SHAPES if args.quick else SHAPES)[gate]
         what = "GDN (Qwen3-Next)" if gate == "gdn" else "KDA (Kimi Linear)"
-        emit(f"## (a) prefill, {what}: Hk {Hk}, Hv {Hv}, dk = dv {d}, g per {'key channel' if gate == 'kda' else 'head'}, "
-             f"batch 1, fp32; median of 3 at T <= 1k, else one run\n")
+        per = "key channel" if gate == "kda" else "head"
+        emit(f"## (a) prefill, {what}: Hk {Hk}, Hv {Hv}, dk = dv {d}, g per {per}, "
+             f"batch 1, fp32; best of 3 runs at T <= 1k, of 2 at 8k, else one (reference and fla: one)\n")
         emit("| T | impl | seconds | tokens/s | speed-up vs recurrent | peak extra MiB (VmHWM) | check vs recurrent |")
         emit("|---|---|---|---|---|---|---|")
         with tempfile.TemporaryDirectory() as tmp:
@@ -223,7 +229,8 @@ def decode(args: argparse.Namespace, emit) -> None:
     emit(f"## (b) decode, one token of one layer, batch 1, fp32; median of {iters}\n")
     emit(f"GDN state: Hv {Hv} x {d} x {d} fp32 = {Hv * d * d * 4 / 2**20:.2f} MiB at any context. Softmax "
          f"attention: {H} query heads x {d}, {Hkv} KV heads, KV cache fp32.\n")
-    emit("| context L | delta_rule_step (ms) | softmax attention decode (ms) | KV cache MiB | attention / step | check |")
+    emit("| context L | delta_rule_step (ms) | softmax attention decode (ms) | KV cache MiB | attention / step "
+         "| check |")
     emit("|---|---|---|---|---|---|")
     for L in lengths:
         qa, ka, va = r(1, 1, H, d), r(1, L, Hkv, d), r(1, L, Hkv, d)
@@ -251,13 +258,15 @@ def decode(args: argparse.Namespace, emit) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (smoke test)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="torch threads (default 2; 1 with --quick: tiny ops on 2 threads "
+                    "stall behind any other job)")
     ap.add_argument("--fla-path", default=os.environ.get("FLA_PATH"),
                     help="directory holding fla-core (pip install --no-deps --target DIR fla-core einops)")
     ap.add_argument("--out", help="also write the report (markdown) to this file, e.g. bench/results/...")
     ap.add_argument("--case", nargs=3, metavar=("GATE", "IMPL", "T"), help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.threads = args.threads or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     if args.case:
         gate, impl, T = args.case

@@ -27,8 +27,8 @@ def _step(S: Tensor, q: Tensor, k: Tensor, v: Tensor, decay: Tensor | None, beta
     if decay is not None:
         S = S.mul_(_rows(decay)) if inplace else S * _rows(decay)
     err = v - (k[..., None, :] @ S).squeeze(-2)
-    upd = k[..., :, None] * (beta[..., None] * err)[..., None, :]  # rank-1 write, [a, Hv, dk, dv]
-    S = S.add_(upd) if inplace else S + upd
+    kk, uu = k[..., :, None], (beta[..., None] * err)[..., None, :]  # rank-1 write k u^T
+    S = S.addcmul_(kk, uu) if inplace else torch.addcmul(S, kk, uu)
     return (q[..., None, :] @ S).squeeze(-2), S
 
 
@@ -48,7 +48,8 @@ def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Ten
     if g is not None and g.shape not in ((B, Hv), (B, Hv, dk)):
         raise ValueError(f"g must be [{B}, {Hv}] or [{B}, {Hv}, {dk}], got {tuple(g.shape)}")
     if state.shape != (B, Hv, dk, dv) or not state.is_floating_point():
-        raise ValueError(f"state must be a float [{B}, {Hv}, {dk}, {dv}] tensor, got {state.dtype} {tuple(state.shape)}")
+        raise ValueError(f"state must be a float [{B}, {Hv}, {dk}, {dv}] tensor, "
+                         f"got {state.dtype} {tuple(state.shape)}")
     dt, r = state.dtype, Hv // Hk
     q, k = prepare_qk(q.to(dt), k.to(dt), dk ** -0.5 if scale is None else scale, use_qk_l2norm)
     q, k = q.repeat_interleave(r, 1), k.repeat_interleave(r, 1)
@@ -71,24 +72,32 @@ def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None
     wide = torch.float64 if v.dtype == torch.float64 else torch.float32
     q, k, v, beta = (t.to(wide).flatten(0, 1) for t in (q, k, v, beta))
     q, k = prepare_qk(q, k, dk ** -0.5 if scale is None else scale, use_qk_l2norm)
-    # token-major -> step-major (step t: token t of every sequence still running, longest first)
-    lay = make_layout(*sequences(B, T, cu_seqlens), 1, q.device)
-    idx = lay.gather[:, 0]
+    decay = None if g is None else g.to(wide).flatten(0, 1).exp()
     r = Hv // Hk
-    q, k = q[idx].repeat_interleave(r, 1), k[idx].repeat_interleave(r, 1)
-    v, beta = v[idx], beta[idx]
-    decay = None if g is None else g.to(wide).flatten(0, 1)[idx].exp()
+    # step t: token t of every sequence still running, longest first (the state rows are in that order)
+    lay = make_layout(*sequences(B, T, cu_seqlens), 1, q.device)
     S = (q.new_zeros(n, Hv, dk, dv) if initial_state is None
          else initial_state.to(wide).index_select(0, lay.order))
     # S is our own copy (index_select), so without autograd it is updated in place
-    inplace = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta, S, decay)))
+    inputs = (q, k, v, beta, S, decay)
+    inplace = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
     outs = []
-    for first, a in lay.steps:
-        t = slice(first, first + a)
-        o, Sa = _step(S[:a], q[t], k[t], v[t], None if decay is None else decay[t], beta[t], inplace)
+    for t, (first, a) in enumerate(lay.steps):
+        if lay.dense:  # B equal rows: token t of each is a strided view, no gather
+            qt, kt, vt, bt, dt = (None if x is None else x.view(B, T, *x.shape[1:])[:, t]
+                                  for x in (q, k, v, beta, decay))
+        else:
+            idx = lay.gather[first:first + a, 0]
+            qt, kt, vt, bt, dt = (None if x is None else x[idx] for x in (q, k, v, beta, decay))
+        if r > 1:
+            qt, kt = qt.repeat_interleave(r, 1), kt.repeat_interleave(r, 1)
+        o, Sa = _step(S[:a], qt, kt, vt, dt, bt, inplace)
         outs.append(o)
         if not inplace:
             S = Sa if a == n else torch.cat([Sa, S[a:]])
-    o = torch.cat(outs)[lay.token_chunk] if outs else v.new_zeros(0, Hv, dv)
+    if lay.dense:
+        o = torch.stack(outs, 1) if outs else v.new_zeros(B, T, Hv, dv)
+    else:
+        o = torch.cat(outs)[lay.token_chunk] if outs else v.new_zeros(0, Hv, dv)
     final = S.index_select(0, torch.argsort(lay.order)) if output_final_state else None
     return o.reshape(B, T, Hv, dv).to(out_dtype), final
