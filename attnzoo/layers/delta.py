@@ -126,12 +126,15 @@ class GatedDeltaNet(DeltaRuleMixer):
 
 class KimiDeltaAttention(DeltaRuleMixer):
     """Kimi Linear's KDA: per-key-channel decay from a low-rank forget gate, sigmoid low-rank output gate.
-    One fused input projection [q | k | v | b | f_a | g_a]."""
+    One fused input projection [q | k | v | b | f_a | g_a].
+
+    gate_lower_bound (GLM-5.3-Flash's "safe gate", e.g. -5): g = lb * sigmoid(exp(A_log) * (W_fb W_fa x +
+    dt_bias)), so every per-step decay is >= e^lb; None keeps Kimi Linear's -exp(A_log) * softplus(.)."""
 
     def __init__(self, layer_idx: int, hidden_size: int, num_heads: int, head_dim: int, conv_width: int = 4,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, gate_lower_bound: float | None = None):
         super().__init__(layer_idx, num_heads, num_heads, head_dim, head_dim, conv_width)
-        self.norm_eps = norm_eps
+        self.norm_eps, self.gate_lower_bound = norm_eps, gate_lower_bound
         self.split = [self.conv_dim, num_heads, head_dim, head_dim]
         self.in_proj = nn.Linear(hidden_size, sum(self.split), bias=False)
         self.f_b_proj = nn.Linear(head_dim, num_heads * head_dim, bias=False)
@@ -145,7 +148,9 @@ class KimiDeltaAttention(DeltaRuleMixer):
         n, H, d = x.shape[0], self.num_v_heads, self.v_dim
         qkv, b, f_a, g_a = self.in_proj(x).split(self.split, -1)
         beta = b.sigmoid()
-        g = -self.A_log.float().exp()[:, None] * F.softplus((self.f_b_proj(f_a).float() + self.dt_bias.float()).view(n, H, d))
+        a = (self.f_b_proj(f_a).float() + self.dt_bias.float()).view(n, H, d)
+        A = self.A_log.float().exp()[:, None]
+        g = -A * F.softplus(a) if self.gate_lower_bound is None else self.gate_lower_bound * torch.sigmoid(A * a)
         o = self.mix(qkv, g, beta, batch).float()
         o = self.norm_weight.float() * o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps)
         o = (o * torch.sigmoid(self.g_b_proj(g_a).float().view(n, H, d))).to(x.dtype)

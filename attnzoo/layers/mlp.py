@@ -10,9 +10,10 @@ from torch import nn
 @dataclass(frozen=True)
 class ClampedGLU:
     """GPT-OSS / MiniMax-M3 gating: gate clamped above, up clamped both ways, gate * sigmoid(alpha * gate)
-    times (up + 1)."""
+    times (up + up_offset). GLM-5.3-Flash's clamped SwiGLU silu(gate) * up is alpha 1, up_offset 0."""
     alpha: float
     limit: float
+    up_offset: float = 1.0
 
 
 def glu(gate: torch.Tensor, up: torch.Tensor, clamp: ClampedGLU | None = None) -> torch.Tensor:
@@ -20,7 +21,7 @@ def glu(gate: torch.Tensor, up: torch.Tensor, clamp: ClampedGLU | None = None) -
         return F.silu(gate) * up
     gate = gate.clamp(max=clamp.limit)
     up = up.clamp(min=-clamp.limit, max=clamp.limit)
-    return (up + 1.0) * (gate * torch.sigmoid(gate * clamp.alpha))
+    return (up + clamp.up_offset) * (gate * torch.sigmoid(gate * clamp.alpha))
 
 
 class SwiGLU(nn.Module):

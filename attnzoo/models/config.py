@@ -10,7 +10,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "spars
 class ModelConfig:
     """Architecture of a decoder-only LM; field names follow transformers where one exists."""
     architecture: str  # llama mistral qwen3 deepseek_v3 deepseek_v32 glm_moe_dsa qwen3_next qwen3_5 kimi_linear
-    #                    minimax_m3
+    #                    minimax_m3 glm5_next
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -41,17 +41,21 @@ class ModelConfig:
     moe: dict[str, Any] | None = None
     mlp_layer_types: list[str] = field(default_factory=list)   # per layer: dense | sparse (MoE)
     # delta-rule layers (layer type "linear_attention"): kind gdn | kda, num_k_heads, num_v_heads, k_dim,
-    # v_dim, conv_width
+    # v_dim, conv_width; kda may add gate_lower_bound (GLM-5.3-Flash's safe gate)
     linear: dict[str, Any] | None = None
     attn_output_gate: bool = False    # Qwen3-Next: o * sigmoid(gate) from a doubled query projection
     use_rope: bool = True             # False: no positional encoding in attention (Kimi Linear's NoPE MLA)
     # DeepSeek Sparse Attention on MLA: index_n_heads, index_head_dim, index_topk, indexer_interleaved_rope,
-    # indexer_types (per layer full | shared: IndexShare)
+    # indexer_types (per layer full | shared: IndexShare); GLM-5.3-Flash's k-pool indexer adds index_kpool,
+    # index_kpool_always_select_tail
     dsa: dict[str, Any] | None = None
+    # mHC residual streams (GLM-5.3-Flash, models/glm5_next.py): hc_mult, hc_sinkhorn_iters, hc_eps
+    hyper: dict[str, Any] | None = None
     # MiniMax Sparse Attention on GQA (layer type "sparse_attention"): index_head_dim, block_size,
     # topk_blocks, local_blocks
     msa: dict[str, Any] | None = None
-    mlp_clamp: tuple[float, float] | None = None   # (alpha, limit): the clamped GLU of GPT-OSS / MiniMax-M3
+    mlp_clamp: tuple[float, ...] | None = None   # (alpha, limit[, up_offset]): ClampedGLU (GPT-OSS / MiniMax-M3;
+    #                                                GLM-5.3-Flash: (1, swiglu_limit, 0))
 
     def __post_init__(self) -> None:
         if not self.layer_types:

@@ -83,12 +83,14 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderLM(nn.Module):
+    layer_cls: type[nn.Module] = DecoderLayer  # subclasses with another block (GLM-5.3-Flash's mHC) swap it
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.tokenizer = None  # set by the loaders when the checkpoint carries one
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

@@ -16,7 +16,7 @@ from attnzoo.models.errors import ModelLoadError
 from attnzoo.models.weights import build_model
 
 HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen3_next", "qwen3_5", "qwen3_5_text", "kimi_linear",
-                    "minimax_m3_vl", "minimax_m3_vl_text")
+                    "minimax_m3_vl", "minimax_m3_vl_text", "glm5_next", "glm5_next_text")
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
@@ -108,6 +108,54 @@ def _minimax_config(raw: dict[str, Any]) -> dict[str, Any]:
             shared_intermediate_size=raw.get("shared_intermediate_size", raw["intermediate_size"])))
 
 
+def _glm5_next_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """GLM-5.3-Flash text, by transformers' Glm5NextTextConfig rules: KDA with the safe gate (lower bound
+    -5) on layers i % 4 != 3 and NoPE MLA + k-pool DSA on the others (unless layer_types says otherwise;
+    like transformers we do not read linear_attn_config's layer lists), DeepSeek MoE after the first 3 dense
+    layers (unless mlp_layer_types), the clamped SwiGLU everywhere, hc_mult mHC residual streams."""
+    n = raw["num_hidden_layers"]
+    lin = raw.get("linear_attn_config") or {}
+    bound = raw.get("linear_lower_bound", -5.0)
+    if lin:
+        bound = lin.get("gate_lower_bound", bound)
+        bound = -5.0 if bound is None and lin.get("safe_gate", True) else bound
+    H, d = lin.get("num_heads", raw.get("linear_num_heads", 64)), lin.get("head_dim", raw.get("linear_head_dim", 128))
+    types = raw.get("layer_types") or ["linear_attention" if i % 4 != 3 else "indexed_attention" for i in range(n)]
+    bad = set(types) - {"linear_attention", "indexed_attention", "full_attention"}
+    if bad:
+        raise ModelLoadError(f"layer types {sorted(bad)} are not supported; "
+                             "supported: linear_attention, indexed_attention")
+    if raw.get("qk_rope_head_dim", 0) or raw.get("q_lora_rank", 1536) is None:
+        raise ModelLoadError("GLM-5.3-Flash's DSA layers are NoPE with a query latent: qk_rope_head_dim must be 0 "
+                             "and q_lora_rank set")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"hidden_act {raw['hidden_act']!r} is not supported; supported: silu")
+    kpool, topk = raw.get("index_kpool", 16), raw.get("index_topk", 2048)
+    if kpool < 1 or topk % kpool:
+        raise ModelLoadError(f"index_topk {topk} must be a positive multiple of index_kpool {kpool}")
+    limit = raw.get("swiglu_limit", 10.0)
+    return dict(
+        layer_types=["linear_attention" if t == "linear_attention" else "full_attention" for t in types],
+        linear=dict(kind="kda", num_k_heads=H, num_v_heads=H, k_dim=d, v_dim=d, gate_lower_bound=bound,
+                    conv_width=lin.get("short_conv_kernel_size", raw.get("linear_conv_kernel_dim", 4))),
+        mla={k: raw.get(k, dflt) for k, dflt in (("q_lora_rank", 1536), ("kv_lora_rank", 512), ("qk_nope_head_dim", 256),
+                                                ("qk_rope_head_dim", 0), ("v_head_dim", 256))},
+        dsa=dict(index_n_heads=raw.get("index_n_heads", 32), index_head_dim=raw.get("index_head_dim", 128),
+                 index_topk=topk, indexer_interleaved_rope=False, indexer_types=_indexer_types(raw), index_kpool=kpool,
+                 index_kpool_always_select_tail=raw.get("index_kpool_always_select_tail", True)),
+        moe=dict(kind="deepseek", n_routed_experts=raw.get("n_routed_experts", 288),
+                 num_experts_per_tok=raw.get("num_experts_per_tok", 8),
+                 moe_intermediate_size=raw.get("moe_intermediate_size", 2048), n_group=raw.get("n_group", 1) or 1,
+                 topk_group=raw.get("topk_group", 1) or 1, norm_topk_prob=raw.get("norm_topk_prob", True),
+                 routed_scaling_factor=raw.get("routed_scaling_factor", 2.5),
+                 n_shared_experts=raw.get("n_shared_experts", 1) or 0),
+        mlp_layer_types=raw.get("mlp_layer_types") or ["dense" if i < 3 else "sparse" for i in range(n)],
+        hyper=dict(hc_mult=raw.get("hc_mult", 4), hc_sinkhorn_iters=raw.get("hc_sinkhorn_iters", 20),
+                   hc_eps=raw.get("hc_eps", 1e-6)),
+        mlp_clamp=None if limit is None else (1.0, float(limit), 0.0),  # silu(min(gate, L)) * clamp(up, -L, L)
+        use_rope=False)
+
+
 def _indexer_types(raw: dict[str, Any]) -> list[str]:
     """IndexShare schedule (GLM-5.2): explicit list, else a pattern like "FFSS...", else layer i is full
     iff max(i - offset + 1, 0) % freq == 0 (transformers' GlmMoeDsaConfig rule)."""
@@ -128,11 +176,14 @@ def _indexer_types(raw: dict[str, Any]) -> list[str]:
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     arch = raw.get("model_type")
-    if arch in ("qwen3_5", "minimax_m3_vl") and "text_config" in raw:  # multimodal checkpoint: its text model
+    if arch in ("qwen3_5", "minimax_m3_vl", "glm5_next") and "text_config" in raw:  # multimodal: its text model
         raw = {**raw["text_config"], "model_type": arch}
+    if arch in ("glm5_next", "glm5_next_text"):  # transformers' defaults where they differ from ours
+        raw = {"rms_norm_eps": 1e-5, "max_position_embeddings": 1048576, **raw}
     if arch not in HF_ARCHITECTURES:
         raise ModelLoadError(f"model_type {arch!r} is not supported; supported: {', '.join(HF_ARCHITECTURES)}")
-    arch = {"qwen3_5_text": "qwen3_5", "minimax_m3_vl": "minimax_m3", "minimax_m3_vl_text": "minimax_m3"}.get(arch, arch)
+    arch = {"qwen3_5_text": "qwen3_5", "minimax_m3_vl": "minimax_m3", "minimax_m3_vl_text": "minimax_m3",
+            "glm5_next_text": "glm5_next"}.get(arch, arch)
     heads = raw["num_attention_heads"]
     theta, scaling, partial = _rope(raw)
     window = raw.get("sliding_window")
@@ -172,6 +223,10 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     if arch == "minimax_m3":
         extra = _minimax_config(raw)
         layer_types, moe = extra.pop("layer_types"), extra.pop("moe")
+    if arch == "glm5_next":
+        extra = _glm5_next_config(raw)
+        layer_types, window, head_dim = extra.pop("layer_types"), None, 0  # NoPE: nothing to rotate
+        mla, moe = extra.pop("mla"), extra.pop("moe")
     if arch in ("qwen3_next", "qwen3_5", "kimi_linear"):
         extra = _delta_rule_config(raw, arch)
         layer_types, window = extra.pop("layer_types"), None
@@ -209,7 +264,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:
                     tensors[name] = st.get_tensor(name)
         except Exception as e:  # safetensors raises several error types for missing/corrupt files
             raise ModelLoadError(f"{path / f} could not be read as safetensors: {e}") from None
-    if "model.language_model.embed_tokens.weight" in tensors:  # Qwen3.5's multimodal layout: keep the text model
+    if "model.language_model.embed_tokens.weight" in tensors:  # multimodal (Qwen3.5, GLM-5.3-Flash): the text model
         tensors = {k.replace("model.language_model.", "model.", 1): t for k, t in tensors.items()
                    if k.startswith(("model.language_model.", "lm_head."))}
     model = build_model(cfg, tensors, dtype)

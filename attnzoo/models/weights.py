@@ -9,6 +9,7 @@ import torch
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.errors import ModelLoadError
+from attnzoo.models.glm5_next import Glm5NextLM
 
 
 def _take(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -57,6 +58,8 @@ def _convert(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str,
             out.update(_mla_attention(cfg, tensors, a, dst + "attn."))
             if cfg.dsa is not None and cfg.dsa["indexer_types"][i] == "full":
                 names = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
+                if cfg.dsa.get("index_kpool"):  # GLM-5.3-Flash's k-pool indexer
+                    names += ("index_kpool_compress_gate", "index_kpool_compress_ape")
                 out.update({dst + "attn." + n: _take(tensors, a + "indexer." + n) for n in names})
         else:
             out.update(_softmax_attention(cfg, tensors, a, dst + "attn."))
@@ -68,6 +71,11 @@ def _convert(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str,
             out.update(_moe(cfg, tensors, m, dst + "mlp."))
         else:
             out.update(_swiglu(tensors, m, dst + "mlp.", cfg.mlp_bias))
+        if cfg.hyper is not None:  # mHC: checkpoints say hc_attn_fn, transformers' modules attn_hc.fn
+            for blk in ("attn", "ffn"):
+                for p in ("fn", "base", "scale"):
+                    name = f"{src}hc_{blk}_{p}" if f"{src}hc_{blk}_{p}" in tensors else f"{src}{blk}_hc.{p}"
+                    out[f"{dst}{blk}_hc.{p}"] = _take(tensors, name)
     return out
 
 
@@ -175,11 +183,16 @@ def _softmax_attention(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], a:
     return out
 
 
+def model_class(cfg: ModelConfig) -> type[DecoderLM]:
+    """DecoderLM, or the subclass an architecture needs (GLM-5.3-Flash: mHC residual streams)."""
+    return Glm5NextLM if cfg.architecture == "glm5_next" else DecoderLM
+
+
 def build_model(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> DecoderLM:
     """Instantiate without allocating random weights (meta device), then adopt the loaded tensors."""
     state = convert_hf_state_dict(cfg, tensors)
     with torch.device("meta"):
-        model = DecoderLM(cfg)
+        model = model_class(cfg)(cfg)
     model.rotary = model.make_rotary()  # rope tables are computed, not loaded: build them for real
     expected = {k for k in model.state_dict()}
     for name, t in state.items():
