@@ -176,16 +176,19 @@ def nsa(L: int, g: torch.Generator) -> Mech:
         s = nsa_block_scores(p, G=G, l=LC, d=DC, l_sel=LS, num_blocks=nblk)
         return nsa_select_blocks(s, NSEL, block_size=LS, kv_len=L)
 
+    def window(q: torch.Tensor) -> torch.Tensor:  # the last n + W - 1 keys are all a chunk's window can see
+        lo = max(0, L - (q.shape[1] + W - 1))
+        return attention(q, k[:, lo:], v[:, lo:], causal=True, window_size=(W - 1, 0), backend="torch")
+
     def attend(n: int, idx: torch.Tensor) -> torch.Tensor:
-        o = block_sparse_attention_torch(qs[n], k, v, idx, LS)
-        return o + attention(qs[n], k, v, causal=True, window_size=(W - 1, 0), backend="torch")
+        return block_sparse_attention_torch(qs[n], k, v, idx, LS) + window(qs[n])
 
     m.select = select
     m.attend = attend
     m.dense = lambda n: attention(qs[n], k, v, causal=True, backend="torch")
     m.reference = lambda n, idx: (block_sparse_attention_reference(qs[n][:, -4:], k, v, idx[:, -4:], LS)
                                   + attention(qs[n][:, -4:], k, v, causal=True, window_size=(W - 1, 0),
-                                              backend="reference"))
+                                              backend="reference"))  # the window on the full cache
     return m
 
 

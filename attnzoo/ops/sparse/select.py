@@ -65,12 +65,15 @@ def lightning_indexer_scores(q_idx: Tensor, k_idx: Tensor, weights: Tensor, *, s
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Top-k keys per row: [..., Tk] scores -> [..., k] int64, -1 where a row has fewer than k keys with a
-    finite (or +inf) score, i.e. k_row = min(k, #valid). Slot order is unspecified (a set); ties between
-    equal scores break as torch.topk does."""
+    finite (or +inf) score, i.e. k_row = min(k, #valid). Ties between equal scores go to the lower key
+    index (a stable sort): ReLU scoring makes exact ties common, and torch.topk breaks them differently
+    for rows of different lengths, so the paged engine (rows padded to whole pages) would pick other keys
+    than a contiguous pass."""
     if k < 0:
         raise ValueError(f"topk_indices: k must be >= 0, got {k}")
     kk = min(k, scores.shape[-1])
-    vals, idx = scores.topk(kk, dim=-1) if kk > 0 else (scores[..., :0], scores[..., :0].long())
+    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
+    vals, idx = vals[..., :kk], idx[..., :kk]
     idx = idx.masked_fill(vals == _NEG_INF, -1)
     if kk < k:
         idx = F.pad(idx, (0, k - kk), value=-1)
@@ -97,7 +100,9 @@ def msa_block_scores(q_idx: Tensor, k_idx: Tensor, block_size: int, *, local_blo
     step = _step(B * G * Tk)
     for q0 in range(0, Tq, step):
         q1 = min(Tq, q0 + step)
-        u = (q_idx[:, q0:q1].to(ct).transpose(1, 2) @ kt[:, None])  # [B, G, C, Tk]
+        # one [G*C, dI] @ [dI, Tk] matmul per batch row (broadcasting kt over G would copy it G times)
+        qc = q_idx[:, q0:q1].to(ct).transpose(1, 2).reshape(B, G * (q1 - q0), dI)
+        u = (qc @ kt).view(B, G, q1 - q0, Tk)
         u = u.masked_fill(_future(Tq, Tk, q0, q1, q_idx.device), _NEG_INF)
         u = F.pad(u, (0, nb * block_size - Tk), value=_NEG_INF)
         out[:, :, q0:q1] = u.view(B, G, q1 - q0, nb, block_size).amax(-1)
