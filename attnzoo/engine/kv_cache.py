@@ -75,6 +75,80 @@ def page_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, d
     return sum(s.bytes_per_token(torch.finfo(dtype).bits // 8) for _, s in flat_specs(specs)) * page_size
 
 
+def table_page_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype
+                     ) -> dict[int | None, int]:
+    """Bytes one page costs per page table: full-context specs share table None, each window its own."""
+    out: dict[int | None, int] = {}
+    for _, s in flat_specs(specs):
+        if isinstance(s, RecurrentState):
+            continue
+        w = s.window if isinstance(s, SlidingKV) else None
+        out[w] = out.get(w, 0) + s.bytes_per_token(torch.finfo(dtype).bits // 8) * page_size
+    return out
+
+
+def pages_for(window: int | None, num_tokens: int, page_size: int) -> int:
+    """Pages one sequence of num_tokens tokens holds at most in a table (full context, or a window)."""
+    full = -(-num_tokens // page_size)
+    return full if window is None else min(full, -(-(window - 1) // page_size) + 2)
+
+
+@dataclass
+class CachePlan:
+    """How a memory budget splits into page tables (and recurrent-state slots)."""
+    page_size: int
+    num_pages: int                        # the full-context table (every table when window_pages is None)
+    window_pages: dict[int, int] | None   # pages of each sliding window's table
+    table_bytes: dict[int | None, int]    # bytes of one page of each table
+    state_slots: int
+    state_bytes: int                      # per slot
+
+    def tables(self) -> dict[int | None, int]:
+        return {w: self.num_pages if self.window_pages is None or w is None else self.window_pages[w]
+                for w in self.table_bytes}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(n * self.table_bytes[w] for w, n in self.tables().items()) + self.state_slots * self.state_bytes
+
+    def max_concurrency(self, num_tokens: int) -> int:
+        """Sequences of num_tokens tokens that fit at once."""
+        fits = [n // max(1, pages_for(w, num_tokens, self.page_size)) for w, n in self.tables().items()]
+        return min(fits + ([self.state_slots] if self.state_bytes else []), default=0)
+
+
+def plan_cache(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype, budget: int,
+               max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> CachePlan:
+    """Split `budget` bytes: recurrent states of max_num_seqs sequences first; then, for SWA/global hybrids,
+    each sliding table gets the pages that as many max_model_len-token sequences as the memory holds can
+    use (a window each, plus one step's chunk), and the full-context table gets the rest; never more pages
+    than max_num_seqs full-length sequences can use."""
+    per_seq_state = state_bytes(specs, dtype)
+    budget -= per_seq_state * max_num_seqs
+    table_bytes = table_page_bytes(specs, page_size, dtype)
+    most = max_num_seqs * -(-max_model_len // page_size) + 1
+    window_pages = None
+    if None in table_bytes and len(table_bytes) > 1:
+        # n sequences of max_model_len tokens, plus one step's chunk in every window table (a prefill chunk
+        # holds its window and all of its own tokens until the step ends)
+        chunk = -(-max_num_batched_tokens // page_size)
+        seq_bytes = sum(b * pages_for(w, max_model_len, page_size) for w, b in table_bytes.items())
+        chunk_bytes = sum(b * chunk for w, b in table_bytes.items() if w is not None)
+        n = max(1, min(max_num_seqs, (budget - chunk_bytes) // seq_bytes))
+        window_pages = {w: min(most, n * pages_for(w, max_model_len, page_size) + chunk)
+                        for w in table_bytes if w is not None}
+        budget -= sum(n * table_bytes[w] for w, n in window_pages.items())
+    per_page = table_bytes[None] if window_pages else sum(table_bytes.values())
+    if budget <= 0:
+        raise ValueError(f"the cache memory does not hold the recurrent states of {max_num_seqs} sequences and one "
+                         f"sequence's sliding windows; lower max_num_seqs or raise kv_cache_memory")
+    num_pages = min(budget // per_page, most) if per_page else most  # no per-token cache (pure delta rule): pages are bookkeeping
+    if num_pages < 1:
+        raise ValueError(f"kv_cache_memory of {budget} bytes holds no page ({per_page} bytes each)")
+    return CachePlan(page_size, num_pages, window_pages, table_bytes, max_num_seqs if per_seq_state else 0,
+                     per_seq_state)
+
+
 def state_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], dtype: torch.dtype) -> int:
     """Bytes one sequence's recurrent states cost across all layers."""
     return sum(s.bytes_per_sequence(torch.finfo(dtype).bits // 8) for _, s in flat_specs(specs)
@@ -111,7 +185,9 @@ class StatePool:
 class PagedKVCache:
     def __init__(self, specs: list[CacheSpec | tuple[CacheSpec, ...]], num_pages: int, page_size: int,
                  dtype: torch.dtype, enable_prefix_caching: bool = True, device: torch.device | str = "cpu",
-                 num_state_slots: int = 0):
+                 num_state_slots: int = 0, window_pages: dict[int, int] | None = None):
+        """num_pages: pages of the full-context table (of every table when window_pages is None);
+        window_pages: pages of each sliding window's table (they only ever hold the last window)."""
         self.page_size, self.num_pages, self.device = page_size, num_pages, torch.device(device)
         recurrent = {i: s for i, s in flat_specs(specs) if isinstance(s, RecurrentState)}
         if recurrent and num_state_slots < 1:
@@ -121,17 +197,22 @@ class PagedKVCache:
         table_of_window: dict[int | None, int] = {}
         self.groups: list[CacheGroup] = []
         self.layer_group: dict[tuple[int, str], tuple[int, int]] = {}
-        for gi, (spec, layers) in enumerate(group_specs(specs)):
+        grouped = group_specs(specs)
+        # the full-context table first (index 0: the radix tree's), then one per window
+        grouped.sort(key=lambda g: isinstance(g[0], SlidingKV))
+        for gi, (spec, layers) in enumerate(grouped):
             window = spec.window if isinstance(spec, SlidingKV) else None
             if window not in table_of_window:
                 table_of_window[window] = len(self.tables)
-                self.tables.append(PageTable(BlockPool(num_pages), window))
+                n = num_pages if window is None or window_pages is None else window_pages[window]
+                self.tables.append(PageTable(BlockPool(n), window))
             ti = table_of_window[window]
+            pages = self.tables[ti].pool.capacity
             if isinstance(spec, (LatentKV, IndexerKeys)):  # one row per token shared by all heads, no values
-                k = torch.zeros(len(layers), 1, num_pages, page_size, spec.dim, dtype=dtype, device=device)
+                k = torch.zeros(len(layers), 1, pages, page_size, spec.dim, dtype=dtype, device=device)
                 v = torch.zeros(0, dtype=dtype, device=device)
             else:
-                shape = (len(layers), spec.num_kv_heads, num_pages, page_size)
+                shape = (len(layers), spec.num_kv_heads, pages, page_size)
                 k = torch.zeros(*shape, spec.head_dim, dtype=dtype, device=device)
                 v = torch.zeros(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype, device=device)
             self.groups.append(CacheGroup(spec, layers, self.tables[ti].pool, ti, k, v))
@@ -244,6 +325,25 @@ class PagedKVCache:
             self.states.give_back(req.state_slot)
         req.page_tables, req.prefix_handle, req.tree_tokens, req.state_slot = [], None, 0, None
 
+    def max_concurrency(self, num_tokens: int) -> int:
+        """How many sequences of num_tokens tokens fit at once (pages and state slots)."""
+        fits = [t.pool.capacity // max(1, pages_for(t.window, num_tokens, self.page_size)) for t in self.tables]
+        if self.states is not None:
+            fits.append(self.states.num_slots)
+        return min(fits) if fits else 0
+
+    def describe(self) -> list[str]:
+        """One line per page table (and the state pool) for the start-up log."""
+        lines = []
+        for t in self.tables:
+            layers = sorted({i for g in self.groups if g.pool is t.pool for i in g.layer_ids})
+            kind = "full context" if t.window is None else f"sliding window {t.window}"
+            lines.append(f"{kind} (layers {_ranges(layers)}): {t.pool.capacity} pages x {self.page_size} tokens = "
+                         f"{t.pool.capacity * self.page_size} tokens")
+        if self.states is not None:
+            lines.append(f"recurrent state (layers {_ranges(sorted(self.states.conv))}): {self.states.num_slots} slots")
+        return lines
+
     @property
     def usage(self) -> float:
         used = sum(t.pool.capacity - t.pool.num_free for t in self.tables)
@@ -312,6 +412,18 @@ class PagedKVCache:
         if self.states is not None:
             state_slots = torch.tensor([r.state_slot for r in reqs], dtype=torch.long, device=self.device)
         return StepKV(self, plans, slot_maps, state_slots)
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from attnzoo.engine.detokenizer import RequestDetokenizer
-from attnzoo.engine.kv_cache import PagedKVCache, page_bytes, state_bytes
+from attnzoo.engine.kv_cache import PagedKVCache, plan_cache
 from attnzoo.engine.model_runner import ModelRunner
 from attnzoo.engine.request import Request, Status
 from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_generator
@@ -112,37 +112,32 @@ class LLM:
         self.max_model_len = cfg.max_position_embeddings
         dtype = self.model.embed_tokens.weight.dtype
         specs = self.model.cache_specs()
-        per_page = page_bytes(specs, page_size, dtype)
         if kv_cache_memory is not None:
             budget = kv_cache_memory
         elif self.device.type == "cuda":
             budget = int(torch.cuda.mem_get_info(self.device)[0] * kv_cache_fraction)
         else:
             budget = int(_free_memory_bytes() * kv_cache_fraction)
-        # delta-rule layers keep a fixed state per sequence: one slot per schedulable sequence, paid up front
-        per_seq_state = state_bytes(specs, dtype)
-        if per_seq_state:
-            budget -= per_seq_state * max_num_seqs
-            if budget <= 0:
-                raise ValueError(f"the recurrent states of {max_num_seqs} sequences ({per_seq_state * max_num_seqs} "
-                                 f"bytes) do not fit in the cache memory; lower max_num_seqs or raise kv_cache_memory")
-        # never more pages than max_num_seqs full-length sequences can use
-        num_pages = min(budget // per_page, max_num_seqs * -(-self.max_model_len // page_size) + 1) if per_page else 1
-        if num_pages < 1:
-            raise ValueError(f"kv_cache_memory of {budget} bytes holds no page ({per_page} bytes each)")
-        self.kv = PagedKVCache(specs, num_pages, page_size, dtype, enable_prefix_caching, self.device,
-                               num_state_slots=max_num_seqs if per_seq_state else 0)
-        log.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB)", num_pages, page_size,
-                 num_pages * page_size, num_pages * per_page / 2**20)
-        if per_seq_state:
-            log.info("recurrent state: %d slots x %.2f MiB = %.1f MiB", max_num_seqs, per_seq_state / 2**20,
-                     max_num_seqs * per_seq_state / 2**20)
+        plan = plan_cache(specs, page_size, dtype, budget, max_num_seqs, max_num_batched_tokens, self.max_model_len)
+        self.kv = PagedKVCache(specs, plan.num_pages, page_size, dtype, enable_prefix_caching, self.device,
+                               num_state_slots=plan.state_slots, window_pages=plan.window_pages)
+        log.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB)", plan.num_pages, page_size,
+                 plan.num_pages * page_size, plan.total_bytes / 2**20)
+        if plan.window_pages or plan.state_slots:
+            for line in self.kv.describe():
+                log.info("  %s", line)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.kv)
+        length = min(8192, self.max_model_len)
+        log.info("fits %d concurrent sequences of %d tokens", self.max_concurrent_sequences(length), length)
         self.runner = ModelRunner(self.model, self.kv)
         self.sampler = Sampler(torch.Generator().manual_seed(seed))
         self.eos_token_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else list(cfg.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
+
+    def max_concurrent_sequences(self, num_tokens: int) -> int:
+        """How many sequences of num_tokens tokens (prompt + output) can run at once in this cache."""
+        return min(self.kv.max_concurrency(num_tokens), self.scheduler.cfg.max_num_seqs)
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,

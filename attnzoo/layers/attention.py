@@ -17,35 +17,37 @@ class Attention(nn.Module):
     def __init__(self, layer_idx: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  bias: bool = False, o_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
                  window: int | None = None, sinks: bool = False, use_rope: bool = True,
-                 interleaved_rope: bool = False, output_gate: bool = False):
+                 interleaved_rope: bool = False, output_gate: bool = False, v_head_dim: int | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
         self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = layer_idx, num_heads, num_kv_heads, head_dim
+        self.v_head_dim = v_head_dim or head_dim
         self.window, self.use_rope, self.interleaved_rope = window, use_rope, interleaved_rope
         self.output_gate = output_gate
         q_width = num_heads * head_dim * (2 if output_gate else 1)
-        self.qkv_proj = nn.Linear(hidden_size, q_width + 2 * num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        self.qkv_proj = nn.Linear(hidden_size, q_width + num_kv_heads * (head_dim + self.v_head_dim), bias=bias)
+        self.o_proj = nn.Linear(num_heads * self.v_head_dim, hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.sinks = nn.Parameter(torch.zeros(num_heads)) if sinks else None
 
     def cache_spec(self) -> FullKV:
+        dv = None if self.v_head_dim == self.head_dim else self.v_head_dim
         if self.window is not None:
-            return SlidingKV(self.num_kv_heads, self.head_dim, window=self.window)
-        return FullKV(self.num_kv_heads, self.head_dim)
+            return SlidingKV(self.num_kv_heads, self.head_dim, dv, window=self.window)
+        return FullKV(self.num_kv_heads, self.head_dim, dv)
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x [N, hidden] -> q [N, H, d], k, v [N, Hkv, d] (normed, roped) and the output gate (or None)."""
         n, d = x.shape[0], self.head_dim
         q_width = self.num_heads * d * (2 if self.output_gate else 1)
-        q, k, v = self.qkv_proj(x).split([q_width, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        q, k, v = self.qkv_proj(x).split([q_width, self.num_kv_heads * d, self.num_kv_heads * self.v_head_dim], -1)
         gate = None
         if self.output_gate:
             q, gate = q.view(n, self.num_heads, 2 * d).split(d, -1)
-        q, k, v = q.reshape(n, self.num_heads, d), k.view(n, self.num_kv_heads, d), v.view(n, self.num_kv_heads, d)
+        q, k, v = q.reshape(n, self.num_heads, d), k.view(n, self.num_kv_heads, d), v.view(n, self.num_kv_heads, -1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope and rope is not None:
@@ -56,7 +58,7 @@ class Attention(nn.Module):
     def output(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         if gate is not None:
             o = o * torch.sigmoid(gate)
-        return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.v_head_dim))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
         q, k, v, gate = self.project(x, rope)

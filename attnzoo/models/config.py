@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "sparse_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "sparse_attention", "nsa")
 
 
 @dataclass
@@ -54,8 +54,22 @@ class ModelConfig:
     # MiniMax Sparse Attention on GQA (layer type "sparse_attention"): index_head_dim, block_size,
     # topk_blocks, local_blocks
     msa: dict[str, Any] | None = None
+    # Native Sparse Attention (layer type "nsa"; training path only): NativeSparseAttention's options
+    # (block_len, stride, select_block, num_selected, window, shared_kv, compress, compress_hidden, gate_hidden)
+    nsa: dict[str, Any] | None = None
     mlp_clamp: tuple[float, ...] | None = None   # (alpha, limit[, up_offset]): ClampedGLU (GPT-OSS / MiniMax-M3;
     #                                                GLM-5.3-Flash: (1, swiglu_limit, 0))
+    # SWA/global hybrids (Cohere2, MiMo-V2-Flash)
+    layer_rope: dict[str, dict[str, Any] | None] | None = None  # per layer type: {theta, partial, scaling}
+                                                                 # or None = NoPE for that type
+    rope_interleaved: bool = False    # softmax attention rotates (x[2i], x[2i+1]) pairs (Cohere2)
+    sliding_num_kv_heads: int | None = None   # KV heads of sliding layers when they differ (MiMo: 2x)
+    v_head_dim: int | None = None     # value head width when it differs from head_dim (MiMo: 128 vs 192)
+    sliding_sinks: bool = False       # learned per-head sink logits on sliding layers (MiMo)
+    value_scale: float = 1.0          # values scaled after v_proj (MiMo 0.707); folded into the weights at load
+    norm: str = "rms"                 # rms | layer (mean-centred, weight only: Cohere)
+    parallel_block: bool = False      # x + attn(ln(x)) + mlp(ln(x)) with one norm (Cohere)
+    logit_scale: float = 1.0          # logits multiplied by this (Cohere)
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -74,8 +88,12 @@ class ModelConfig:
             raise ValueError("attention_type 'mla' and the mla parameters go together")
         if "linear_attention" in self.layer_types and self.linear is None:
             raise ValueError("linear_attention layers need the linear (delta rule) parameters")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"norm must be rms or layer, got {self.norm!r}")
         if "sparse_attention" in self.layer_types and self.msa is None:
             raise ValueError("sparse_attention layers need the msa parameters")
+        if "nsa" in self.layer_types and self.nsa is None:
+            raise ValueError("nsa layers need the nsa parameters")
         if self.dsa is not None:
             if self.mla is None:
                 raise ValueError("DSA runs on MLA: the mla parameters are needed")

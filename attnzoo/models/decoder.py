@@ -8,11 +8,13 @@ from torch import nn
 
 from attnzoo.layers import (Attention, Batch, ContiguousKVCache, DeepseekMoE, MLAttention, RMSNorm, RotaryEmbedding,
                             SwiGLU)
+from attnzoo.layers.norm import LayerNorm
 from attnzoo.layers.delta import GatedDeltaNet, KimiDeltaAttention
 from attnzoo.layers.dsa import DSAttention
 from attnzoo.layers.mlp import ClampedGLU
 from attnzoo.layers.moe import QwenMoE
 from attnzoo.layers.msa import MiniMaxSparseAttention
+from attnzoo.layers.nsa import NativeSparseAttention
 from attnzoo.layers.cache_spec import CacheSpec
 from attnzoo.models.config import ModelConfig
 
@@ -21,7 +23,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int):
         super().__init__()
         sliding = cfg.layer_types[idx] == "sliding_attention"
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layer_type, self.parallel = cfg.layer_types[idx], cfg.parallel_block
+        self.input_layernorm = make_norm(cfg)
         self.attn: Attention | MLAttention | DSAttention | GatedDeltaNet | KimiDeltaAttention | MiniMaxSparseAttention
         if cfg.layer_types[idx] == "linear_attention":
             lin = cfg.linear
@@ -38,6 +41,10 @@ class DecoderLayer(nn.Module):
                                                topk_blocks=m["topk_blocks"], local_blocks=m["local_blocks"],
                                                norm_eps=cfg.rms_norm_eps, qk_norm=cfg.qk_norm,
                                                bias=cfg.attention_bias, o_bias=cfg.attention_bias)
+        elif cfg.layer_types[idx] == "nsa":  # training path only (no decode cache yet)
+            self.attn = NativeSparseAttention(idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                              qk_norm=cfg.qk_norm, norm_eps=cfg.rms_norm_eps, use_rope=cfg.use_rope,
+                                              **cfg.nsa)
         elif cfg.dsa is not None:
             m, d = cfg.mla, cfg.dsa
             self.attn = DSAttention(idx, cfg.hidden_size, cfg.num_heads, q_lora_rank=m["q_lora_rank"],
@@ -56,11 +63,14 @@ class DecoderLayer(nn.Module):
                                     bias=cfg.attention_bias, norm_eps=cfg.rms_norm_eps, rope_scaling=cfg.rope_scaling,
                                     interleaved_rope=m.get("rope_interleave", True))
         else:
-            self.attn = Attention(idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            kv_heads = cfg.sliding_num_kv_heads if sliding and cfg.sliding_num_kv_heads else cfg.num_kv_heads
+            self.attn = Attention(idx, cfg.hidden_size, cfg.num_heads, kv_heads, cfg.head_dim,
                                   bias=cfg.attention_bias, o_bias=cfg.attention_bias, qk_norm=cfg.qk_norm,
                                   norm_eps=cfg.rms_norm_eps, window=cfg.sliding_window if sliding else None,
-                                  output_gate=cfg.attn_output_gate)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+                                  output_gate=cfg.attn_output_gate, v_head_dim=cfg.v_head_dim,
+                                  sinks=sliding and cfg.sliding_sinks, interleaved_rope=cfg.rope_interleaved)
+        # the parallel block (Cohere) feeds attention and MLP from one norm
+        self.post_attention_layernorm = None if cfg.parallel_block else make_norm(cfg)
         self.mlp: SwiGLU | DeepseekMoE | QwenMoE
         e = cfg.moe
         clamp = ClampedGLU(*cfg.mlp_clamp) if cfg.mlp_clamp else None
@@ -78,8 +88,15 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, clamp=clamp)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> torch.Tensor:
+        if self.parallel:
+            h = self.input_layernorm(x)
+            return x + self.attn(h, rope, batch) + self.mlp(h)
         x = x + self.attn(self.input_layernorm(x), rope, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def make_norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
+    return LayerNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.norm == "layer" else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DecoderLM(nn.Module):
@@ -91,11 +108,21 @@ class DecoderLM(nn.Module):
         self.tokenizer = None  # set by the loaders when the checkpoint carries one
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.build_rotary()
+
+    def build_rotary(self) -> None:
+        """RoPE tables are computed, not loaded: the default one, and per layer type where the config says
+        (MiMo-V2-Flash: a theta per type; Cohere2: no rotation on global layers)."""
         self.rotary = self.make_rotary()
+        c = self.config
+        self.layer_rotary: dict[str, RotaryEmbedding | None] = {
+            t: None if r is None else RotaryEmbedding(int(c.head_dim * r.get("partial", c.partial_rotary_factor)),
+                                                      r["theta"], r.get("scaling"), c.max_position_embeddings)
+            for t, r in (c.layer_rope or {}).items()}
 
     def make_rotary(self) -> RotaryEmbedding | None:
         c = self.config
@@ -103,18 +130,24 @@ class DecoderLM(nn.Module):
             return None
         return RotaryEmbedding(c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
 
+    def ropes(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """cos/sin for each layer, each distinct table evaluated once."""
+        tables = {None: self.rotary, **self.layer_rotary}
+        done = {k: None if r is None else r(positions) for k, r in tables.items()}
+        return [done[t if t in self.layer_rotary else None] for t in self.config.layer_types]
+
     def cache_specs(self) -> list[CacheSpec | tuple[CacheSpec, ...]]:
         return [layer.attn.cache_spec() for layer in self.layers]
 
     def forward_batch(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """input_ids [N] (packed) -> logits [len(batch.logits_rows) or N, V]."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary(batch.positions) if self.rotary is not None else None
-        for layer in self.layers:
+        for layer, rope in zip(self.layers, self.ropes(batch.positions)):
             x = layer(x, rope, batch)
         if batch.logits_rows is not None:
             x = x[batch.logits_rows]
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        return logits * self.config.logit_scale if self.config.logit_scale != 1.0 else logits
 
     def forward(self, input_ids: torch.Tensor, cache: ContiguousKVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:

@@ -15,8 +15,9 @@ from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.errors import ModelLoadError
 from attnzoo.models.weights import build_model
 
-HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen3_next", "qwen3_5", "qwen3_5_text", "kimi_linear",
-                    "minimax_m3_vl", "minimax_m3_vl_text", "glm5_next", "glm5_next_text")
+HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "cohere2", "mimo_v2_flash", "deepseek_v3", "deepseek_v32",
+                    "glm_moe_dsa", "qwen3_next", "qwen3_5", "qwen3_5_text", "kimi_linear", "minimax_m3_vl",
+                    "minimax_m3_vl_text", "glm5_next", "glm5_next_text")
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
@@ -80,6 +81,35 @@ def _delta_rule_config(raw: dict[str, Any], arch: str) -> dict[str, Any]:
         skip, step = set(raw.get("mlp_only_layers") or []), raw.get("decoder_sparse_step", 1)
         out["mlp_layer_types"] = ["sparse" if i not in skip and (i + 1) % step == 0 else "dense" for i in range(n)]
     return out
+
+
+def _mimo_config(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], int, dict[str, Any] | None]:
+    """MiMo-V2-Flash: global at layer 0 and every 6th, sliding elsewhere with twice the KV heads and sink
+    logits; q/k head_dim != v_head_dim; values scaled; RoPE theta (and partial factor) per layer type;
+    DeepSeek-style routing without shared experts. Returns (extra fields, layer types, window, moe)."""
+    n = raw["num_hidden_layers"]
+    layer_types = raw.get("layer_types") or [
+        "full_attention" if i == 0 or (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    # the reference attends sliding_window_size previous tokens plus the query (transformers adds the 1)
+    window = raw["sliding_window_size"] + 1 if raw.get("sliding_window_size") else raw.get("sliding_window")
+    rp = raw.get("rope_parameters") or {}
+    layer_rope = {}
+    for t in ("full_attention", "sliding_attention"):
+        r = rp.get(t, rp)
+        layer_rope[t] = dict(theta=float(r.get("rope_theta", raw.get("rope_theta", 10000.0))),
+                             partial=float(r.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
+                             scaling=None if r.get("rope_type", "default") == "default" else dict(r))
+    experts = raw.get("n_routed_experts", 0)
+    moe = None if not experts else dict(
+        kind="deepseek", n_routed_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
+        moe_intermediate_size=raw["moe_intermediate_size"], n_group=raw.get("n_group", 1) or 1,
+        topk_group=raw.get("topk_group", 1) or 1, norm_topk_prob=raw.get("norm_topk_prob", True),
+        routed_scaling_factor=raw.get("routed_scaling_factor", 1.0) or 1.0, n_shared_experts=0)
+    extra = dict(layer_rope=layer_rope, sliding_num_kv_heads=2 * raw["num_key_value_heads"],
+                 v_head_dim=raw.get("v_head_dim"), sliding_sinks=True,
+                 value_scale=float(raw.get("attention_value_scale") or 1.0),
+                 mlp_layer_types=raw.get("mlp_layer_types") or ["dense"] + ["sparse" if experts else "dense"] * (n - 1))
+    return extra, layer_types, window, moe
 
 
 def _minimax_config(raw: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +250,17 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
                             # DeepSeek-V3.2's indexer rotates half-split pairs, GLM-5's interleaved ones
                             indexer_interleaved_rope=arch == "glm_moe_dsa",
                             indexer_types=_indexer_types(raw))
+    if arch == "cohere2":
+        # 3 sliding (interleaved RoPE) : 1 global (NoPE); parallel block; LayerNorm; scaled logits
+        every = raw.get("sliding_window_pattern", 4)
+        layer_types = raw.get("layer_types") or [
+            "sliding_attention" if (i + 1) % every else "full_attention" for i in range(raw["num_hidden_layers"])]
+        window = raw.get("sliding_window")
+        extra = dict(layer_rope={"full_attention": None}, rope_interleaved=True, norm="layer", parallel_block=True,
+                     logit_scale=float(raw.get("logit_scale", 0.0625)), rms_norm_eps=raw.get("layer_norm_eps", 1e-5),
+                     tie_word_embeddings=raw.get("tie_word_embeddings", True))
+    if arch == "mimo_v2_flash":
+        extra, layer_types, window, moe = _mimo_config(raw)
     if arch == "minimax_m3":
         extra = _minimax_config(raw)
         layer_types, moe = extra.pop("layer_types"), extra.pop("moe")
@@ -237,10 +278,10 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         intermediate_size=extra.pop("intermediate_size", raw["intermediate_size"]), num_layers=raw["num_hidden_layers"], num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads") or heads,
         head_dim=head_dim,
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        rms_norm_eps=extra.pop("rms_norm_eps", raw.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
         partial_rotary_factor=partial,
         max_position_embeddings=raw.get("max_position_embeddings", raw.get("model_max_length", 2048)),
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        tie_word_embeddings=extra.pop("tie_word_embeddings", raw.get("tie_word_embeddings", False)),
         attention_bias=raw.get("attention_bias", False), mlp_bias=raw.get("mlp_bias", False),
         qk_norm=arch in ("qwen3", "qwen3_next", "qwen3_5", "minimax_m3"), sliding_window=window, layer_types=list(layer_types or []),
         bos_token_id=raw.get("bos_token_id"),
@@ -253,6 +294,9 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path}/config.json could not be read as JSON: {e}") from None
+    if isinstance(raw, dict) and raw.get("model_type") == "attnzoo":  # our own format (arena-trained models)
+        from attnzoo.models.native import load_native
+        return load_native(path, dtype, raw)
     cfg = config_from_hf(raw)
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]

@@ -41,7 +41,7 @@ def _convert(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str,
         out["lm_head.weight"] = _take(tensors, "lm_head.weight")
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in ("input_layernorm",) if cfg.parallel_block else ("input_layernorm", "post_attention_layernorm"):
             out[dst + norm + ".weight"] = _take(tensors, src + norm + ".weight")
         a = src + "self_attn."
         if cfg.layer_types[i] == "linear_attention" and cfg.linear["kind"] == "kda":
@@ -171,12 +171,18 @@ def _swiglu(tensors: Mapping[str, torch.Tensor], m: str, d: str, bias: bool) -> 
 
 def _softmax_attention(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], a: str, d: str
                        ) -> dict[str, torch.Tensor]:
-    """q/k/v fused into one qkv_proj (one weight read per step)."""
-    out = {d + "qkv_proj.weight": torch.cat([_take(tensors, a + p + "_proj.weight") for p in "qkv"]),
+    """q/k/v fused into one qkv_proj (one weight read per step); a value scale folded into v's rows."""
+    vs = cfg.value_scale
+    out = {d + "qkv_proj.weight": torch.cat([_take(tensors, a + "q_proj.weight"), _take(tensors, a + "k_proj.weight"),
+                                             _take(tensors, a + "v_proj.weight") * vs]),
            d + "o_proj.weight": _take(tensors, a + "o_proj.weight")}
     if cfg.attention_bias:
-        out[d + "qkv_proj.bias"] = torch.cat([_take(tensors, a + p + "_proj.bias") for p in "qkv"])
-        out[d + "o_proj.bias"] = _take(tensors, a + "o_proj.bias")
+        out[d + "qkv_proj.bias"] = torch.cat([_take(tensors, a + "q_proj.bias"), _take(tensors, a + "k_proj.bias"),
+                                              _take(tensors, a + "v_proj.bias") * vs])
+        if a + "o_proj.bias" in tensors or not cfg.sliding_sinks:  # MiMo's o_proj has no bias
+            out[d + "o_proj.bias"] = _take(tensors, a + "o_proj.bias")
+    if a + "attention_sink_bias" in tensors:  # MiMo's sliding layers
+        out[d + "sinks"] = tensors[a + "attention_sink_bias"]
     if cfg.qk_norm:
         out[d + "q_norm.weight"] = _take(tensors, a + "q_norm.weight")
         out[d + "k_norm.weight"] = _take(tensors, a + "k_norm.weight")
@@ -193,7 +199,7 @@ def build_model(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], dtype: to
     state = convert_hf_state_dict(cfg, tensors)
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
-    model.rotary = model.make_rotary()  # rope tables are computed, not loaded: build them for real
+    model.build_rotary()  # rope tables are computed, not loaded: build them for real
     expected = {k for k in model.state_dict()}
     for name, t in state.items():
         want = model.get_parameter(name).shape

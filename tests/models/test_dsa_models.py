@@ -1,7 +1,10 @@
 """DeepSeek Sparse Attention checkpoints (deepseek_v32; glm_moe_dsa with IndexShare) -> attnzoo, against
 transformers' own model code. Tiny random models (recipes: shared/oracles/deepseek_v32.py, glm_moe_dsa.py)
 with every norm weight, LayerNorm bias and router bias randomised; prompts longer than index_topk, so the
-indexer's selection decides the output.
+indexer's selection decides the output. Exact score ties at the top-k boundary are implementation-defined
+(torch.topk breaks them differently for rows of different lengths; we take the lower key index), and ReLU
+makes them common when every index head's dot product is negative: 16 index heads make an all-zero key
+(probability 2^-16) practically impossible, so the comparison is between selections, not tie-breaks.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from attnzoo.layers import IndexerKeys, LatentKV
 VOCAB = 128
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
             num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
-            qk_rope_head_dim=8, v_head_dim=12, index_topk=8, index_head_dim=16, index_n_heads=4,
+            qk_rope_head_dim=8, v_head_dim=12, index_topk=8, index_head_dim=16, index_n_heads=16,
             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
             max_position_embeddings=256, initializer_range=0.1, attn_implementation="eager",
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})

@@ -28,7 +28,7 @@ from attnzoo.models.hf_loader import config_from_hf
 VOCAB = 128
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=8,
             num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
-            qk_rope_head_dim=0, v_head_dim=16, index_topk=8, index_head_dim=16, index_n_heads=4, index_kpool=4,
+            qk_rope_head_dim=0, v_head_dim=16, index_topk=8, index_head_dim=16, index_n_heads=16, index_kpool=4,
             linear_head_dim=16, linear_num_heads=4, linear_conv_kernel_dim=4, hc_mult=2, n_routed_experts=4,
             num_experts_per_tok=2, pad_token_id=0, max_position_embeddings=256, initializer_range=0.1,
             mlp_layer_types=["dense", "sparse"] * 4, swiglu_limit=1.0)

@@ -1,0 +1,87 @@
+"""SWA/global hybrids (Cohere2, MiMo-V2-Flash) -> attnzoo, against transformers' own model code.
+
+Tiny random checkpoints (recipes: shared/oracles/cohere2.py, mimo_v2_flash.py) with norms, sink logits and
+router biases randomised; prompts longer than the window, so the sliding layers really slide.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import Cohere2Config, Cohere2ForCausalLM, MiMoV2FlashConfig, MiMoV2FlashForCausalLM
+
+import attnzoo
+from attnzoo.engine import GenerationConfig, generate
+from attnzoo.layers import FullKV, SlidingKV
+
+VOCAB = 128
+MODELS: dict[str, tuple[type, type, dict[str, Any]]] = {
+    "cohere2": (Cohere2ForCausalLM, Cohere2Config, dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=8, logit_scale=0.25,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, initializer_range=0.1,
+        attn_implementation="eager", pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "mimo_v2_flash": (MiMoV2FlashForCausalLM, MiMoV2FlashConfig, dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=24, v_head_dim=16, n_routed_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=256, sliding_window=8, initializer_range=0.1,
+        attn_implementation="eager")),
+}
+
+
+def make_hf(name: str, seed: int = 0) -> torch.nn.Module:
+    cls, cfg_cls, kw = MODELS[name]
+    torch.manual_seed(seed)
+    model = cls(cfg_cls(**kw)).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.uniform_(0.5, 1.5)
+            elif pname.endswith(("sinks", "attention_sink_bias")):
+                p.normal_(0.0, 1.0)
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+    return model
+
+
+def load(name: str, path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    hf = make_hf(name)
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, attnzoo.load_model(path)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_match_transformers(name: str, tmp_path: Path) -> None:
+    hf, ours = load(name, tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(1))   # 30 tokens, window 8
+    with torch.no_grad():
+        theirs, mine = hf(ids).logits, ours(ids)
+    scale = theirs.abs().max().item()
+    assert scale > 0.1 and theirs.std().item() > 0.02, f"logits too small to mean anything (max |x| {scale})"
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * max(1.0, scale))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_generation_matches_transformers(name: str, tmp_path: Path) -> None:
+    hf, ours = load(name, tmp_path)
+    prompt = torch.randint(3, VOCAB, (1, 21), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
+                           min_new_tokens=32, eos_token_id=None, pad_token_id=0)[0, 21:].tolist()
+    assert generate(ours, prompt[0].tolist(), GenerationConfig(max_tokens=32)) == want
+
+
+def test_layer_layouts(tmp_path: Path) -> None:
+    _, cohere = load("cohere2", tmp_path / "c")
+    assert cohere.cache_specs() == [SlidingKV(2, 16, window=8)] * 3 + [FullKV(2, 16)]
+    assert cohere.layer_rotary == {"full_attention": None}        # NoPE global layers
+    assert cohere.layers[0].post_attention_layernorm is None       # parallel block
+    _, mimo = load("mimo_v2_flash", tmp_path / "m")
+    specs = mimo.cache_specs()
+    assert specs[0] == FullKV(1, 24, 16) and specs[1] == SlidingKV(2, 24, 16, window=8)
+    assert mimo.layers[1].attn.sinks is not None and mimo.layers[0].attn.sinks is None
+    assert mimo.layer_rotary["full_attention"].rotary_dim == 8      # int(24 * 0.334)
