@@ -97,6 +97,22 @@ def test_nan_in_one_sequence_stays_there() -> None:
         assert s[0].isfinite().all() and s[2].isfinite().all() and s[1].isnan().any()
 
 
+@pytest.mark.parametrize("cu", [None, [0, 20, 20, 21, 53]], ids=["dense", "varlen"])
+def test_every_output_row_is_written(monkeypatch, cu: list[int] | None) -> None:
+    """The inference path writes into an uninitialised buffer: poisoned with NaN here, none may survive."""
+    from attnzoo.ops.delta_rule import chunk as chunk_module
+    monkeypatch.setattr(chunk_module, "output_buffer",
+                        lambda n, h, d, like: torch.full((n, h, d), float("nan"), dtype=like.dtype))
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    a = make(1 if cu else 2, 53, channel=True, seed=19, n_states=4 if cu else None)
+    ro, rs = run(delta_rule_reference, a, cu_seqlens=cu_t)
+    for fn, kw in ((chunk_delta_rule, {"chunk_size": 16}), (chunk_delta_rule, {"chunk_size": 53}),
+                   (fused_recurrent_delta_rule, {})):
+        o, s = run(fn, a, cu_seqlens=cu_t, **kw)
+        torch.testing.assert_close(o, ro, **F64)
+        torch.testing.assert_close(s, rs, **F64)
+
+
 @pytest.mark.parametrize("fn", [chunk_delta_rule, fused_recurrent_delta_rule], ids=["chunk", "recurrent"])
 @pytest.mark.parametrize("channel", [False, True], ids=["gdn", "kda"])
 def test_initial_state_handoff(fn, channel: bool) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnzoo.ops.delta_rule.chunk import make_layout, prepare_qk, sequences
+from attnzoo.ops.delta_rule import chunk as _chunk  # module: tests swap its output_buffer
+from attnzoo.ops.delta_rule.chunk import make_layout, needs_grad, prepare_qk, sequences
 from attnzoo.ops.delta_rule.reference import check_inputs
 
 
@@ -78,9 +79,10 @@ def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None
     lay = make_layout(*sequences(B, T, cu_seqlens), 1, q.device)
     S = (q.new_zeros(n, Hv, dk, dv) if initial_state is None
          else initial_state.to(wide).index_select(0, lay.order))
-    # S is our own copy (index_select), so without autograd it is updated in place
-    inputs = (q, k, v, beta, S, decay)
-    inplace = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+    # S is our own copy (index_select): without autograd it is updated in place, outputs go straight to
+    # their rows; with autograd, out of place and collected
+    inplace = not needs_grad(q, k, v, beta, S, decay)
+    out = _chunk.output_buffer(B * T, Hv, dv, v) if inplace else None
     outs = []
     for t, (first, a) in enumerate(lay.steps):
         if lay.dense:  # B equal rows: token t of each is a strided view, no gather
@@ -92,12 +94,12 @@ def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None
         if r > 1:
             qt, kt = qt.repeat_interleave(r, 1), kt.repeat_interleave(r, 1)
         o, Sa = _step(S[:a], qt, kt, vt, dt, bt, inplace)
-        outs.append(o)
-        if not inplace:
+        if inplace:
+            lay.write(out, o[..., None, :], first, a)  # one-token chunks
+        else:
+            outs.append(o)
             S = Sa if a == n else torch.cat([Sa, S[a:]])
-    if lay.dense:
-        o = torch.stack(outs, 1) if outs else v.new_zeros(B, T, Hv, dv)
-    else:
-        o = torch.cat(outs)[lay.token_chunk] if outs else v.new_zeros(0, Hv, dv)
+    if not inplace:
+        out = torch.cat(outs)[lay.token_chunk] if outs else v.new_zeros(0, Hv, dv)
     final = S.index_select(0, torch.argsort(lay.order)) if output_final_state else None
-    return o.reshape(B, T, Hv, dv).to(out_dtype), final
+    return out.reshape(B, T, Hv, dv).to(out_dtype), final
