@@ -288,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     emit(f"# Gated delta rule benchmark{' (--quick)' if args.quick else ''}\n")
     emit(f"- machine: {machine()}")
     # another job on a core stalls 2-thread barriers; the load average says whether that happened
-    emit(f"- load average at start: {os.getloadavg()[0]:.2f}")
+    load = os.getloadavg()[0]
+    emit(f"- load average at start: {load:.2f}" + (" (another job is running: 2-thread timings stall behind it; "
+                                                    "rerun idle, or with --threads 1)" if load > 1 and args.threads > 1
+                                                    else ""))
     fla = load_fla(args.fla_path)  # after every other import: fla binds Triton kernels when imported
     if fla is None:
         args.fla_path = None

@@ -209,28 +209,28 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Te
     out_dtype = v.dtype
     wide = torch.float64 if v.dtype == torch.float64 else torch.float32
     scale = dk ** -0.5 if scale is None else scale
-    q, k, v, beta = (t.to(wide).flatten(0, 1) for t in (q, k, v, beta))
-    g = q.new_zeros(B * T, Hv) if g is None else g.to(wide).flatten(0, 1)
-    q, k = prepare_qk(q, k, scale, use_qk_l2norm)
+    # casts, scale and l2norm happen per group of chunks: no full-length temporaries
+    q, k, v, beta = (t.flatten(0, 1) for t in (q, k, v, beta))
+    g = beta.new_zeros(B * T, Hv) if g is None else g.flatten(0, 1)
     lay = make_layout(*sequences(B, T, cu_seqlens), C, q.device)
-    S = (q.new_zeros(n, Hv, dk, dv) if initial_state is None
+    S = (v.new_zeros(n, Hv, dk, dv, dtype=wide) if initial_state is None
          else initial_state.to(wide).index_select(0, lay.order))
     per_group = max(1, GROUP_ELEMS // (Hv * C * max(dk, dv)))
     # autograd: collect the chunk outputs and reorder once; inference: write each step into the output
     grad = needs_grad(q, k, v, g, beta, S)
-    out = None if grad else output_buffer(B * T, Hv, dv, v)
+    out = None if grad else output_buffer(B * T, Hv, dv, S)
     outs, i = [], 0
     while i < len(lay.steps):  # groups of whole steps, about per_group chunks each
         j, c0 = i + 1, lay.steps[i][0]
         while j < len(lay.steps) and lay.steps[j][0] + lay.steps[j][1] - c0 <= per_group:
             j += 1
         c1 = lay.steps[j - 1][0] + lay.steps[j - 1][1]
-        gc, bc = lay.chunks(g, c0, c1), lay.chunks(beta, c0, c1)
+        qc, kc, vc, gc, bc = (lay.chunks(x, c0, c1).to(wide) for x in (q, k, v, g, beta))
+        qc, kc = prepare_qk(qc, kc, scale, use_qk_l2norm)
         if lay.valid is not None:  # pads: beta = 0 (no write), g = 0 (no decay)
             keep = lay.valid[c0:c1, None, :]
             gc, bc = gc * (keep if gc.dim() == 3 else keep[..., None]), bc * keep
-        u, w, qg, aqk, kd, last = intra_chunk(lay.chunks(q, c0, c1), lay.chunks(k, c0, c1),
-                                              lay.chunks(v, c0, c1), gc, bc, r)
+        u, w, qg, aqk, kd, last = intra_chunk(qc, kc, vc, gc, bc, r)
         for first, a in lay.steps[i:j]:
             c = slice(first - c0, first - c0 + a)
             Sa = S[:a]
@@ -245,7 +245,7 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Te
             S = Sn if a == n else torch.cat([Sn, S[a:]])
         i = j
     if grad:
-        out = lay.tokens(torch.cat(outs).unflatten(0, (-1, Hv))) if outs else v.new_zeros(0, Hv, dv)
+        out = lay.tokens(torch.cat(outs).unflatten(0, (-1, Hv))) if outs else S.new_zeros(0, Hv, dv)
     final = S.index_select(0, torch.argsort(lay.order)) if output_final_state else None
     return out.reshape(B, T, Hv, dv).to(out_dtype), final
 

@@ -71,26 +71,28 @@ def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None
     Hv, dv = v.shape[2:]
     out_dtype = v.dtype
     wide = torch.float64 if v.dtype == torch.float64 else torch.float32
-    q, k, v, beta = (t.to(wide).flatten(0, 1) for t in (q, k, v, beta))
-    q, k = prepare_qk(q, k, dk ** -0.5 if scale is None else scale, use_qk_l2norm)
-    decay = None if g is None else g.to(wide).flatten(0, 1).exp()
+    scale = dk ** -0.5 if scale is None else scale
+    # casts, scale, l2norm and exp(g) happen per step: no full-length temporaries
+    q, k, v, g, beta = (None if t is None else t.flatten(0, 1) for t in (q, k, v, g, beta))
     r = Hv // Hk
     # step t: token t of every sequence still running, longest first (the state rows are in that order)
     lay = make_layout(*sequences(B, T, cu_seqlens), 1, q.device)
-    S = (q.new_zeros(n, Hv, dk, dv) if initial_state is None
+    S = (v.new_zeros(n, Hv, dk, dv, dtype=wide) if initial_state is None
          else initial_state.to(wide).index_select(0, lay.order))
     # S is our own copy (index_select): without autograd it is updated in place, outputs go straight to
     # their rows; with autograd, out of place and collected
-    inplace = not needs_grad(q, k, v, beta, S, decay)
-    out = _chunk.output_buffer(B * T, Hv, dv, v) if inplace else None
+    inplace = not needs_grad(q, k, v, g, beta, S)
+    out = _chunk.output_buffer(B * T, Hv, dv, S) if inplace else None
     outs = []
     for t, (first, a) in enumerate(lay.steps):
         if lay.dense:  # B equal rows: token t of each is a strided view, no gather
-            qt, kt, vt, bt, dt = (None if x is None else x.view(B, T, *x.shape[1:])[:, t]
-                                  for x in (q, k, v, beta, decay))
+            qt, kt, vt, gt, bt = (None if x is None else x.view(B, T, *x.shape[1:])[:, t].to(wide)
+                                  for x in (q, k, v, g, beta))
         else:
             idx = lay.gather[first:first + a, 0]
-            qt, kt, vt, bt, dt = (None if x is None else x[idx] for x in (q, k, v, beta, decay))
+            qt, kt, vt, gt, bt = (None if x is None else x[idx].to(wide) for x in (q, k, v, g, beta))
+        qt, kt = prepare_qk(qt, kt, scale, use_qk_l2norm)
+        dt = None if gt is None else gt.exp()
         if r > 1:
             qt, kt = qt.repeat_interleave(r, 1), kt.repeat_interleave(r, 1)
         o, Sa = _step(S[:a], qt, kt, vt, dt, bt, inplace)
@@ -100,6 +102,6 @@ def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None
             outs.append(o)
             S = Sa if a == n else torch.cat([Sa, S[a:]])
     if not inplace:
-        out = torch.cat(outs)[lay.token_chunk] if outs else v.new_zeros(0, Hv, dv)
+        out = torch.cat(outs)[lay.token_chunk] if outs else S.new_zeros(0, Hv, dv)
     final = S.index_select(0, torch.argsort(lay.order)) if output_final_state else None
     return out.reshape(B, T, Hv, dv).to(out_dtype), final
