@@ -1,4 +1,4 @@
-"""attnzoo command line: chat, generate, serve and bench serve (arena arrives with its issue)."""
+"""attnzoo command line: chat, generate, serve, bench and arena."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ EPILOG = f"""examples:
   attnzoo chat --model path/to/model.gguf       any GGUF file or transformers directory
   attnzoo serve --port 8000                     OpenAI-compatible server, chat page at http://127.0.0.1:8000/
   attnzoo bench serve --base-url http://127.0.0.1:8000 --num-prompts 16
+  attnzoo arena --mechanisms gqa,gdn            train and compare mechanisms (`attnzoo arena --help`)
+  attnzoo chat --model runs/arena/gdn           talk to a model the arena trained
 known model names: {', '.join(KNOWN_MODELS)}"""
 
 
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     for name, text in BENCHES.items():
         bench_sub.add_parser(name, help=text, add_help=False)
+    sub.add_parser("arena", help="train every mechanism on the same data and compare them", add_help=False)
     return parser
 
 
@@ -143,7 +146,8 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "flash_cpu": "blockwise O(N) attention: time and peak memory vs naive",
            "delta_rule": "gated delta rule: chunked vs recurrent prefill, decode vs softmax",
            "mla": "MLA: KV bytes per token and absorbed vs expanded decode",
-           "sparse": "DSA / MSA / NSA select-then-attend vs dense, and the sparse cost model"}
+           "sparse": "DSA / MSA / NSA select-then-attend vs dense, and the sparse cost model",
+           "hybrid": "SWA/global hybrids: KV bytes, sequences that fit, decode speed at 8k"}
 
 
 def cmd_bench(name: str, rest: list[str]) -> int:
@@ -168,6 +172,9 @@ def cmd_bench(name: str, rest: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["arena"]:  # the arena owns its options
+        from attnzoo.arena.cli import main as arena_main
+        return arena_main(argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and not argv[1].startswith("-"):
         try:
             return cmd_bench(argv[1], argv[2:])
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _params(args)  # check sampling options before the model loads, so a typo costs no waiting
         {"chat": cmd_chat, "generate": cmd_generate}[args.command](args)
-    except (ModelLoadError, ValueError) as e:  # bad input: one clear sentence, no traceback
+    except (ModelLoadError, ValueError, NotImplementedError) as e:  # bad input (or a model with no decode path,
+        # e.g. an arena-trained NSA): one clear sentence, no traceback
         print(f"attnzoo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -142,7 +142,7 @@ def plan_cache(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, d
     if budget <= 0:
         raise ValueError(f"the cache memory does not hold the recurrent states of {max_num_seqs} sequences and one "
                          f"sequence's sliding windows; lower max_num_seqs or raise kv_cache_memory")
-    num_pages = min(budget // per_page, most) if per_page else most  # no per-token cache (pure delta rule): pages are bookkeeping
+    num_pages = min(budget // per_page, most) if per_page else most  # no per-token cache: pages only count
     if num_pages < 1:
         raise ValueError(f"kv_cache_memory of {budget} bytes holds no page ({per_page} bytes each)")
     return CachePlan(page_size, num_pages, window_pages, table_bytes, max_num_seqs if per_seq_state else 0,

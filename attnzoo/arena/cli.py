@@ -1,0 +1,294 @@
+"""`attnzoo arena`: train every mechanism on the same data, evaluate, and write the report.
+
+    attnzoo arena                                  the cpu preset, every mechanism, into runs/arena
+    attnzoo arena --mechanisms gqa,gdn --steps 50  a subset, fewer steps
+    attnzoo arena --resume                         continue an interrupted run (finished ones are kept)
+    attnzoo arena --preset gpu --out runs/arena-gpu
+    attnzoo chat --model runs/arena/gdn            talk to what was trained
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from attnzoo.arena import data
+from attnzoo.arena.mechanisms import MECHANISMS, Shape, depth_for, parse_mechanisms
+from attnzoo.arena.report import machine, ordered, table, write_report
+
+PRESETS: dict[str, dict] = {
+    # ~20 minutes for all 13 mechanisms + one seed replicate on 2 cores (2 workers); see the README's arena section
+    "cpu": dict(hidden=64, layers=12, heads=4, head_dim=16, intermediate=192, seq_len=256, batch_size=8, steps=250,
+                lr=3e-3, mqar_tokens=1024, mqar_lengths=[64, 128, 256], eval_every=50, eval_windows=32,
+                mqar_eval_lengths=[64, 128, 256, 512], mqar_eval_examples=16, needle_contexts=[512, 1024],
+                needle_depths=[0.1, 0.3, 0.5, 0.7, 0.9], needle_per_depth=2, decode_context=4096, decode_tokens=32,
+                cost_contexts=[32768, 1 << 20], max_positions=8192, replicates=1),
+    "gpu": dict(hidden=256, layers=12, heads=8, head_dim=32, intermediate=768, seq_len=1024, batch_size=32,
+                steps=3000, lr=1.5e-3, mqar_tokens=8192, mqar_lengths=[128, 256, 512, 1024], eval_every=250,
+                eval_windows=128, mqar_eval_lengths=[128, 256, 512, 1024, 2048], mqar_eval_examples=64,
+                needle_contexts=[2048, 4096, 8192], needle_depths=[0.1, 0.3, 0.5, 0.7, 0.9], needle_per_depth=4,
+                decode_context=4096, decode_tokens=64, cost_contexts=[32768, 1 << 20], max_positions=16384,
+                replicates=1),
+}
+
+# training step time relative to GQA (measured on 2 CPU cores at the cpu preset): the pool starts the long ones first
+RELATIVE_COST = {"nsa": 4.5, "dsa": 3.3, "msa": 3.1, "kda_mla_3_1": 2.4, "gdn": 1.9, "gdn_hybrid_3_1": 1.7, "mla": 1.5}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnzoo arena", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Train the same small decoder with each attention mechanism on the same "
+                                            "data, evaluate them, and write a report (results.json, report.md, PNGs).",
+                                epilog=f"mechanisms: {', '.join(MECHANISMS)}\n\n" + (__doc__ or ""))
+    p.add_argument("--mechanisms", default="all", help="all, or a comma-separated list (default all)")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="sizes and lengths (default cpu: < 30 min "
+                                                                           "on 2 cores; gpu: larger)")
+    p.add_argument("--steps", type=int, help="training steps per mechanism")
+    p.add_argument("--d-model", type=int, dest="hidden", help="hidden size (head_dim follows: d_model / heads)")
+    p.add_argument("--layers", type=int, help="depth (hybrids: 3:1 needs a multiple of 4, 5:1 of 6)")
+    p.add_argument("--heads", type=int, help="query heads")
+    p.add_argument("--seq-len", type=int, help="training length (sparse sizes scale from it)")
+    p.add_argument("--batch-size", type=int, help="corpus windows per step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="one seed: initialisation and data order (default 0)")
+    p.add_argument("--replicates", type=int, help="extra seeds of GQA, to measure seed-to-seed noise (preset: 1)")
+    p.add_argument("--out", default="runs/arena", help="output directory (default runs/arena)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out: finished mechanisms are kept, "
+                                                         "interrupted ones continue from their checkpoint")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
+    p.add_argument("--workers", type=int, help="mechanisms trained at once, one process each (default: 2 on a CPU "
+                                               "with >= 2 cores, 1 on a GPU)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode-speed measurement")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md and the plots from results.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> dict:
+    s = dict(PRESETS[args.preset])
+    for key in ("steps", "hidden", "layers", "heads", "seq_len", "batch_size", "lr", "replicates"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    if args.hidden is not None or args.heads is not None:
+        if s["hidden"] % s["heads"]:
+            raise ValueError(f"--d-model {s['hidden']} must be a multiple of --heads {s['heads']}")
+        s["head_dim"] = s["hidden"] // s["heads"]
+        if args.hidden is not None:
+            s["intermediate"] = 3 * s["hidden"]
+    for key in ("steps", "hidden", "layers", "heads", "batch_size"):
+        if s[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    if s["seq_len"] < 64 or s["seq_len"] % 16:
+        raise ValueError(f"--seq-len must be a multiple of 16 and >= 64, got {s['seq_len']}")
+    if s["head_dim"] < 4 or s["head_dim"] % 2:
+        raise ValueError(f"head_dim ({s['hidden']} / {s['heads']} = {s['head_dim']}) must be even and >= 4")
+    if not s["lr"] > 0:
+        raise ValueError(f"--lr must be > 0, got {s['lr']}")
+    if s["replicates"] < 0:
+        raise ValueError(f"--replicates must be >= 0, got {s['replicates']}")
+    s["mqar_lengths"] = [t for t in s["mqar_lengths"] if t <= s["seq_len"]] or [s["seq_len"]]
+    s["max_positions"] = max(s["max_positions"], s["decode_context"] + s["decode_tokens"],
+                             max(s["needle_contexts"]), max(s["mqar_eval_lengths"]))
+    s["seed"] = args.seed
+    s["device"] = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if s["device"] == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to torch")
+    return s
+
+
+def shape_of(s: dict) -> Shape:
+    return Shape(vocab_size=data.VOCAB_SIZE, hidden=s["hidden"], layers=s["layers"], heads=s["heads"],
+                 head_dim=s["head_dim"], intermediate=s["intermediate"], seq_len=s["seq_len"],
+                 max_positions=s["max_positions"])
+
+
+def train_config(s: dict, seed: int):
+    from attnzoo.arena.train import TrainConfig
+    return TrainConfig(steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
+                       mqar_tokens=s["mqar_tokens"], mqar_lengths=tuple(s["mqar_lengths"]), seed=seed,
+                       eval_every=s["eval_every"], eval_windows=s["eval_windows"], ckpt_every=s["eval_every"],
+                       device=s["device"])
+
+
+def _write(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def contestants(names: list[str], s: dict) -> list[tuple[str, str, int]]:
+    """(run name, mechanism, seed): the mechanisms, then the GQA replicates with the next seeds."""
+    out = [(n, n, s["seed"]) for n in names]
+    base = "gqa" if "gqa" in names else None
+    if base:
+        out += [(f"{base}_seed{s['seed'] + k}", base, s["seed"] + k) for k in range(1, s["replicates"] + 1)]
+    return out
+
+
+def run(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    res_path = out / "results.json"
+    if args.report_only:
+        if not res_path.exists():
+            raise ValueError(f"{res_path} does not exist: nothing to report")
+        return write_report(out)
+    names = parse_mechanisms(args.mechanisms)
+    s = settings_from(args)
+    depth_for(names, s["layers"])
+    workers = args.workers or (1 if s["device"] == "cuda" else min(2, os.cpu_count() or 1))
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+    if res_path.exists() and not args.resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or --out for a new one")
+    if res_path.exists():
+        results = json.loads(res_path.read_text())
+        diff = sorted(k for k in set(s) | set(results["settings"]) if s.get(k) != results["settings"].get(k))
+        if diff:
+            raise ValueError(f"{out} was run with other settings ({', '.join(diff)} differ); resume with the same "
+                             f"options, or use another --out")
+    else:
+        results = {"version": 1, "preset": args.preset, "settings": s, "mechanisms": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    results["machine"] = machine() + (f"; {workers} runs at a time" if workers > 1 else "")
+    corpus = inputs(s, args.no_decode)[0]
+    results["corpus"] = {"python": platform.python_version(), "describe": corpus.describe(),
+                         "fingerprint": corpus.fingerprint}
+    _write(res_path, results)
+    todo = [c for c in contestants(names, s) if not results["mechanisms"].get(c[0], {}).get("eval")]
+    kept = [c[0] for c in contestants(names, s) if c not in todo]
+    print(f"arena: {len(todo)} runs on {s['device']} ({workers} at a time, {threads} threads each) -> {out}"
+          + (f"; kept from before: {', '.join(kept)}" if kept else "")
+          + f"\nmachine: {machine()}\ncorpus: {corpus.describe()}", file=sys.stderr)
+    jobs = [dict(run_name=r, mech=m, seed=sd, s=s, out=str(out), resume=args.resume, progress=not args.quiet,
+                 no_decode=args.no_decode, threads=threads) for r, m, sd in todo]
+    jobs.sort(key=lambda j: -RELATIVE_COST.get(j["mech"], 1.0))  # longest first: the workers finish together
+
+    def finished(name: str, entry: dict) -> None:
+        results["mechanisms"][name] = entry
+        results["mechanisms"] = ordered(results["mechanisms"])
+        e = entry["eval"]
+        tqdm.write(f"{name}: val loss {e['val_loss']:.3f}, MQAR {' '.join(f'{v:.2f}' for v in e['mqar'].values())}, "
+                   f"{entry['train_tok_s']:.0f} train tok/s, {entry['seconds'] / 60:.1f} min", file=sys.stderr)
+        _write(res_path, results)
+        write_report(out, with_plots=False)
+
+    if workers == 1:
+        for job in jobs:
+            finished(job["run_name"], job_run(job))
+    else:
+        _pool(jobs, workers, finished)
+    path = write_report(out)
+    print(table(results))
+    return path
+
+
+def _pool(jobs: list[dict], workers: int, finished) -> None:
+    """Run jobs in `workers` processes (spawned: each loads the corpus once), results in completion order."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    ctx = mp.get_context("spawn")
+    slots = ctx.Value("i", 0)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(slots,)) as ex:
+        pending = {ex.submit(job_run, j): j["run_name"] for j in jobs}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    finished(pending.pop(f), f.result())
+        except BaseException:
+            ex.shutdown(wait=True, cancel_futures=True)  # workers checkpoint on Ctrl-C before they leave
+            raise
+
+
+_SLOT = 0
+
+
+def _init_worker(slots) -> None:
+    global _SLOT
+    with slots.get_lock():
+        _SLOT, slots.value = slots.value, slots.value + 1
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the parent was killed (not interrupted): stop instead of training for nobody
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+    threading.Thread(target=orphaned, daemon=True).start()
+
+
+@lru_cache(maxsize=2)
+def _inputs(settings_json: str, no_decode: bool):
+    s = json.loads(settings_json)
+    corpus = data.load_corpus()
+    val = data.val_windows(corpus.val, s["seq_len"], s["eval_windows"])
+    mqar_sets = data.mqar_eval_sets(tuple(s["mqar_eval_lengths"]), s["mqar_eval_examples"], s["seed"])
+    needles = data.needle_sets(corpus.val, tuple(s["needle_contexts"]), tuple(s["needle_depths"]),
+                               s["needle_per_depth"], s["seed"])
+    prompt = None if no_decode else np.resize(corpus.val, s["decode_context"]).tolist()
+    return corpus, val, mqar_sets, needles, prompt
+
+
+def inputs(s: dict, no_decode: bool):
+    """(corpus, validation windows, MQAR test sets, needle sets, decode prompt): deterministic, built once
+    per process."""
+    return _inputs(json.dumps(s, sort_keys=True), no_decode)
+
+
+def job_run(job: dict) -> dict:
+    """Train, export, reload and evaluate one contestant; returns its results entry."""
+    from attnzoo.arena.evaluate import evaluate
+    from attnzoo.arena.export import export_model
+    from attnzoo.arena.train import parameters, train
+    from attnzoo.models import load_model
+    torch.set_num_threads(job["threads"])
+    s, run_name, mech = job["s"], job["run_name"], job["mech"]
+    corpus, val, mqar_sets, needles, prompt = inputs(s, job["no_decode"])
+    t0 = time.perf_counter()
+    cfg = MECHANISMS[mech](shape_of(s))
+    run_dir = Path(job["out"]) / run_name
+    model, hist = train(run_name, cfg, train_config(s, job["seed"]), corpus, val, run_dir, resume=job["resume"],
+                        progress=job["progress"], position=_SLOT)
+    export_model(model, run_dir)
+    model = load_model(run_dir).to(s["device"])  # what `attnzoo chat --model` will load
+    ev = evaluate(mech, model, val=val, mqar_sets=mqar_sets, needles=needles, decode_prompt=prompt,
+                  decode_tokens=s["decode_tokens"], cost_contexts=tuple(s["cost_contexts"]))
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    entry = {"mechanism": mech, "seed": job["seed"], "params": parameters(model), "config": dataclasses.asdict(cfg),
+             "history": dataclasses.asdict(hist), "train_tok_s": hist.train_tokens / max(hist.train_seconds, 1e-9),
+             "eval": ev, "seconds": time.perf_counter() - t0, "model_dir": run_name, "threads": job["threads"]}
+    if run_name != mech:
+        entry["replicate_of"] = mech
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        path = run(args)
+    except ValueError as e:
+        print(f"attnzoo arena: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; `attnzoo arena --resume --out {args.out}` (same options) continues", file=sys.stderr)
+        return 130
+    print(f"report: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
