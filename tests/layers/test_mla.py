@@ -39,4 +39,4 @@ def test_cached_decode_matches_full_pass(q_lora_rank: int | None, monkeypatch: p
             cache.length += n
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
     assert calls == ["absorbed"] * (T - P)
-    assert cache.keys[0].shape == (B, T, 10 + 4)  # only the latent and the shared rope key are cached
+    assert cache.rows[(0, "latent")].shape == (B, T, 10 + 4)  # only the latent and the shared rope key are cached
