@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import sys
 import threading
 import time
@@ -164,6 +165,8 @@ def run(args: argparse.Namespace) -> Path:
         results = {"version": 1, "preset": args.preset, "settings": s, "mechanisms": {}}
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
+    if s["device"] == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: the models train in float32
     results["machine"] = machine() + (f"; {workers} runs at a time" if workers > 1 else "")
     corpus = inputs(s, args.no_decode)[0]
     results["corpus"] = {"python": platform.python_version(), "describe": corpus.describe(),
@@ -198,12 +201,14 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def _pool(jobs: list[dict], workers: int, finished) -> None:
-    """Run jobs in `workers` processes (spawned: each loads the corpus once), results in completion order."""
+    """Run jobs in `workers` processes (spawned: each loads the corpus once), results in completion order.
+    Ctrl-C reaches only this process (workers ignore SIGINT): it raises a stop flag that every worker's
+    training loop reads before each step, so each checkpoints and leaves, and queued jobs never start."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     ctx = mp.get_context("spawn")
-    slots = ctx.Value("i", 0)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(slots,)) as ex:
+    slots, stop = ctx.Value("i", 0), ctx.Event()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(slots, stop)) as ex:
         pending = {ex.submit(job_run, j): j["run_name"] for j in jobs}
         try:
             while pending:
@@ -211,15 +216,18 @@ def _pool(jobs: list[dict], workers: int, finished) -> None:
                 for f in done:
                     finished(pending.pop(f), f.result())
         except BaseException:
-            ex.shutdown(wait=True, cancel_futures=True)  # workers checkpoint on Ctrl-C before they leave
+            stop.set()
+            ex.shutdown(wait=True, cancel_futures=True)
             raise
 
 
-_SLOT = 0
+_SLOT, _STOP = 0, None
 
 
-def _init_worker(slots) -> None:
-    global _SLOT
+def _init_worker(slots, stop) -> None:
+    global _SLOT, _STOP
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _STOP = stop
     with slots.get_lock():
         _SLOT, slots.value = slots.value, slots.value + 1
     parent = os.getppid()
@@ -262,7 +270,7 @@ def job_run(job: dict) -> dict:
     cfg = MECHANISMS[mech](shape_of(s))
     run_dir = Path(job["out"]) / run_name
     model, hist = train(run_name, cfg, train_config(s, job["seed"]), corpus, val, run_dir, resume=job["resume"],
-                        progress=job["progress"], position=_SLOT)
+                        progress=job["progress"], position=_SLOT, stop=_STOP.is_set if _STOP is not None else None)
     export_model(model, run_dir)
     model = load_model(run_dir).to(s["device"])  # what `attnzoo chat --model` will load
     ev = evaluate(mech, model, val=val, mqar_sets=mqar_sets, needles=needles, decode_prompt=prompt,

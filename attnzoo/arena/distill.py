@@ -28,8 +28,8 @@ from attnzoo.ops.sparse.select import lightning_indexer_scores
 class IndexerDistillation:
     def __init__(self, model: nn.Module, sequences: int = 2):
         self.sequences = sequences
-        self.layers = [m for m in model.modules()
-                       if (isinstance(m, DSAttention) and not m.shared_indexer) or isinstance(m, MiniMaxSparseAttention)]
+        self.layers = [m for m in model.modules() if (isinstance(m, DSAttention) and not m.shared_indexer)
+                       or isinstance(m, MiniMaxSparseAttention)]
         self.captured: list[tuple[nn.Module, torch.Tensor, object, torch.Tensor]] = []
         self.handles = [m.register_forward_pre_hook(self._capture) for m in self.layers]
 

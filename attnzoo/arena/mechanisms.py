@@ -11,7 +11,7 @@ DSA top-64 tokens, MSA 4 blocks of 16, NSA 4 blocks of 16 + window 64).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from attnzoo.models.config import ModelConfig
@@ -198,4 +198,4 @@ def depth_for(names: list[str], layers: int) -> None:
 
 
 __all__ = ["DESCRIPTIONS", "MECHANISMS", "NO_DECODE", "Shape", "config_for", "depth_for", "hybrid_pattern",
-           "parse_mechanisms", "replace"]
+           "parse_mechanisms"]

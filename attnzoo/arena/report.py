@@ -70,8 +70,9 @@ def table(results: dict) -> str:
     mq, nd = list(first["mqar"]), list(first["needle"])
     costs = list(first["attn_flops_per_token"])
     kv_ctx = list(first["kv_bytes_per_token"])[0]
+    decode_ctx = _ctx(results["settings"]["decode_context"])
     head = (["mechanism", "params", "val loss", "val ppl"] + [f"MQAR {_ctx(t)}" for t in mq]
-            + [f"needle {_ctx(c)}" for c in nd] + ["train tok/s", f"decode tok/s @{_ctx(results['settings']['decode_context'])}",
+            + [f"needle {_ctx(c)}" for c in nd] + ["train tok/s", f"decode tok/s @{decode_ctx}",
                                                    f"KV B/token @{_ctx(kv_ctx)}"]
             + [f"attn FLOPs/token @{_ctx(c)}" for c in costs])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -120,7 +121,8 @@ def claims(results: dict, tolerance: float | None = None) -> str:
     if {"mha", "mqa", "gqa"} <= loss.keys():
         ok = d("mqa", "mha") <= tol and d("gqa", "mha") <= tol
         out.append(f"- **MQA and GQA nearly match MHA**: Δ MQA {d('mqa', 'mha'):+.3f}, Δ GQA {d('gqa', 'mha'):+.3f} "
-                   f"(MQAR mean accuracy MHA {mq['mha']:.2f}, GQA {mq['gqa']:.2f}, MQA {mq['mqa']:.2f}) — {verdict(ok)}.")
+                   f"(MQAR mean accuracy MHA {mq['mha']:.2f}, GQA {mq['gqa']:.2f}, MQA {mq['mqa']:.2f}) — "
+                   f"{verdict(ok)}.")
     if {"mla", "gqa"} <= loss.keys():
         ok = d("mla", "gqa") <= tol
         out.append(f"- **MLA matches or beats GQA**: Δ MLA vs GQA {d('mla', 'gqa'):+.3f} (MQAR {mq['mla']:.2f} vs "
@@ -248,8 +250,9 @@ def write_report(out: Path, with_plots: bool = True) -> Path:
     lines = [
         "# attnzoo arena", "",
         f"Machine: {results['machine']}  ",
-        f"Preset `{results['preset']}`: {s['layers']} layers, d_model {s['hidden']}, {s['heads']} heads of {s['head_dim']}, "
-        f"SwiGLU {s['intermediate']}, {s['steps']} steps × ({s['batch_size']} × {s['seq_len']} corpus bytes + "
+        f"Preset `{results['preset']}`: {s['layers']} layers, d_model {s['hidden']}, {s['heads']} heads of "
+        f"{s['head_dim']}, SwiGLU {s['intermediate']}, {s['steps']} steps × ({s['batch_size']} × {s['seq_len']} "
+        f"corpus bytes + "
         f"~{s['mqar_tokens']} MQAR tokens), AdamW lr {s['lr']} cosine, seed {s['seed']}, device {s['device']}.  ",
         f"Corpus: CPython {results['corpus']['python']} standard library sources, {results['corpus']['describe']}.  ",
         f"Finished: {len(rows)} of {len(results['mechanisms'])} mechanisms; total time "

@@ -17,6 +17,7 @@ import math
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -168,10 +169,11 @@ def _save(path: Path, obj: dict) -> None:
 
 
 def train(name: str, cfg: ModelConfig, tc: TrainConfig, corpus: Corpus, val: torch.Tensor, run_dir: Path, *,
-          resume: bool = False, progress: bool = True, stop_at: int | None = None, position: int = 0
-          ) -> tuple[DecoderLM, History]:
+          resume: bool = False, progress: bool = True, stop_at: int | None = None, position: int = 0,
+          stop: Callable[[], bool] | None = None) -> tuple[DecoderLM, History]:
     """Train (or resume) one contestant; checkpoints go to run_dir/checkpoint.pt. stop_at: leave after that
-    many steps with a checkpoint (tests of resume; an interrupted run does the same on Ctrl-C)."""
+    many steps with a checkpoint (tests of resume). Ctrl-C, or `stop()` turning true before a step (worker
+    processes), checkpoints and raises KeyboardInterrupt."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint.pt"
     dev = torch.device(tc.device)
@@ -201,6 +203,8 @@ def train(name: str, cfg: ModelConfig, tc: TrainConfig, corpus: Corpus, val: tor
     completed = start
     try:
         for step in bar:
+            if stop is not None and stop():
+                raise KeyboardInterrupt
             ids, labels, cu, n_lm = step_batch(corpus, tc, step)
             ids, labels = ids.to(dev), labels.to(dev)
             t0 = time.perf_counter()
@@ -242,7 +246,8 @@ def train(name: str, cfg: ModelConfig, tc: TrainConfig, corpus: Corpus, val: tor
             bar.set_postfix(lm=f"{lm.item():.3f}", mqar=f"{mq.item():.3f}",
                             val=f"{hist.val[-1]:.3f}" if hist.val else "-")
     except KeyboardInterrupt:
-        checkpoint(completed)  # a step in flight before its update is redone on resume
+        if completed > start:
+            checkpoint(completed)  # a step in flight before its update is redone on resume
         bar.close()
         raise
     finally:

@@ -44,7 +44,8 @@ def test_hybrid_patterns_and_depths():
     assert hybrid_pattern(8, 3, "l", "A") == ["l", "l", "l", "A"] * 2
     assert hybrid_pattern(12, 5, "s", "G") == ["s"] * 5 + ["G"] + ["s"] * 5 + ["G"]
     types = {n: MECHANISMS[n](SHAPE).layer_types for n in ("swa_hybrid_3_1", "swa_hybrid_5_1", "gdn_hybrid_3_1")}
-    assert types["swa_hybrid_3_1"].count("sliding_attention") == 9 and types["swa_hybrid_5_1"].count("full_attention") == 2
+    assert types["swa_hybrid_3_1"].count("sliding_attention") == 9
+    assert types["swa_hybrid_5_1"].count("full_attention") == 2
     assert types["gdn_hybrid_3_1"].count("linear_attention") == 9
     with pytest.raises(ValueError, match="multiple of 6"):
         depth_for(["gqa", "swa_hybrid_5_1"], 8)

@@ -56,6 +56,12 @@ def test_resume_ends_where_an_uninterrupted_run_does(corpus, tmp_path):
     assert hr.lm == hf.lm and hr.val == hf.val and hr.steps == list(range(12))
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
+    calls = iter(range(100))    # a worker's stop flag turning true before step 7: checkpoint, then KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train("gdn", cfg, _tc(), corpus, _val(corpus), tmp_path / "stopped", progress=False,
+              stop=lambda: next(calls) >= 7)
+    _, hs = train("gdn", cfg, _tc(), corpus, _val(corpus), tmp_path / "stopped", progress=False, resume=True)
+    assert hs.lm == hf.lm
     with pytest.raises(ValueError, match="other settings"):
         train("gdn", cfg, _tc(lr=5e-3), corpus, _val(corpus), tmp_path / "part", progress=False, resume=True)
 
