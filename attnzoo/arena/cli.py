@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="sizes and lengths (default cpu: < 30 min "
                                                                            "on 2 cores; gpu: larger)")
     p.add_argument("--steps", type=int, help="training steps per mechanism")
-    p.add_argument("--d-model", type=int, dest="hidden", help="hidden size (head_dim follows: d_model / heads)")
+    p.add_argument("--d-model", type=int, dest="hidden", metavar="D",
+                   help="hidden size (head_dim follows: d_model / heads)")
     p.add_argument("--layers", type=int, help="depth (hybrids: 3:1 needs a multiple of 4, 5:1 of 6)")
     p.add_argument("--heads", type=int, help="query heads")
     p.add_argument("--seq-len", type=int, help="training length (sparse sizes scale from it)")

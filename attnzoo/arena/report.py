@@ -255,7 +255,7 @@ def write_report(out: Path, with_plots: bool = True) -> Path:
         f"corpus bytes + "
         f"~{s['mqar_tokens']} MQAR tokens), AdamW lr {s['lr']} cosine, seed {s['seed']}, device {s['device']}.  ",
         f"Corpus: CPython {results['corpus']['python']} standard library sources, {results['corpus']['describe']}.  ",
-        f"Finished: {len(rows)} of {len(results['mechanisms'])} mechanisms; total time "
+        f"Finished: {len(rows)} of {len(results['mechanisms'])} runs; total time "
         f"{sum(r.get('seconds', 0) for r in rows.values()) / 60:.1f} min.", "",
         table(results),
         "Columns: validation loss in nats per byte on held-out stdlib files; MQAR accuracy on fixed test sets "
