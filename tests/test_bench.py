@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-BENCHES = ["attention_cpu", "generate_cpu", "throughput", "prefix_cache", "flash_cpu", "mla", "delta_rule", "sparse"]
+BENCHES = ["attention_cpu", "generate_cpu", "throughput", "prefix_cache", "flash_cpu", "mla", "delta_rule", "sparse", "hybrid"]
 
 
 @pytest.mark.parametrize("name", BENCHES)
