@@ -6,7 +6,8 @@ Per chunk (positions i, j < C, gam = cumsum of the log-decay inside the chunk, S
     U = X V,  W = X (e^gam K),  X = (I + A)^-1 diag(beta)           one batched triangular solve
     V_new    = U - W S0;   O = (e^gam Q) S0 + Aqk V_new
     S_next   = e^gam_last S0 + (e^(gam_last - gam) K)^T V_new
-Everything but the last two lines is batched over all chunks; only the state is passed chunk to chunk.
+Everything but the last two lines is batched over chunks (cache-sized groups of them); only the state is
+passed chunk to chunk.
 
 Sequences (the batch rows, or the cu_seqlens spans) are each padded to whole chunks (beta = 0, g = 0 pads
 leave the state alone) and laid out "step-major": step s holds chunk s of every sequence still running,
