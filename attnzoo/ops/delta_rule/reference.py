@@ -54,6 +54,7 @@ def delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     n = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     B, T, Hk, dk = q.shape
     Hv, dv = v.shape[2:]
+    out_dtype = v.dtype
     wide = torch.float64 if v.dtype == torch.float64 else torch.float32
     scale = dk ** -0.5 if scale is None else scale
     q, k, v, beta = (t.to(wide) for t in (q, k, v, beta))
@@ -81,4 +82,4 @@ def delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
             o[b, t] = torch.einsum("hkv,hk->hv", S, q[b, t])
         finals.append(S)
     final = torch.stack(finals) if output_final_state else None
-    return o.to(v.dtype), final
+    return o.to(out_dtype), final
