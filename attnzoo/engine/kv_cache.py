@@ -450,12 +450,6 @@ class StepKV:
         vc.view(vc.shape[0], -1, vc.shape[-1])[:, slots] = v.transpose(0, 1).to(vc.dtype)
         return kc, vc, self.plans[g.table]
 
-    def latent_step(self, layer_idx: int, latent: torch.Tensor) -> tuple[torch.Tensor, PagedPlan]:
-        """LatentKV layers (MLA): store this step's latent rows [N, D]; return the layer's page pool
-        [pages, page_size, D] and the step's plan (decode rows with their block tables, prefill slots),
-        with which the layer runs its own attention."""
-        return self.rows_step(layer_idx, "latent", latent)
-
     def rows_step(self, layer_idx: int, kind: str, rows: torch.Tensor) -> tuple[torch.Tensor, PagedPlan]:
         """One-row-per-token groups (kind "latent" or "indexer"): store this step's rows [N, D], return the
         layer's pool [pages, page_size, D] and the plan of its page table."""

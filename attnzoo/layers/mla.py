@@ -60,7 +60,7 @@ class MLAttention(nn.Module):
                w_uv: torch.Tensor, cache: Any) -> torch.Tensor:
         """Paged latent cache: single-token rows decode in the absorbed form straight from the pages (MQA
         over the latent, FlashMLA's shape); prefill chunks gather their context's latents and expand."""
-        pool, plan = cache.latent_step(self.layer_idx, latent)     # pool [pages, page_size, dc + dr]
+        pool, plan = cache.rows_step(self.layer_idx, "latent", latent)     # pool [pages, page_size, dc + dr]
         n, H = q_nope.shape[:2]
         o = q_nope.new_empty(n, H, self.dv)
         rows = plan.decode_rows
@@ -107,7 +107,7 @@ class MLAttention(nn.Module):
             fn = mla_absorbed if t == 1 else mla_expanded
             o = fn(q_nope.view(B, t, H, -1), q_pe.view(B, t, H, -1), c_all, kpe_all, w_uk, w_uv,
                    scale=self.scale, causal=True)
-        elif hasattr(cache, "latent_step"):  # the paged engine
+        elif hasattr(cache, "rows_step"):  # the paged engine
             o = self._paged(q_nope, q_pe, torch.cat([c_kv, k_pe], -1), w_uk, w_uv, cache)
         else:
             raise NotImplementedError(f"MLA needs a cache with latent (LatentKV) storage; "

@@ -179,8 +179,7 @@ def _softmax_attention(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], a:
     if cfg.attention_bias:
         out[d + "qkv_proj.bias"] = torch.cat([_take(tensors, a + "q_proj.bias"), _take(tensors, a + "k_proj.bias"),
                                               _take(tensors, a + "v_proj.bias") * vs])
-        if a + "o_proj.bias" in tensors or not cfg.sliding_sinks:  # MiMo's o_proj has no bias
-            out[d + "o_proj.bias"] = _take(tensors, a + "o_proj.bias")
+        out[d + "o_proj.bias"] = _take(tensors, a + "o_proj.bias")
     if a + "attention_sink_bias" in tensors:  # MiMo's sliding layers
         out[d + "sinks"] = tensors[a + "attention_sink_bias"]
     if cfg.qk_norm:

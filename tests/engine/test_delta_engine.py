@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
@@ -15,29 +14,18 @@ from attnzoo.engine import LLM, SamplingParams  # noqa: E402
 from attnzoo.engine.kv_cache import page_bytes, state_bytes  # noqa: E402
 from attnzoo.layers.cache_spec import FullKV, LatentKV  # noqa: E402
 
+from tests.hf_oracle import hf_greedy, random_prompts  # noqa: E402
 from tests.models.test_delta_models import VOCAB, load  # noqa: E402
 
 NEW = 32
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
 
 
-def references(hf: torch.nn.Module, prompts: list[list[int]]) -> list[list[int]]:
-    refs = []
-    for p in prompts:
-        x = torch.tensor([p])
-        with torch.no_grad():
-            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW,
-                              min_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
-    return refs
-
-
 @pytest.fixture(scope="module", params=["qwen3_next", "kimi_linear"])
 def case(request, tmp_path_factory):
     hf, ours = load(request.param, tmp_path_factory.mktemp(request.param))
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 70, 21, 1, 40)]
-    return request.param, ours, prompts, references(hf, prompts)
+    prompts = random_prompts(VOCAB, (5, 70, 21, 1, 40))
+    return request.param, ours, prompts, hf_greedy(hf, prompts, NEW)
 
 
 @pytest.mark.parametrize("prefix_caching, chunk", [(True, 2048), (False, 16)])

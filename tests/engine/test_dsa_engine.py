@@ -6,13 +6,13 @@ equal transformers' greedy generate, with prefix caching on and off and with chu
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
 from attnzoo.engine import LLM, SamplingParams  # noqa: E402
 from attnzoo.layers import IndexerKeys, LatentKV  # noqa: E402
 
+from tests.hf_oracle import hf_greedy, random_prompts  # noqa: E402
 from tests.models.test_dsa_models import VOCAB, load  # noqa: E402
 
 NEW = 24
@@ -22,16 +22,8 @@ GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module", params=["deepseek_v32", "glm_moe_dsa-FSFS"])
 def case(request, tmp_path_factory):
     hf, ours = load(request.param, tmp_path_factory.mktemp(request.param))
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 30, 13, 40)]
-    refs = []
-    for p in prompts:
-        x = torch.tensor([p])
-        with torch.no_grad():
-            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW,
-                              min_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
-    return ours, prompts, refs
+    prompts = random_prompts(VOCAB, (5, 30, 13, 40))
+    return ours, prompts, hf_greedy(hf, prompts, NEW)
 
 
 @pytest.mark.parametrize("prefix_caching, chunk", [(True, 2048), (False, 2048), (True, 8)])

@@ -5,13 +5,13 @@ group and attends block-sparsely over its pages. Greedy tokens equal transformer
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
 from attnzoo.engine import LLM, SamplingParams  # noqa: E402
 from attnzoo.layers import FullKV, IndexerKeys  # noqa: E402
 
+from tests.hf_oracle import hf_greedy, random_prompts  # noqa: E402
 from tests.models.test_minimax_m3 import VOCAB, load  # noqa: E402
 
 NEW = 24
@@ -20,16 +20,8 @@ NEW = 24
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     hf, ours = load(tmp_path_factory.mktemp("minimax"))
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 30, 13, 40)]
-    refs = []
-    for p in prompts:
-        x = torch.tensor([p])
-        with torch.no_grad():
-            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW,
-                              min_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
-    return ours, prompts, refs
+    prompts = random_prompts(VOCAB, (5, 30, 13, 40))
+    return ours, prompts, hf_greedy(hf, prompts, NEW)
 
 
 @pytest.mark.parametrize("prefix_caching, chunk", [(True, 2048), (False, 2048), (True, 8)])

@@ -16,8 +16,8 @@ import pytest
 import torch
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 
-import attnzoo
 from attnzoo.engine import GenerationConfig, generate
+from tests.hf_oracle import assert_logits_match, hf_greedy, save_and_load
 from attnzoo.layers import IndexerKeys, LatentKV
 
 VOCAB = 128
@@ -54,28 +54,21 @@ def make_hf(name: str, seed: int = 0) -> torch.nn.Module:
 
 def load(name: str, path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
     hf = make_hf(name)
-    hf.save_pretrained(path, safe_serialization=True)
-    return hf, attnzoo.load_model(path)
+    return save_and_load(hf, path)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_logits_match_transformers(name: str, tmp_path: Path) -> None:
     hf, ours = load(name, tmp_path)
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))   # 40 tokens, top-8
-    with torch.no_grad():
-        theirs, mine = hf(ids).logits, ours(ids)
-    scale = theirs.abs().max().item()
-    assert scale > 0.5 and theirs.std().item() > 0.05, f"logits too small to mean anything (max |x| {scale})"
-    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * max(1.0, scale))
+    assert_logits_match(hf, ours, ids)
 
 
 @pytest.mark.parametrize("name", ["deepseek_v32", "glm_moe_dsa-FSFS"])
 def test_greedy_generation_matches_transformers(name: str, tmp_path: Path) -> None:
     hf, ours = load(name, tmp_path)
     prompt = torch.randint(3, VOCAB, (1, 21), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
-                           min_new_tokens=32)[0, 21:].tolist()
+    want = hf_greedy(hf, [prompt[0].tolist()], 32)[0]
     assert generate(ours, prompt[0].tolist(), GenerationConfig(max_tokens=32)) == want
 
 
