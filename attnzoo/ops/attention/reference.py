@@ -9,6 +9,7 @@ forms import them so that all backends agree on what is legal and what is visibl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,23 @@ class Problem:
 
 def _shapes(**ts: Tensor | None) -> str:
     return ", ".join(f"{n}={tuple(t.shape)}" for n, t in ts.items() if t is not None)
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, bad: Callable[[str], ValueError]) -> None:
+    """The checks every attention op shares on [batch, seq, heads, dim] q, k, v: one batch, one q/k head
+    dim, k and v aligned, query heads a multiple of KV heads, one floating dtype."""
+    B, _, H, d = q.shape
+    _, Tk, Hkv, dk = k.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise bad("batch sizes differ")
+    if dk != d:
+        raise bad("q and k head dims differ")
+    if v.shape[1] != Tk or v.shape[2] != Hkv:
+        raise bad("k and v must share [batch, seq, kv_heads]")
+    if Hkv == 0 or H % Hkv != 0:
+        raise bad(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise bad(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def check(
@@ -64,18 +82,9 @@ def check(
     elif q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise bad("q, k, v must be [batch, seq, heads, dim] (rank 3 only with cu_seqlens)")
 
+    check_qkv(q, k, v, bad)
     B, Tq, H, d = q.shape
-    _, Tk, Hkv, dk = k.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise bad("batch sizes differ")
-    if dk != d:
-        raise bad("q and k head dims differ")
-    if v.shape[1] != Tk or v.shape[2] != Hkv:
-        raise bad("k and v must share [batch, seq, kv_heads]")
-    if Hkv == 0 or H % Hkv != 0:
-        raise bad(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise bad(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    Tk, Hkv = k.shape[1:3]
     if sinks is not None and (sinks.shape != (H,) or not sinks.dtype.is_floating_point):
         raise bad(f"sinks must be a float tensor of shape [{H}]")
 

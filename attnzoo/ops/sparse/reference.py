@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from attnzoo.ops.attention.reference import compute_dtype, visible
+from attnzoo.ops.attention.reference import check_qkv, compute_dtype, visible
 
 
 def _shapes(**ts: Tensor) -> str:
@@ -43,18 +43,9 @@ def check_sparse(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float 
 
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise bad("q, k, v must be [batch, seq, heads, dim]")
+    check_qkv(q, k, v, bad)
     B, Tq, H, d = q.shape
-    _, Tk, Hkv, dk = k.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise bad("batch sizes differ")
-    if dk != d:
-        raise bad("q and k head dims differ")
-    if v.shape[1] != Tk or v.shape[2] != Hkv:
-        raise bad("k and v must share [batch, seq, kv_heads]")
-    if Hkv == 0 or H % Hkv != 0:
-        raise bad(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise bad(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    Tk, Hkv = k.shape[1:3]
     if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, Tq, Hkv):
         raise bad(f"indices must be [batch, q_seq, kv_heads, K] = [{B}, {Tq}, {Hkv}, K]")
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
