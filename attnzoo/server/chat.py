@@ -8,7 +8,7 @@ from contextlib import aclosing
 from fastapi import Request
 from jinja2 import TemplateError
 
-from attnzoo.server.errors import APIError, error_body
+from attnzoo.server.errors import APIError, error_body, short
 from attnzoo.server.logprobs import chat_logprobs
 from attnzoo.server.outputs import collect, iterate, usage
 from attnzoo.server.params import build_params
@@ -23,7 +23,7 @@ def _text(m: ChatMessage, i: int) -> str:
     parts = []
     for part in m.content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}",
+            raise APIError(400, f"messages[{i}].content: only text parts are supported, got {short(part.get('type'))}",
                            param=f"messages.{i}.content")
         parts.append(part["text"])
     return "".join(parts)
@@ -45,12 +45,15 @@ def _top_logprobs(body: ChatRequest) -> int | None:
 
 async def create_chat(body: ChatRequest, request: Request, st: ServerState):
     st.check_model(body.model)
+    st.limits.check_request(body, vocab_size=st.vocab_size)
+    st.limits.check_messages(body.messages)
+    st.limits.check_logprobs(body.top_logprobs, "top_logprobs")
     n_top = _top_logprobs(body)
-    ids = await st.encode(render(st, body.messages, body.add_generation_prompt))
+    ids = await st.encode_prompt(render(st, body.messages, body.add_generation_prompt), "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = build_params(body, max_tokens=max_tokens, logprobs=n_top, prompt_len=len(ids),
                           max_model_len=st.llm.max_model_len, kv_tokens=st.kv_tokens,
-                          vocab_size=st.llm.model.config.vocab_size, where="messages")
+                          vocab_size=st.vocab_size, where="messages")
     rids, queue = await st.submit([ids], [params])
     meta = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": body.model or st.model_name}
     if body.stream:

@@ -19,20 +19,26 @@ from attnzoo.server.state import ServerState, new_id
 DEFAULT_MAX_TOKENS = 16   # OpenAI's and vLLM's default for the legacy completions endpoint
 
 
+def _count(prompt) -> int:
+    return 1 if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int) else len(prompt)
+
+
 async def _prompts(st: ServerState, prompt) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [await st.encode(prompt)]
+        return [await st.encode_prompt(prompt, "prompt")]
     if not prompt:
         raise APIError(400, "prompt is empty", param="prompt")
     if isinstance(prompt[0], int):
-        return [list(prompt)]
+        return [st.check_token_ids(list(prompt), "prompt")]
     if isinstance(prompt[0], str):
-        return [await st.encode(p) for p in prompt]
-    return [list(p) for p in prompt]
+        return [await st.encode_prompt(p, f"prompt.{i}") for i, p in enumerate(prompt)]
+    return [st.check_token_ids(list(p), f"prompt.{i}") for i, p in enumerate(prompt)]
 
 
 async def create_completion(body: CompletionRequest, request: Request, st: ServerState):
     st.check_model(body.model)
+    st.limits.check_request(body, vocab_size=st.vocab_size, prompts=_count(body.prompt), best_of=body.best_of)
+    st.limits.check_logprobs(body.logprobs, "logprobs")
     if body.echo:
         raise APIError(400, "echo is not supported", param="echo")
     if body.suffix:
@@ -42,7 +48,7 @@ async def create_completion(body: CompletionRequest, request: Request, st: Serve
     prompts = await _prompts(st, body.prompt)
     params = [build_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, prompt_len=len(p),
                            max_model_len=st.llm.max_model_len, kv_tokens=st.kv_tokens,
-                           vocab_size=st.llm.model.config.vocab_size, where="prompt",
+                           vocab_size=st.vocab_size, where="prompt",
                            default_max_tokens=DEFAULT_MAX_TOKENS) for p in prompts]
     rids, queue = await st.submit(prompts, params)
     meta = {"id": new_id("cmpl"), "created": int(time.time()), "model": body.model or st.model_name}

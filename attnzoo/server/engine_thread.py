@@ -46,7 +46,7 @@ class EngineThread:
         self.llm, self.metrics = llm, metrics
         self._cv = threading.Condition()
         self._inbox: list[tuple] = []
-        self._pending_adds = 0
+        self._pending_seqs = 0       # sequences (n per request) posted but not yet in the scheduler
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stop = False
@@ -72,33 +72,34 @@ class EngineThread:
         return self._thread.is_alive() and self.error is None
 
     def queued(self) -> int:
-        """Requests not yet running: the engine's waiting queue plus adds still in the inbox."""
+        """Sequences not yet running: the engine's waiting queue plus adds still in the inbox."""
         with self._cv:
-            return self.num_waiting + self._pending_adds
+            return self.num_waiting + self._pending_seqs
 
     def new_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    async def add(self, rid: str, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue) -> None:
-        """Queue a request; raises the engine's ValueError if it rejects it."""
+    def add_all(self, items: list[tuple[str, list[int], SamplingParams]],
+                queue: asyncio.Queue) -> list[asyncio.Future]:
+        """Queue requests in one post (so `queued()` counts them at once); each future resolves to None, or
+        to the exception the engine rejected that request with."""
         if not self.alive:
             raise EngineDead("the engine is not running")
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._post(("add", rid, prompt_ids, params, _Stream(loop, queue), fut), add=True)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            self.abort(rid)        # the add may still land: make sure it does not run for nobody
-            raise
+        futs = [loop.create_future() for _ in items]
+        with self._cv:
+            for (rid, ids, params), fut in zip(items, futs):
+                self._inbox.append(("add", rid, ids, params, _Stream(loop, queue), fut))
+                self._pending_seqs += params.n
+            self._cv.notify()
+        return futs
 
     def abort(self, rid: str) -> None:
         self._post(("abort", rid))
 
-    def _post(self, cmd: tuple, add: bool = False) -> None:
+    def _post(self, cmd: tuple) -> None:
         with self._cv:
             self._inbox.append(cmd)
-            self._pending_adds += add
             self._cv.notify()
 
     # ---- engine-thread side ---------------------------------------------------------------------
@@ -118,7 +119,7 @@ class EngineThread:
                 for cmd in cmds:
                     self._handle(cmd)
                 with self._cv:
-                    self._pending_adds -= sum(c[0] == "add" for c in cmds)
+                    self._pending_seqs -= sum(c[3].n for c in cmds if c[0] == "add")
                     self.num_waiting = len(llm.scheduler.waiting)
                 outs = llm.step()          # with nothing scheduled it still collects aborted groups
                 self.last_step_time = time.monotonic()
@@ -155,7 +156,10 @@ class EngineThread:
         _, rid, ids, params, st, fut = cmd
         try:
             self.llm.add_request(ids, params, rid)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - add_request validates before it changes anything: reject this
+            # request only (a ValueError is the client's; anything else a bug that must not stop the engine)
+            if not isinstance(e, ValueError):
+                log.exception("add_request failed")
             st.loop.call_soon_threadsafe(_resolve, fut, e)
             return
         self._streams[rid] = st

@@ -18,25 +18,26 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        too_big = error_response(413, f"request body is larger than {self.max_bytes} bytes")
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit() or int(length) > self.max_bytes:
-                return await too_big(scope, receive, send)
+                return await self._too_big(scope, receive, send)
             return await self.app(scope, receive, send)   # the server enforces a declared length
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        # chunked upload: buffer up to the limit, then replay it to the app
-        body, more = b"", True
+        # chunked upload: buffer up to the limit, then replay it to the app (a list, not `+=`: a client
+        # trickling one byte per message would make concatenation quadratic)
+        parts, size, more = [], 0, True
         while more:
             msg = await receive()
             if msg["type"] != "http.request":
                 return
-            body += msg.get("body", b"")
+            parts.append(msg.get("body", b""))
+            size += len(parts[-1])
             more = msg.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await too_big(scope, receive, send)
-        replayed = False
+            if size > self.max_bytes:
+                return await self._too_big(scope, receive, send)
+        body, replayed = b"".join(parts), False
 
         async def replay() -> Message:
             nonlocal replayed
@@ -46,6 +47,10 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _too_big(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(413, f"the request body is larger than the server's limit of {self.max_bytes} bytes "
+                                  f"(--max-body-bytes)")(scope, receive, send)
 
 
 class BearerAuth:

@@ -1,15 +1,25 @@
-"""Request bodies of the OpenAI surface (plus vLLM's top-level sampling extensions)."""
+"""Request bodies of the OpenAI surface (plus vLLM's top-level sampling extensions).
+
+Types are strict (no "5" for 5, no true for 1, no NaN or infinity): a wrong type is the client's bug, and
+guessing hides it. Bounds that depend on the server's configuration are in limits.py."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# torch seeds are 64-bit: anything wider would overflow in the engine
+Seed = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
 
 
 class _Body(BaseModel):
     # Unknown fields are ignored, as OpenAI and vLLM do, so newer clients keep working.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+def _is_ids(v: object) -> bool:
+    return isinstance(v, list) and all(type(t) is int for t in v)
 
 
 class StreamOptions(_Body):
@@ -23,8 +33,8 @@ class SamplingFields(_Body):
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Any = None                    # str | list[str] | None, checked below
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -40,18 +50,40 @@ class SamplingFields(_Body):
     # accepted for compatibility but only their neutral values are supported
     logit_bias: dict[str, float] | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Any) -> str | list[str] | None:
+        if v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+            return v
+        raise ValueError("must be a string or a list of strings")
+
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Any                         # str | list[int] | list[str] | list[list[int]], checked below
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> str | list[int] | list[str] | list[list[int]]:
+        if isinstance(v, str) or _is_ids(v) or (isinstance(v, list) and (all(isinstance(p, str) for p in v)
+                                                                        or all(_is_ids(p) for p in v))):
+            return v
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Any = None                 # str | list[dict] | None, checked below
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any) -> str | list[dict[str, Any]] | None:
+        if v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, dict) for p in v)):
+            return v
+        raise ValueError("must be a string, a list of content parts or null")
 
 
 class ChatRequest(SamplingFields):

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from attnzoo.server.chat import create_chat, render
 from attnzoo.server.completions import create_completion
 from attnzoo.server.errors import APIError, error_response
+from attnzoo.server.body import read_body
 from attnzoo.server.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from attnzoo.server.state import ServerState
 
@@ -33,13 +34,13 @@ async def models(request: Request) -> dict:
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
-    return await create_completion(body, request, _state(request))
+async def completions(request: Request):
+    return await create_completion(await read_body(request, CompletionRequest), request, _state(request))
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request):
-    return await create_chat(body, request, _state(request))
+async def chat_completions(request: Request):
+    return await create_chat(await read_body(request, ChatRequest), request, _state(request))
 
 
 @router.get("/health")
@@ -59,25 +60,24 @@ async def metrics(request: Request) -> Response:
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, request: Request) -> dict:
-    st = _state(request)
+async def tokenize(request: Request) -> dict:
+    body, st = await read_body(request, TokenizeRequest), _state(request)
     st.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        st.limits.check_messages(body.messages)
     text = body.prompt if body.prompt is not None else render(st, body.messages, body.add_generation_prompt)
-    ids = await st.encode(text)
+    # text that cannot fit the context is refused here too: tokenising megabytes costs hundreds of MB
+    ids = await st.encode_prompt(text, "prompt" if body.prompt is not None else "messages")
     return {"count": len(ids), "max_model_len": st.llm.max_model_len, "tokens": ids}
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
-    st = _state(request)
+async def detokenize(request: Request) -> dict:
+    body, st = await read_body(request, DetokenizeRequest), _state(request)
     st.check_model(body.model)
-    vocab = st.llm.model.config.vocab_size
-    bad = [t for t in body.tokens if not 0 <= t < vocab]
-    if bad:
-        raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
-    return {"prompt": st.tokenizer.decode(body.tokens)}
+    return {"prompt": st.tokenizer.decode(st.check_token_ids(body.tokens, "tokens"))}
 
 
 @router.get("/", response_class=HTMLResponse)

@@ -7,21 +7,29 @@ import asyncio
 import httpx
 import pytest
 
+from attnzoo.server.errors import APIError
+from attnzoo.server.limits import ServerLimits
 from tests.server.conftest import assert_no_leak, live_server
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MSGS = [{"role": "user", "content": "hi"}]
+QUEUE = 3       # sequences that may wait; one runs at a time (max_num_seqs=1)
 
 
 @pytest.fixture(scope="module")
 def live(model):
-    with live_server(model, api_key=KEY, max_queued_requests=1, max_num_seqs=1) as s:
+    with live_server(model, api_key=KEY, limits=ServerLimits(max_queued_sequences=QUEUE), max_num_seqs=1) as s:
         yield s
 
 
 def post(live, path: str, body=None, headers=AUTH, **kw) -> httpx.Response:
     return httpx.post(live.url + path, json=body, headers=headers, timeout=60, **kw)
+
+
+def post_raw(live, path: str, raw: bytes, content_type: str | None = "application/json") -> httpx.Response:
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    return httpx.post(live.url + path, content=raw, headers=headers, timeout=60)
 
 
 def err(r: httpx.Response, status: int) -> dict:
@@ -96,11 +104,204 @@ def test_overload_429(live):
     async def go():
         async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=60) as c:
             body = {"prompt": "Tell me a story", "max_tokens": 8, "ignore_eos": True}
-            return await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(8)])
+            return await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(12)])
     rs = asyncio.run(go())
     codes = sorted(r.status_code for r in rs)
     assert 200 in codes and 429 in codes, codes
     assert set(codes) <= {200, 429}
     e = err(next(r for r in rs if r.status_code == 429), 429)
     assert e["code"] == "server_overloaded"
+    assert_no_leak(live)
+
+
+# ---- limits: each names its param and says what is allowed -----------------------------------------
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("path,body,param,fragment", [
+    (C, {"prompt": "x", "n": 129}, "n", "n must be in [1, 128], got 129"),
+    (C, {"prompt": "x", "n": 10**6}, "n", "got 1000000"),
+    (C, {"prompt": "x", "n": 10**400}, "n", "(401 digits)"),
+    (CHAT, {"messages": MSGS, "n": 129}, "n", "[1, 128]"),
+    (C, {"prompt": "x", "best_of": 129}, "best_of", "best_of must be in [1, 128]"),
+    (C, {"prompt": ["x"] * 65}, "prompt", "list of 65 prompts; at most 64"),
+    (C, {"prompt": [[1]] * 65}, "prompt", "at most 64"),
+    (C, {"prompt": "x", "stop": [str(i) for i in range(17)]}, "stop", "17 strings; at most 16"),
+    (C, {"prompt": "x", "stop": ["ok", "y" * 257]}, "stop.1", "257 characters; at most 256"),
+    (C, {"prompt": "x", "stop": "y" * 257}, "stop", "at most 256"),
+    (C, {"prompt": "x", "stop": [""]}, "stop.0", "non-empty"),
+    (C, {"prompt": "x", "stop": [1]}, "stop", "string or a list of strings"),
+    (CHAT, {"messages": MSGS, "stop_token_ids": [2] * 257}, "stop_token_ids", "257 ids; at most 256"),
+    (CHAT, {"messages": MSGS, "stop_token_ids": [10**30]}, "stop_token_ids", "[0, 49152), got 10000000...(31"),
+    (C, {"prompt": "x", "logprobs": 21}, "logprobs", "logprobs must be in [0, 20], got 21"),
+    (CHAT, {"messages": MSGS, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
+    (CHAT, {"messages": MSGS * 1025}, "messages", "1025 messages; at most 1024"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 129}]},
+     "messages.0.content", "129 parts; at most 128"),
+    ("/tokenize", {"messages": MSGS * 1025}, "messages", "at most 1024"),
+    (C, {"prompt": "x", "seed": 10**30}, "seed", "9223372036854775807"),
+    (C, {"prompt": "x", "seed": -(2**63) - 1}, "seed", "-9223372036854775808"),
+    (C, {"prompt": "x", "max_tokens": -(10**400)}, "max_tokens", "max_tokens must be >= 1"),
+    (C, {"prompt": "x", "max_tokens": 10**400}, "prompt", "maximum context length"),
+    (C, {"prompt": [1, 10**30]}, "prompt", "token ids must be in [0, 49152)"),
+    (C, {"prompt": [[1], [-1]]}, "prompt.1", "token ids must be in [0, 49152), got -1"),
+    (C, {"prompt": [True]}, "prompt", "list of token ids"),
+    ("/detokenize", {"tokens": [1, 10**400]}, "tokens", "(401 digits)"),
+    (C, {"prompt": "x", "n": "2"}, "n", "valid integer"),
+    (C, {"prompt": "x", "n": True}, "n", "valid integer"),
+    (C, {"prompt": "x", "temperature": "1"}, "temperature", "valid number"),
+])
+def test_limits_name_the_param(live, path, body, param, fragment):
+    e = err(post(live, path, body), 400)
+    assert e["param"] == param and fragment in e["message"], e
+
+
+def test_fan_out_beyond_the_queue_is_a_400(live):
+    # alone more sequences than may ever wait: no retry can help, so not a 429
+    e = err(post(live, C, {"prompt": "x", "n": QUEUE + 1, "max_tokens": 1}), 400)
+    assert e["code"] == "too_many_sequences" and f"fans out to {QUEUE + 1} sequences" in e["message"]
+    e = err(post(live, C, {"prompt": ["x", "y"], "n": 2, "max_tokens": 1}), 400)
+    assert "n=2 x 2 prompts" in e["message"]
+    assert post(live, C, {"prompt": ["x", "y", "z"], "n": 1, "max_tokens": 1}).status_code == 200
+
+
+def test_queue_counts_sequences_not_requests(live):
+    eng = live.app.state.server.engine
+
+    async def until(cond, what):
+        for _ in range(600):
+            if cond():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def go():
+        async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=60) as c:
+            long = asyncio.create_task(c.post(C, json={"prompt": "Count:", "max_tokens": 400, "ignore_eos": True}))
+            await until(lambda: live.llm.scheduler.running and not eng.queued(), "the long request to run")
+            two = asyncio.create_task(c.post(C, json={"prompt": "x", "n": 2, "max_tokens": 1}))
+            await until(lambda: eng.queued() == 2, "two sequences waiting")
+            # one request waits, but two sequences: another 2 would make 4 > 3; 1 more fits
+            over = await c.post(C, json={"prompt": "x", "n": 2, "max_tokens": 1})
+            fits = asyncio.create_task(c.post(C, json={"prompt": "x", "max_tokens": 1}))
+            await until(lambda: eng.queued() == 3, "three sequences waiting")
+            long.cancel()            # hang up: the long request is aborted and the queue drains
+            return over, await two, await fits
+    over, two, fits = asyncio.run(go())
+    e = err(over, 429)
+    assert e["code"] == "server_overloaded" and f"more than {QUEUE} sequences" in e["message"]
+    assert two.status_code == fits.status_code == 200 and len(two.json()["choices"]) == 2
+    assert_no_leak(live)
+
+
+def test_huge_top_k_is_no_top_k(live):
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 11}
+    plain = post(live, C, body).json()["choices"][0]["text"]
+    for top_k in (49152, 10**30):
+        r = post(live, C, {**body, "top_k": top_k})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain
+
+
+def test_edge_seeds_run(live):
+    # the largest seed, with n children seeded seed + i, must not overflow the engine's generators
+    for seed in (2**63 - 1, -(2**63)):
+        r = post(live, C, {"prompt": "x", "max_tokens": 2, "n": 2, "seed": seed})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+
+
+def test_prompt_too_long_to_fit_is_refused_before_tokenising(live, monkeypatch):
+    st = live.app.state.server
+    tokenised = []
+    monkeypatch.setattr(st, "encode", lambda text: tokenised.append(text))
+    e = err(post(live, C, {"prompt": "ab" * (st.max_prompt_chars // 2 + 1)}), 400)
+    assert e["code"] == "context_length_exceeded" and e["param"] == "prompt" and "characters" in e["message"]
+    e = err(post(live, CHAT, {"messages": [{"role": "user", "content": "a" * st.max_prompt_chars}]}), 400)
+    assert e["param"] == "messages" and "however it is tokenised" in e["message"]
+    e = err(post(live, "/tokenize", {"prompt": "a" * (st.max_prompt_chars + 1)}), 400)
+    assert e["param"] == "prompt" and e["code"] == "context_length_exceeded"
+    assert tokenised == []
+    # the bound is sound: the longest token times the context
+    longest = max(len(st.tokenizer.decode([i], skip_special_tokens=False)) for i in range(st.vocab_size))
+    assert st.max_prompt_chars >= longest * live.llm.max_model_len
+
+
+# ---- text that is not valid Unicode, numbers that do not fit ----------------------------------------
+@pytest.mark.parametrize("path,raw,param", [
+    (C, b'{"prompt": "\\ud800"}', "prompt"),
+    (C, b'{"prompt": ["ok", "a\\udfffb"]}', "prompt.1"),
+    (C, b'{"model": "\\ud800", "prompt": "x"}', "model"),      # was a crash rendering the 404
+    (C, b'{"prompt": "x", "stop": ["ok", "\\udc00"]}', "stop.1"),
+    (C, b'{"prompt": "x", "user": "\\ud800"}', "user"),
+    (C, b'{"prompt": "x", "\\ud800": 1}', None),
+    (C, b'{"prompt": "x", "logit_bias": {"\\ud800": 1}}', "logit_bias"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "messages.0.content"),
+    (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     "messages.0.content.0.text"),
+    ("/tokenize", b'{"prompt": "\\udfff"}', "prompt"),
+    (C, b'{"prompt": "x", "temperature": 1e400}', "temperature"),
+    (C, b'{"prompt": "x", "top_p": NaN}', "top_p"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -Infinity}', "presence_penalty"),
+    (C, b'{"prompt": "x", "n": 1' + b"0" * 5000 + b"}", "n"),
+    (C, b'{"prompt": "x", "temperature": "1e400"}', "temperature"),
+])
+def test_bad_text_and_numbers_are_400s(live, path, raw, param):
+    e = err(post_raw(live, path, raw), 400)
+    assert e["param"] == param, e
+    if b"\\u" in raw:
+        assert "not valid Unicode" in e["message"] and "\\ud" in e["message"]
+
+
+@pytest.mark.parametrize("raw,ctype,status,fragment", [
+    (b"", "application/json", 400, "empty"),
+    (b'{"prompt": "x"}', "text/plain", 415, "Content-Type: application/json"),
+    (b'{"prompt": "x"}', "application/x-www-form-urlencoded", 415, "JSON"),
+    (b'{"prompt": "\xff"}', "application/json", 400, "not valid UTF-8 (byte 0xff"),
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "nested too deeply"),
+    (b'{"prompt": "x"', "application/json", 400, "not valid JSON"),
+    (b'"x"', "application/json", 400, "must be a JSON object, got a string"),
+])
+def test_malformed_bodies(live, raw, ctype, status, fragment):
+    e = err(post_raw(live, C, raw, ctype), status)
+    assert fragment in e["message"], e
+
+
+def test_bom_and_missing_content_type_are_accepted(live):
+    assert post_raw(live, C, b'\xef\xbb\xbf{"prompt": "x", "max_tokens": 1}').status_code == 200
+    assert post_raw(live, C, b'{"prompt": "x", "max_tokens": 1}', None).status_code == 200
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x", "n": 129}, {"prompt": "x" * 700_000}, {"prompt": [10**7]}, {"prompt": "x", "seed": 2**64},
+])
+def test_invalid_streams_fail_before_the_stream(live, body):
+    with httpx.stream("POST", live.url + C, json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
+        r.read()
+    err(r, 400)
+
+
+def test_the_error_path_cannot_raise(live, monkeypatch):
+    st = live.app.state.server
+
+    def hostile_404(name):
+        raise APIError(404, f"The model `\ud800{name}` does not exist", param="model\udfff")
+    monkeypatch.setattr(st, "check_model", hostile_404)
+    e = err(post(live, C, {"prompt": "x"}), 404)
+    assert e["message"].startswith("The model `\\ud800") and e["param"] == "model\\udfff"
+
+    def bug(name):
+        raise RuntimeError("\ud800")
+    monkeypatch.setattr(st, "check_model", bug)
+    e = err(post(live, C, {"prompt": "x"}), 500)
+    assert e["message"] == "internal error: RuntimeError" and e["type"] == "server_error"
+
+
+def test_an_add_that_raises_does_not_stop_the_engine(live, monkeypatch):
+    def broken(*a, **kw):
+        raise OverflowError("a bug in add_request")
+    monkeypatch.setattr(live.llm, "add_request", broken)
+    err(post(live, C, {"prompt": "x", "max_tokens": 1}), 500)
+    monkeypatch.undo()
+    assert httpx.get(live.url + "/health").status_code == 200
+    assert post(live, C, {"prompt": "x", "max_tokens": 1}).status_code == 200
     assert_no_leak(live)
