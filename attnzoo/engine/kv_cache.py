@@ -149,6 +149,22 @@ def plan_cache(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, d
                      per_seq_state)
 
 
+def sequence_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype,
+                   max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> tuple[int, int]:
+    """(fixed, per_sequence): `plan_cache` with a budget of fixed + n * per_sequence bytes holds n sequences
+    of max_model_len tokens at once (1 <= n <= max_num_seqs). Fixed: the recurrent states of max_num_seqs
+    sequences, one step's chunk in each sliding table and one spare page."""
+    table_bytes = table_page_bytes(specs, page_size, dtype)
+    states = state_bytes(specs, dtype) * max_num_seqs
+    if None in table_bytes and len(table_bytes) > 1:  # plan_cache's SWA/global split
+        chunk = -(-max_num_batched_tokens // page_size)
+        per_seq = sum(b * pages_for(w, max_model_len, page_size) for w, b in table_bytes.items())
+        return states + chunk * sum(b for w, b in table_bytes.items() if w is not None) + table_bytes[None], per_seq
+    per_page = sum(table_bytes.values())  # every table gets the same number of pages
+    longest = max((pages_for(w, max_model_len, page_size) for w in table_bytes), default=0)
+    return states + max(per_page, 1), longest * per_page
+
+
 def state_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], dtype: torch.dtype) -> int:
     """Bytes one sequence's recurrent states cost across all layers."""
     return sum(s.bytes_per_sequence(torch.finfo(dtype).bits // 8) for _, s in flat_specs(specs)
@@ -157,15 +173,16 @@ def state_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], dtype: torch.dty
 
 class StatePool:
     """Fixed-size per-sequence states in slots: [slots, conv_dim, K-1] conv inputs (model dtype) and
-    [slots, H, dk, dv] float32 state matrices per recurrent layer. A slot is zeroed when taken, so a
-    sequence starts from the zero state; preemption (recompute) and finishing give it back."""
+    [slots, H, dk, dv] float32 state matrices per recurrent layer. The slots start uninitialised (memory
+    of a slot never taken is never touched); a slot is zeroed when taken, so a sequence starts from the
+    zero state; preemption (recompute) and finishing give it back."""
 
     def __init__(self, specs: dict[int, RecurrentState], num_slots: int, dtype: torch.dtype, device: torch.device):
         self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))
-        self.conv = {i: torch.zeros(num_slots, s.conv_dim, s.conv_width - 1, dtype=dtype, device=device)
+        self.conv = {i: torch.empty(num_slots, s.conv_dim, s.conv_width - 1, dtype=dtype, device=device)
                      for i, s in specs.items()}
-        self.state = {i: torch.zeros(num_slots, s.num_heads, s.k_dim, s.v_dim, dtype=torch.float32, device=device)
+        self.state = {i: torch.empty(num_slots, s.num_heads, s.k_dim, s.v_dim, dtype=torch.float32, device=device)
                       for i, s in specs.items()}
 
     def take(self) -> int | None:
@@ -208,16 +225,21 @@ class PagedKVCache:
                 self.tables.append(PageTable(BlockPool(n), window))
             ti = table_of_window[window]
             pages = self.tables[ti].pool.capacity
+            # uninitialised: the OS backs a page with memory only when it is first written, so a cache sized
+            # for the worst case costs what is used; _zero_pages clears each page as it is handed out
             if isinstance(spec, (LatentKV, IndexerKeys)):  # one row per token shared by all heads, no values
-                k = torch.zeros(len(layers), 1, pages, page_size, spec.dim, dtype=dtype, device=device)
-                v = torch.zeros(0, dtype=dtype, device=device)
+                k = torch.empty(len(layers), 1, pages, page_size, spec.dim, dtype=dtype, device=device)
+                v = torch.empty(0, dtype=dtype, device=device)
             else:
                 shape = (len(layers), spec.num_kv_heads, pages, page_size)
-                k = torch.zeros(*shape, spec.head_dim, dtype=dtype, device=device)
-                v = torch.zeros(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype, device=device)
+                k = torch.empty(*shape, spec.head_dim, dtype=dtype, device=device)
+                v = torch.empty(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype, device=device)
             self.groups.append(CacheGroup(spec, layers, self.tables[ti].pool, ti, k, v))
             for j, layer in enumerate(layers):
                 self.layer_group[(layer, spec_kind(spec))] = (gi, j)
+        for ti, t in enumerate(self.tables):
+            if t.pool.capacity:
+                self._zero_pages(ti, [0])  # gather plans pad short page lists with page 0
         self.radix: RadixCache | None = None
         if enable_prefix_caching:
             if self.states is not None:
@@ -257,11 +279,26 @@ class PagedKVCache:
             return False
         if not self._ensure_free(need):
             return False
-        for t, table, n in zip(self.tables, req.page_tables, need):
-            table.extend(t.pool.allocate(n))
+        for ti, (t, table, n) in enumerate(zip(self.tables, req.page_tables, need)):
+            pages = t.pool.allocate(n)
+            self._zero_pages(ti, pages)
+            table.extend(pages)
         if self.states is not None and req.state_slot is None:
             req.state_slot = self.states.take()
         return True
+
+    def _zero_pages(self, table: int, pages: list[int]) -> None:
+        """Clear pages as they are handed out. Decode gathers whole pages and masks the slots past a
+        sequence's end, but a masked slot still meets its value in `probs @ V` (0 * NaN = NaN), so no slot
+        a sequence can read may hold uninitialised memory or another sequence's NaN."""
+        if not pages:
+            return
+        idx = torch.tensor(pages, dtype=torch.long, device=self.device)
+        for g in self.groups:
+            if g.table == table:
+                g.k.index_fill_(2, idx, 0)
+                if g.v.numel():
+                    g.v.index_fill_(2, idx, 0)
 
     def match_prefix(self, req: Request) -> None:
         """Adopt the longest cached prefix of req's tokens (the last token is always computed)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
@@ -193,12 +194,26 @@ def model_class(cfg: ModelConfig) -> type[DecoderLM]:
     return Glm5NextLM if cfg.architecture == "glm5_next" else DecoderLM
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """Build a model whose every parameter the checkpoint replaces: parameters are allocated (memory never
+    touched, and handed back when the loaded tensors are assigned) but not randomly initialised; computed
+    buffers (RoPE tables) are built for real. The meta device would skip the work too, but its first use
+    imports torch._dynamo, about 1.5 s of every start-up."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # torch.nn.init's fills reach the mode as themselves (the ops they call then run unseen)
+        if getattr(func, "__module__", None) == "torch.nn.init" or func in (torch.Tensor.normal_,
+                                                                            torch.Tensor.uniform_):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def build_model(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> DecoderLM:
-    """Instantiate without allocating random weights (meta device), then adopt the loaded tensors."""
+    """Instantiate without initialising random weights, then adopt the loaded tensors."""
     state = convert_hf_state_dict(cfg, tensors)
-    with torch.device("meta"):
+    with _SkipRandomInit():
         model = model_class(cfg)(cfg)
-    model.build_rotary()  # rope tables are computed, not loaded: build them for real
     expected = {k for k in model.state_dict()}
     for name, t in state.items():
         want = model.get_parameter(name).shape

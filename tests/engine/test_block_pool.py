@@ -51,12 +51,12 @@ def test_double_free_raises_and_changes_nothing():
     pool.check()
 
 
-def test_freed_pages_go_to_the_tail():
+def test_most_recently_freed_pages_are_reused_first():
     pool = BlockPool(4)
     pages = pool.allocate(4)
     pool.decref([pages[2]])
     pool.decref([pages[0], pages[3]])
-    assert pool.allocate(3) == [2, 0, 3]  # least recently freed first
+    assert pool.allocate(3) == [3, 0, 2]  # the pages touched last come back first
 
 
 def test_out_of_range_page():
