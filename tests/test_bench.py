@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-BENCHES = ["attention_cpu", "generate_cpu", "throughput", "prefix_cache", "flash_cpu", "mla", "delta_rule", "sparse", "hybrid"]
+BENCHES = ["attention_cpu", "generate_cpu", "throughput", "prefix_cache", "flash_cpu", "mla", "delta_rule", "sparse", "hybrid",
+           "deterministic", "soak"]
 
 
 @pytest.mark.parametrize("name", BENCHES)

@@ -15,13 +15,15 @@ import torch
 from tqdm import tqdm
 
 from attnzoo.engine.detokenizer import RequestDetokenizer
-from attnzoo.engine.kv_cache import PagedKVCache, plan_cache
+from attnzoo.engine.kv_cache import PagedKVCache, plan_cache, sequence_bytes
 from attnzoo.engine.model_runner import ModelRunner
 from attnzoo.engine.request import Request, Status
 from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from attnzoo.engine.scheduler import Scheduler, SchedulerConfig
 from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.registry import DEFAULT_MODEL, load_model
+from attnzoo.ops.attention.invariant import KEY_BLOCK
+from attnzoo.ops.batch_invariant import check_gemm_invariance
 
 log = logging.getLogger("attnzoo.engine")
 
@@ -85,22 +87,79 @@ class _Group:
     emitted: list[str] = field(default_factory=list)
 
 
-def _free_memory_bytes() -> int:
+# The default KV budget: what max_num_seqs sequences at the full context need, but at most this share of
+# the memory available at start-up (never less than one full-context sequence). Host RAM is shared with
+# everything else on the machine, and the pool is paid for as it fills, so a cap that a busy server can
+# really fill must be one the machine can spare; a larger budget is a flag away (kv_cache_memory/fraction).
+DEFAULT_KV_CACHE_FRACTION = 0.1
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for the KV cache: free GPU memory, or the host's MemAvailable, lowered to the cgroup's
+    remaining limit inside a container (whose /proc/meminfo shows the host)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    free = 4 << 30  # no /proc: a guess that keeps the default budget small
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+                free = int(line.split()[1]) * 1024
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
         pass
-    return 4 << 30
+    return max(free, 0)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def kv_budget(fixed: int, per_seq: int, max_num_seqs: int, max_model_len: int, kv_cache_memory: int | None,
+              kv_cache_fraction: float | None, available: int | None) -> tuple[int, str]:
+    """The KV budget in bytes and, for the start-up log, where it came from. fixed + n * per_seq bytes hold
+    n sequences of max_model_len tokens (`sequence_bytes`); available is None when kv_cache_memory is given."""
+    if kv_cache_memory is not None:
+        return kv_cache_memory, f"kv_cache_memory {_gib(kv_cache_memory)}"
+    if kv_cache_fraction is not None:
+        return int(available * kv_cache_fraction), f"kv_cache_fraction {kv_cache_fraction:g} of {_gib(available)}"
+    cap = int(available * DEFAULT_KV_CACHE_FRACTION)
+    n = max_num_seqs if per_seq == 0 else max(1, min(max_num_seqs, (cap - fixed) // per_seq))
+    share = f"{DEFAULT_KV_CACHE_FRACTION:.0%} of {_gib(available)} available"
+    fits = f"within {share}" if fixed + n * per_seq <= cap else f"more than {share}: one sequence is the least"
+    return fixed + n * per_seq, (f"default: {n} sequence{'s' * (n > 1)} of {max_model_len} tokens, max_num_seqs "
+                                 f"{max_num_seqs}, {fits}")
+
+
+def _check_count(name: str, value: object, lo: int, hi: int | None = None, hi_is: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"in {lo}..{hi}{hi_is}"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
 
 
 class LLM:
     def __init__(self, model: str | os.PathLike | DecoderLM = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
-                 page_size: int = 16,
-                 kv_cache_memory: int | None = None, kv_cache_fraction: float = 0.25, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True, seed: int = 0,
-                 device: str | torch.device | None = None):
+                 page_size: int = 16, kv_cache_memory: int | None = None, kv_cache_fraction: float | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 enable_prefix_caching: bool = True, seed: int = 0, device: str | torch.device | None = None,
+                 deterministic: bool = False):
+        """kv_cache_memory (bytes) or kv_cache_fraction (of the memory available at start-up) sets the KV
+        budget; by default it is what max_num_seqs sequences of max_model_len tokens need, capped at
+        DEFAULT_KV_CACHE_FRACTION of the available memory and never less than one such sequence.
+        max_model_len caps the context the engine serves (default and maximum: the model's).
+        deterministic=True: every request gets the same tokens whatever runs beside it (batch-invariant
+        matmuls and attention, docs/deterministic.md); CPU only, softmax-attention models only, slower."""
+        for name, value, lo in (("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
+                                ("max_num_batched_tokens", max_num_batched_tokens, 1)):
+            _check_count(name, value, lo)
+        if kv_cache_memory is not None and kv_cache_fraction is not None:
+            raise ValueError("give kv_cache_memory or kv_cache_fraction, not both")
+        if kv_cache_memory is not None:
+            _check_count("kv_cache_memory (bytes)", kv_cache_memory, 1)
+        if kv_cache_fraction is not None and (isinstance(kv_cache_fraction, bool) or not (
+                isinstance(kv_cache_fraction, (int, float)) and 0 < kv_cache_fraction <= 1)):
+            raise ValueError(f"kv_cache_fraction must be a number in (0, 1], got {kv_cache_fraction!r}")
         # dtype applies when loading by name or path; a passed-in model keeps its own
         self.model = model if isinstance(model, DecoderLM) else load_model(model, dtype)
         # the model and its KV cache live on one device: CUDA when present (paged decode runs the Triton
@@ -109,27 +168,35 @@ class LLM:
         self.model = self.model.to(self.device)
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config
-        self.max_model_len = cfg.max_position_embeddings
+        if max_model_len is not None:  # longer than the model's own would run RoPE past what it was built for
+            _check_count("max_model_len", max_model_len, 1, cfg.max_position_embeddings, " (the model's context)")
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
         dtype = self.model.embed_tokens.weight.dtype
         specs = self.model.cache_specs()
-        if kv_cache_memory is not None:
-            budget = kv_cache_memory
-        elif self.device.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(self.device)[0] * kv_cache_fraction)
-        else:
-            budget = int(_free_memory_bytes() * kv_cache_fraction)
+        fixed, per_seq = sequence_bytes(specs, page_size, dtype, max_num_seqs, max_num_batched_tokens,
+                                        self.max_model_len)
+        available = None if kv_cache_memory is not None else available_memory(self.device)
+        budget, why = kv_budget(fixed, per_seq, max_num_seqs, self.max_model_len, kv_cache_memory,
+                                kv_cache_fraction, available)
         plan = plan_cache(specs, page_size, dtype, budget, max_num_seqs, max_num_batched_tokens, self.max_model_len)
         self.kv = PagedKVCache(specs, plan.num_pages, page_size, dtype, enable_prefix_caching, self.device,
                                num_state_slots=plan.state_slots, window_pages=plan.window_pages)
-        log.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB)", plan.num_pages, page_size,
-                 plan.num_pages * page_size, plan.total_bytes / 2**20)
+        log.info("KV cache: %d pages x %d tokens = %d tokens, %s of %s (%s)%s", plan.num_pages, page_size,
+                 plan.num_pages * page_size, _gib(plan.total_bytes), str(dtype).removeprefix("torch."), why,
+                 "; memory is taken as pages fill" if self.device.type == "cpu" else "")
+        if available is not None and plan.total_bytes > available:
+            log.warning("the KV cache can grow to %s but only %s is available now: long or many sequences may "
+                        "exhaust memory; lower max_model_len or max_num_seqs", _gib(plan.total_bytes), _gib(available))
         if plan.window_pages or plan.state_slots:
             for line in self.kv.describe():
                 log.info("  %s", line)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.kv)
         length = min(8192, self.max_model_len)
         log.info("fits %d concurrent sequences of %d tokens", self.max_concurrent_sequences(length), length)
-        self.runner = ModelRunner(self.model, self.kv)
+        self.deterministic = deterministic
+        if deterministic:
+            check_deterministic(self.model, self.device, page_size)
+        self.runner = ModelRunner(self.model, self.kv, deterministic)
         self.sampler = Sampler(torch.Generator().manual_seed(seed))
         self.eos_token_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else list(cfg.eos_token_ids)
         self._groups: dict[str, _Group] = {}
@@ -159,7 +226,8 @@ class LLM:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens")
+            raise ValueError(f"prompt has {len(ids)} tokens; the context (max_model_len) is {self.max_model_len} "
+                             f"tokens")
         params.validate(vocab_size=vocab, max_model_len=self.max_model_len, prompt_len=len(ids))
         need = -(-(len(ids) + params.max_tokens) // self.kv.page_size)
         if need > self.kv.num_pages:
@@ -252,8 +320,8 @@ class LLM:
         comps, delta = [], ""
         for i, r in enumerate(g.children):
             text = r.detokenizer.text if r.detokenizer else ""
-            if r.finished and r.detokenizer and r.finish_reason != "stop":
-                text += r.detokenizer.flush()
+            if r.finished and r.detokenizer:   # eos, a stop token id or the length: release held-back text
+                text += r.detokenizer.flush()     # (after a stop string, flush gives nothing)
             delta += text[len(g.emitted[i]):] if i == 0 else ""
             g.emitted[i] = text
             comps.append(CompletionOutput(i, text, list(r.output_ids), r.finish_reason, r.stop_reason, r.logprobs))
@@ -321,6 +389,22 @@ class LLM:
     def clear_prefix_cache(self) -> None:
         if self.kv.radix is not None:
             self.kv.radix.evict(self.kv.radix.cached_pages)
+
+
+def check_deterministic(model: DecoderLM, device: torch.device, page_size: int) -> None:
+    """Raise ValueError unless deterministic serving can hold its promise for this model here."""
+    if device.type != "cpu":
+        raise ValueError("deterministic mode runs on the CPU only (its batch-invariant GEMMs and attention are "
+                         "CPU forms)")
+    unsupported = sorted({type(layer.attn).__name__ for layer in model.layers
+                          if not getattr(layer.attn, "batch_invariant", False)})
+    if unsupported:
+        raise ValueError(f"deterministic mode supports softmax-attention layers (full, sliding, sinks; dense or MoE "
+                         f"MLPs); this model has {', '.join(unsupported)}")
+    if KEY_BLOCK % page_size:
+        raise ValueError(f"deterministic mode needs a page_size dividing {KEY_BLOCK}, got {page_size}")
+    shapes = sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    check_gemm_invariance(shapes, model.embed_tokens.weight.dtype, trials=1)
 
 
 def _child_params(p: SamplingParams, i: int) -> SamplingParams:

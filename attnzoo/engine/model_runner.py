@@ -4,21 +4,28 @@ for the rows that sample."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from attnzoo.engine.kv_cache import PagedKVCache
 from attnzoo.engine.scheduler import StepPlan
 from attnzoo.layers.batch import Batch
 from attnzoo.models.decoder import DecoderLM
+from attnzoo.ops.batch_invariant import batch_invariant
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderLM, kv: PagedKVCache):
-        self.model, self.kv = model, kv
+    def __init__(self, model: DecoderLM, kv: PagedKVCache, deterministic: bool = False):
+        self.model, self.kv, self.deterministic = model, kv, deterministic
 
-    @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[int]]:
         """Returns (logits [R, V] float32, indices into plan.requests of the R requests that sample)."""
+        with batch_invariant() if self.deterministic else nullcontext():
+            return self._run(plan)
+
+    @torch.inference_mode()
+    def _run(self, plan: StepPlan) -> tuple[torch.Tensor, list[int]]:
         ids, pos, rows, samplers = [], [], [], []
         offset = 0
         for i, (req, n) in enumerate(zip(plan.requests, plan.num_new)):

@@ -14,6 +14,9 @@ class Attention(nn.Module):
     q/k RMSNorm (Qwen3) and a sigmoid output gate (Qwen3-Next: the query projection yields [q | gate] per
     head, o <- o * sigmoid(gate) before o_proj). q, k and v come from one fused projection."""
 
+    # Its ops have batch-invariant forms (ops.batch_invariant): deterministic serving supports this layer.
+    batch_invariant = True
+
     def __init__(self, layer_idx: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  bias: bool = False, o_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
                  window: int | None = None, sinks: bool = False, use_rope: bool = True,

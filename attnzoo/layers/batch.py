@@ -1,4 +1,4 @@
-"""The per-step description every layer sees (design.md §3), and the simple contiguous KV cache.
+"""The per-step description every layer sees, and the simple contiguous KV cache.
 
 Layers take a packed token stream `x: [N, hidden]` plus a `Batch`. They never branch on training vs
 serving: they hand their q/k/v to `batch.attend`, which either attends within the packed sequences

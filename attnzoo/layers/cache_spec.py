@@ -1,5 +1,5 @@
 """Cache specs: what a layer needs kept per token (or per sequence). The engine groups layers by spec
-and gives each group its own page table; it never looks inside a mechanism (design.md §4)."""
+and gives each group its own page table; it never looks inside a mechanism (docs/engine.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Linear-attention layers on the gated delta rule (shared/mechanisms.md §5-6): Qwen3-Next / Qwen3.5's Gated
+"""Linear-attention layers on the gated delta rule (docs/mechanisms/delta_rule.md §2): Qwen3-Next / Qwen3.5's Gated
 DeltaNet and Kimi Linear's Kimi Delta Attention.
 
 Both: project, causal depthwise conv (kernel K, SiLU) over q|k|v, l2-normalised q/k, a decay g and a write

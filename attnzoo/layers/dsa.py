@@ -1,4 +1,4 @@
-"""DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5; shared/mechanisms.md §8, §10): MLA whose queries each
+"""DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5; docs/mechanisms/sparse.md §3-§4): MLA whose queries each
 attend only to the top-k previous tokens chosen by a lightning indexer.
 
 The indexer reads MLA's normalised query latent (wq_b), keeps one key per token (wk + LayerNorm, cached as

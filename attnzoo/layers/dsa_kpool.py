@@ -1,4 +1,4 @@
-"""GLM-5.3-Flash's k-pool DSA (`glm5_next`; shared/mechanisms.md §10(d)): DeepSeek Sparse Attention whose
+"""GLM-5.3-Flash's k-pool DSA (`glm5_next`; docs/mechanisms/sparse.md §6): DeepSeek Sparse Attention whose
 indexer scores pools of `index_kpool` consecutive tokens instead of single tokens.
 
 Per token the indexer keeps k_I = LayerNorm(W_k x) and pooling logits z = W_gate x (both [dI]). Pool p

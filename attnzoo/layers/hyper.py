@@ -1,4 +1,4 @@
-"""mHC: manifold-constrained hyper-connections (GLM-5.3-Flash; shared/mechanisms.md §10(d)).
+"""mHC: manifold-constrained hyper-connections (GLM-5.3-Flash; docs/mechanisms/sparse.md §7).
 
 The residual is hc_mult streams per token, [N, n, D]. Around each block (attention, MLP) one HyperConnection
 predicts, from the RMS-normalised flattened streams (float32):

@@ -1,4 +1,4 @@
-"""MiniMax Sparse Attention (MiniMax-M3; shared/mechanisms.md §9): GQA whose query heads attend only to the
+"""MiniMax Sparse Attention (MiniMax-M3; docs/mechanisms/sparse.md §5): GQA whose query heads attend only to the
 key blocks their group's index head picks.
 
 Index branch: one index query head per GQA group and one shared index key per token (cached as
@@ -23,6 +23,8 @@ from attnzoo.ops.sparse.select import msa_block_scores, msa_select_blocks
 
 
 class MiniMaxSparseAttention(Attention):
+    batch_invariant = False   # its block scoring and block-sparse attention have no invariant form yet
+
     def __init__(self, layer_idx: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  index_head_dim: int, block_size: int, topk_blocks: int, local_blocks: int = 1,
                  norm_eps: float = 1e-6, **attn_kwargs):

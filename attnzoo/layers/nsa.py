@@ -1,4 +1,4 @@
-"""Native Sparse Attention layer (DeepSeek, arXiv 2502.11089; shared/mechanisms.md §7). Training path only."""
+"""Native Sparse Attention layer (DeepSeek, arXiv 2502.11089; docs/mechanisms/sparse.md §2). Training path only."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import torch
 import attnzoo
 from attnzoo.engine import GenerationConfig, generate
 from attnzoo.models.registry import resolve
+from attnzoo.ops.batch_invariant import batch_invariant
 
 PROMPTS = [
     "The capital of France is",
@@ -50,12 +51,27 @@ def test_logits_match_transformers(ours, theirs):
         assert rel <= 1e-4, f"{text!r}: relative error {rel:.2e}"
 
 
-def test_batched_logits_match_single(ours):
-    ids = torch.tensor([ours.tokenizer.encode(p)[:5] for p in PROMPTS])
+def _batched_and_single(model, ids):
     with torch.no_grad():
-        batched = ours(ids)
-        single = torch.cat([ours(ids[i:i + 1]) for i in range(len(PROMPTS))])
-    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-4)
+        return model(ids), torch.cat([model(ids[i:i + 1]) for i in range(len(ids))])
+
+
+def test_batched_logits_match_single(ours):
+    """Default mode: the batch changes GEMM tiles and so the rounding. Measured on SmolLM2 in fp32 (logits
+    span about +-30): up to 4.4e-5 on a 2-core EPYC (AVX-512) and 1.1e-4 on a Xeon with AMX; the bound is
+    8x the largest measured."""
+    ids = torch.tensor([ours.tokenizer.encode(p)[:5] for p in PROMPTS])
+    batched, single = _batched_and_single(ours, ids)
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batched_logits_equal_single_when_batch_invariant(ours, dtype):
+    model = ours if dtype == "float32" else attnzoo.load_model("smollm2", dtype=dtype)
+    ids = torch.tensor([model.tokenizer.encode(p)[:5] for p in PROMPTS])
+    with batch_invariant():
+        batched, single = _batched_and_single(model, ids)
+    assert torch.equal(batched, single)
 
 
 def test_greedy_continuations_match_transformers(ours, theirs):

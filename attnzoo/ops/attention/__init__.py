@@ -1,9 +1,10 @@
 """Softmax attention with flash-attn conventions, one entry point over several backends.
 
-Backend: keyword `backend=` if given, else env var ATTNZOO_BACKEND, else "triton" for CUDA
-tensors when triton imports, else "torch".
+Backend: keyword `backend=` if given, else "invariant" inside `ops.batch_invariant.batch_invariant()`,
+else env var ATTNZOO_BACKEND, else "triton" for CUDA tensors when triton imports, else "torch".
   reference  naive float32/float64 oracle (attnzoo.ops.attention.reference)
   torch      fast PyTorch form (attnzoo.ops.attention.torch_impl)
+  invariant  batch-invariant form: a query's bits do not depend on its batch (attnzoo.ops.attention.invariant)
   triton     flash-attention kernels (attnzoo.ops.attention.triton), imported lazily so the CPU
              install never needs triton; CPU tensors only under TRITON_INTERPRET=1 (tests).
 """
@@ -16,11 +17,14 @@ from functools import cache
 
 from torch import Tensor
 
+from attnzoo.ops import batch_invariant
 from attnzoo.ops.attention.blockwise import attention_blockwise
+from attnzoo.ops.attention.invariant import attention_invariant
 from attnzoo.ops.attention.reference import attention_reference
 from attnzoo.ops.attention.torch_impl import attention_torch
 
-BACKENDS = {"reference": attention_reference, "torch": attention_torch, "blockwise": attention_blockwise}
+BACKENDS = {"reference": attention_reference, "torch": attention_torch, "blockwise": attention_blockwise,
+            "invariant": attention_invariant}
 PLANNED = ("triton",)
 
 __all__ = ["attention", "attention_reference", "attention_torch", "BACKENDS", "resolve_backend"]
@@ -38,6 +42,8 @@ def _triton_attention() -> Callable[..., Tensor | tuple[Tensor, Tensor]] | None:
 
 def resolve_backend(backend: str | None = None, q: Tensor | None = None) -> str:
     """Pick the backend name; read the env var per call so tests can monkeypatch it."""
+    if backend is None and batch_invariant.enabled():
+        return "invariant"
     name = backend if backend is not None else os.environ.get("ATTNZOO_BACKEND", "")
     if not name:
         name = "triton" if q is not None and q.is_cuda and _triton_attention() is not None else "torch"

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from attnzoo.ops import batch_invariant
+from attnzoo.ops.attention.invariant import KEY_BLOCK, attend_rows, attend_shared, block_pad
 from attnzoo.ops.attention.reference import attention_reference
 from attnzoo.ops.attention.torch_impl import attention_torch
 
@@ -40,6 +42,11 @@ class PagedPlan:
     # CUDA decode reads pages straight through the block table (paged_decode_triton): [Bd, pages], [Bd]
     decode_block_table: Tensor | None = None
     decode_seq_lens: Tensor | None = None
+    # Batch-invariant layout (planned inside `batch_invariant()`): every gather starts at a KEY_BLOCK-aligned
+    # key and covers whole blocks, no cascades; prefill_key_start[i] is the absolute position of the first
+    # key of prefill run i (0 unless a window let earlier pages go).
+    key_block: int = 0
+    prefill_key_start: list[int] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> "PagedPlan":
         """The plan on the device of the cache, moved once per step rather than once per layer."""
@@ -47,7 +54,7 @@ class PagedPlan:
         return PagedPlan(mv(self.decode_rows), mv(self.decode_pages), mv(self.decode_valid),
                          [(a, b, mv(t)) for a, b, t in self.prefill], self.num_rows,
                          [(mv(r), mv(p)) for r, p in self.cascades], mv(self.decode_block_table),
-                         mv(self.decode_seq_lens))
+                         mv(self.decode_seq_lens), self.key_block, self.prefill_key_start)
 
 
 MIN_CASCADE_PAGES = 2   # shorter shared prefixes are cheaper to gather per row
@@ -61,10 +68,15 @@ def _slots(block_table_row: Tensor, start: int, end: int, page_size: int) -> Ten
 def plan_paged(block_table: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor, page_size: int,
                window_left: int = -1) -> PagedPlan:
     """window_left >= 0 limits decode gathers to the last window_left + 1 keys (pages before that may be
-    released); prefill runs gather from the first key the run's earliest query can see."""
+    released); prefill runs gather from the first key the run's earliest query can see. Inside
+    `batch_invariant()` the plan takes the invariant layout (see PagedPlan.key_block)."""
+    key_block = KEY_BLOCK if batch_invariant.enabled() else 0
+    if key_block and key_block % page_size:
+        raise ValueError(f"batch-invariant paged attention needs a page size dividing {key_block}, got {page_size}")
+    align = key_block or 1
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
-    dec_rows, dec_spans, prefill = [], [], []
+    dec_rows, dec_spans, prefill, key_start = [], [], [], []
     for b, L in enumerate(lens):
         q0, q1 = cu[b], cu[b + 1]
         nq = q1 - q0
@@ -77,12 +89,17 @@ def plan_paged(block_table: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor, page
             dec_rows.append(q0)
             dec_spans.append((b, first, L))
         else:
-            prefill.append((q0, q1, _slots(block_table[b], first, L, page_size)))
-    starts = [f // page_size for _, f, _ in dec_spans]   # first page each decode row gathers itself
+            start = first // align * align
+            prefill.append((q0, q1, _slots(block_table[b], start, L, page_size)))
+            key_start.append(start)
+    starts = [f // align * align // page_size for _, f, _ in dec_spans]   # first page each decode row gathers
     cascades = []
-    if window_left < 0 and len(dec_spans) > 1:
+    if window_left < 0 and len(dec_spans) > 1 and not key_block:
         cascades = _shared_prefixes(block_table, dec_spans, page_size, starts)
     width = max((-(-L // page_size) - p0 for (_, _, L), p0 in zip(dec_spans, starts)), default=0)
+    if key_block:   # whole key blocks
+        per_block = key_block // page_size
+        width = -(-width // per_block) * per_block
     pages = torch.zeros(len(dec_spans), width, dtype=torch.long)
     valid = torch.zeros(len(dec_spans), width * page_size, dtype=torch.bool)
     for i, ((b, first, L), p0) in enumerate(zip(dec_spans, starts)):
@@ -91,7 +108,8 @@ def plan_paged(block_table: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor, page
         valid[i, max(first - p0 * page_size, 0): L - p0 * page_size] = True
     dec_b = torch.tensor([b for b, _, _ in dec_spans], dtype=torch.long)
     return PagedPlan(torch.tensor(dec_rows, dtype=torch.long), pages, valid, prefill, int(cu[-1]), cascades,
-                     block_table[dec_b], torch.tensor([L for _, _, L in dec_spans], dtype=torch.int32))
+                     block_table[dec_b], torch.tensor([L for _, _, L in dec_spans], dtype=torch.int32),
+                     key_block, key_start)
 
 
 def _shared_prefixes(block_table: Tensor, spans: list[tuple[int, int, int]], page_size: int,
@@ -146,6 +164,8 @@ def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: P
     kf, vf = k_cache.reshape(Hkv, -1, d), v_cache.reshape(Hkv, -1, dv)   # [Hkv, slots, d]
     out = q.new_empty(N, H, dv)
     scale = d ** -0.5 if scale is None else scale
+    if plan.key_block:
+        return _planned_invariant(q, k_cache, v_cache, plan, window_size, scale, sinks, out)
     if len(plan.decode_rows) and q.is_cuda and plan.decode_block_table is not None:
         # Flash-decoding kernel: reads each K/V page once per KV head, no gather copies.
         from attnzoo.ops.attention.triton.paged_decode import paged_decode_triton
@@ -179,6 +199,37 @@ def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: P
         v = torch.index_select(vf, 1, slots).transpose(0, 1)[None]
         o = attention_torch(q[None, r0:r1], k, v, causal=True, window_size=window_size, scale=scale, sinks=sinks)
         out[r0:r1] = o[0]
+    return out
+
+
+def _planned_invariant(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: PagedPlan, window_size: tuple[int, int],
+                       scale: float, sinks: Tensor | None, out: Tensor) -> Tensor:
+    """The batch-invariant forms over the pages: decode rows each against their own block-aligned gather,
+    prefill runs against their sequence's keys (ops/attention/invariant.py)."""
+    N, H, d = q.shape
+    Hkv = k_cache.shape[0]
+    G = H // Hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sk = None if sinks is None else sinks.to(acc)
+    if len(plan.decode_rows):
+        Bd = len(plan.decode_rows)
+        k = _gather_pages(k_cache, plan.decode_pages, Bd, acc).transpose(0, 1)   # [Bd, Hkv, L, d]
+        v = _gather_pages(v_cache, plan.decode_pages, Bd, acc).transpose(0, 1)
+        o, _ = attend_rows(q[plan.decode_rows].to(acc).view(Bd, Hkv, G, d), k.contiguous(), v.contiguous(),
+                           plan.decode_valid, scale, sk)
+        out[plan.decode_rows] = o.reshape(Bd, H, -1).to(q.dtype)
+    left = window_size[0]
+    kf, vf = k_cache.reshape(Hkv, -1, d), v_cache.reshape(Hkv, -1, v_cache.shape[-1])
+    for (r0, r1, slots), start in zip(plan.prefill, plan.prefill_key_start):
+        slots = slots.to(kf.device)
+        nq, n = r1 - r0, len(slots)
+        pos = torch.arange(start + n - nq, start + n, device=q.device)[:, None]   # the queries' positions
+        key = torch.arange(start, start + n, device=q.device)[None]
+        seen = (key <= pos) & ((key >= pos - left) if left >= 0 else True)
+        k = block_pad(torch.index_select(kf, 1, slots).to(acc), 1, start)
+        v = block_pad(torch.index_select(vf, 1, slots).to(acc), 1, start)
+        o, _ = attend_shared(q[r0:r1].to(acc).view(nq, Hkv, G, d), k, v, block_pad(seen, 1, start), scale, sk)
+        out[r0:r1] = o.reshape(nq, H, -1).to(q.dtype)
     return out
 
 
