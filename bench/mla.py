@@ -31,7 +31,7 @@ from attnzoo.engine.kv_cache import PagedKVCache  # noqa: E402
 from attnzoo.ops.latent_paged import mla_paged_decode_torch  # noqa: E402
 
 R, DN, DR, DV, PAGE = 512, 128, 64, 128, 64
-SCALE = (DN + DR) ** -0.5 * 1.3689 ** 2  # DeepSeek-V3's yarn mscale (mechanisms.md section 4a)
+SCALE = (DN + DR) ** -0.5 * 1.3689 ** 2  # DeepSeek-V3's yarn mscale (docs/mechanisms/latent.md §2)
 RTOL = 1e-4
 
 

@@ -1,4 +1,4 @@
-"""A decoder-only LM assembled from a per-layer list (design.md §6): one forward for training,
+"""A decoder-only LM assembled from a per-layer list: one forward for training,
 scoring and serving, over a packed token stream described by a `Batch`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GLM-5.3-Flash (`glm5_next`, text part; shared/mechanisms.md §10(d)) on DecoderLM's API.
+"""GLM-5.3-Flash (`glm5_next`, text part; docs/mechanisms/sparse.md §6-§7) on DecoderLM's API.
 
 Layers alternate KDA (safe gate, lower bound -5) and k-pool DSA on NoPE MLA, 3:1; the residual is hc_mult
 mHC streams [N, n, D]. Per layer:

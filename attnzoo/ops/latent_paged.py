@@ -1,6 +1,6 @@
 """MLA decode over a paged latent cache (absorbed form, DeepSeek-V3 / FlashMLA "MQA mode").
 
-After absorbing W_UK into the query (mechanisms.md section 4d) every head's query is
+After absorbing W_UK into the query (docs/mechanisms/latent.md §4) every head's query is
 [q_lat (dv = kv_lora_rank) | q_pe (dr)] = Dqk wide and attends to ONE shared key per token: the cached
 row [c_kv | k_pe] (Dqk). The value is the first dv dims of that same row, so the cache holds nothing
 else. Layout: cache [num_pages, page_size, Dqk]; token j of sequence b lives at page

@@ -1,4 +1,4 @@
-"""Native Sparse Attention (DeepSeek, arXiv 2502.11089; shared/mechanisms.md §7): pure tensor functions.
+"""Native Sparse Attention (DeepSeek, arXiv 2502.11089; docs/mechanisms/sparse.md §2): pure tensor functions.
 
 Three branches per query t and head h, each a softmax attention over its own keys/values, mixed by gates
 in (0, 1) (one per branch and head, not normalised):

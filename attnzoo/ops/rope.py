@@ -1,6 +1,6 @@
 """Rotary position embeddings: frequency tables (with the scaling variants our loaders meet) and rotation.
 
-Conventions (shared/mechanisms.md §0): `inv_freq[i] = theta ** (-2i / r)` for the `r` rotated dims;
+Conventions (docs/mechanisms/softmax.md §2): `inv_freq[i] = theta ** (-2i / r)` for the `r` rotated dims;
 half-split pairs (x[i], x[i + r/2]) as in Llama/NeoX, interleaved pairs (x[2i], x[2i+1]) as in GPT-J;
 partial rotary rotates only the first `r` dims of the head.
 """

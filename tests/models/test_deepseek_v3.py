@@ -1,7 +1,7 @@
 """DeepSeek-V3 (MLA + DeepSeek MoE) checkpoints -> attnzoo, against transformers' DeepseekV3ForCausalLM.
 
-Tiny random models (recipe: shared/oracles/deepseek_v3.py) with every norm weight, bias and router
-correction bias randomised (they init to ones / zeros, which would hide bugs), written by save_pretrained.
+Tiny random models with every norm weight, bias and router correction bias randomised (they init to ones /
+zeros, which would hide bugs), written by save_pretrained.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_case_configs_mean_what_they_say(tmp_path: Path) -> None:
 
 
 def test_deepseek_v3_softmax_scale() -> None:
-    """mechanisms.md §4: 192^-0.5 * mscale(40, 1)^2 = 0.13523 (not 576^-0.5)."""
+    """docs/mechanisms/latent.md §2: 192^-0.5 * mscale(40, 1)^2 = 0.13523 (not 576^-0.5)."""
     s = mla_softmax_scale(192, {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0})
     assert s == pytest.approx(0.13523, abs=1e-5)
     assert mla_softmax_scale(192, None) == pytest.approx(192 ** -0.5)

@@ -1,9 +1,9 @@
 """Delta-rule hybrids (Qwen3-Next, Qwen3.5, Kimi Linear) -> attnzoo, against transformers' own model code.
 
-Tiny random checkpoints (recipes: shared/oracles/qwen3_next.py, qwen3_5.py, kimi_linear.py) written by
-save_pretrained, with every zero- or one-initialised norm weight, decay parameter and router bias
-randomised: Qwen's RMSNorms are applied as (1 + w) with w = 0 at init, which would hide a missing "+1".
-transformers runs its pure-PyTorch delta-rule fallbacks here (fla-core must not be importable).
+Tiny random checkpoints written by save_pretrained, with every zero- or one-initialised norm weight, decay
+parameter and router bias randomised: Qwen's RMSNorms are applied as (1 + w) with w = 0 at init, which would
+hide a missing "+1". transformers runs its pure-PyTorch delta-rule fallbacks here (fla-core must not be
+importable).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """DeepSeek Sparse Attention checkpoints (deepseek_v32; glm_moe_dsa with IndexShare) -> attnzoo, against
-transformers' own model code. Tiny random models (recipes: shared/oracles/deepseek_v32.py, glm_moe_dsa.py)
-with every norm weight, LayerNorm bias and router bias randomised; prompts longer than index_topk, so the
-indexer's selection decides the output. Exact score ties at the top-k boundary are implementation-defined
-(torch.topk breaks them differently for rows of different lengths; we take the lower key index), and ReLU
-makes them common when every index head's dot product is negative: 16 index heads make an all-zero key
-(probability 2^-16) practically impossible, so the comparison is between selections, not tie-breaks.
+transformers' own model code. Tiny random models with every norm weight, LayerNorm bias and router bias
+randomised; prompts longer than index_topk, so the indexer's selection decides the output. Exact score ties at
+the top-k boundary are implementation-defined (torch.topk breaks them differently for rows of different
+lengths; we take the lower key index), and ReLU makes them common when every index head's dot product is
+negative: 16 index heads make an all-zero key (probability 2^-16) practically impossible, so the comparison is
+between selections, not tie-breaks.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """GLM-5.3-Flash (glm5_next, text part) -> attnzoo, against transformers' own model code.
 
-A tiny random Glm5NextForConditionalGeneration (recipe: shared/oracles/glm5_next.py; the smallest vision
-tower) written by save_pretrained, 8 layers (KDA x3, k-pool DSA, x2), MoE on every other layer, hc_mult 2,
-with every zero/one-initialised parameter randomised: norms, the indexer LayerNorm, A_log (zero under the
-safe gate), dt_bias, the k-pool gate (ones) and position table (zeros), the router bias and the mHC base /
-scale. swiglu_limit is small so the clamp bites. Prompts are longer than index_topk, so the k-pool
-selection decides the output. transformers runs its pure-PyTorch KDA (fla-core must not be importable).
+A tiny random Glm5NextForConditionalGeneration (the smallest vision tower) written by save_pretrained, 8
+layers (KDA x3, k-pool DSA, x2), MoE on every other layer, hc_mult 2, with every zero/one-initialised
+parameter randomised: norms, the indexer LayerNorm, A_log (zero under the safe gate), dt_bias, the k-pool gate
+(ones) and position table (zeros), the router bias and the mHC base / scale. swiglu_limit is small so the
+clamp bites. Prompts are longer than index_topk, so the k-pool selection decides the output. transformers runs
+its pure-PyTorch KDA (fla-core must not be importable).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_greedy_generation_matches_transformers(models) -> None:
 
 
 def _pool_scores(ix, x: torch.Tensor, q_resid: torch.Tensor) -> torch.Tensor:
-    """The spec (mechanisms.md §10(d)) written out for one sequence: [T, complete pools] scores."""
+    """The spec (docs/mechanisms/sparse.md §6) written out for one sequence: [T, complete pools] scores."""
     T, P, H, d = x.shape[0], ix.index_kpool, ix.n_heads, ix.head_dim
     q = ix.wq_b(q_resid).view(T, H, d)
     k = torch.nn.functional.layer_norm(ix.wk(x), (d,), ix.k_norm.weight, ix.k_norm.bias, 1e-6)

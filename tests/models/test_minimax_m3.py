@@ -1,7 +1,6 @@
-"""MiniMax-M3 text model (MSA on GQA, clamped-GLU MoE) -> attnzoo, against transformers'
-MiniMaxM3VLForCausalLM. Tiny random checkpoint (recipe: shared/oracles/minimax_m3_vl.py) with every
-zero-initialised (1 + w) norm and the router bias randomised; 40-token prompts over blocks of 4 with a
-top-2 block budget, so the index branch's selection decides the output.
+"""MiniMax-M3 text model (MSA on GQA, clamped-GLU MoE) -> attnzoo, against transformers' MiniMaxM3VLForCausalLM.
+Tiny random checkpoint with every zero-initialised (1 + w) norm and the router bias randomised; 40-token
+prompts over blocks of 4 with a top-2 block budget, so the index branch's selection decides the output.
 """
 
 from __future__ import annotations

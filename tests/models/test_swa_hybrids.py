@@ -1,7 +1,7 @@
 """SWA/global hybrids (Cohere2, MiMo-V2-Flash) -> attnzoo, against transformers' own model code.
 
-Tiny random checkpoints (recipes: shared/oracles/cohere2.py, mimo_v2_flash.py) with norms, sink logits and
-router biases randomised; prompts longer than the window, so the sliding layers really slide.
+Tiny random checkpoints with norms, sink logits and router biases randomised; prompts longer than the window,
+so the sliding layers really slide.
 """
 
 from __future__ import annotations

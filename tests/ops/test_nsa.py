@@ -1,4 +1,4 @@
-"""Native Sparse Attention ops (shared/mechanisms.md §7).
+"""Native Sparse Attention ops (docs/mechanisms/sparse.md §2).
 
 Two oracles: fla-core's `naive_nsa` for the fla mode (mean pooling, l = d = l', one shared K/V, scores
 averaged over the group), run in a SUBPROCESS because fla must never be importable in the test process
@@ -258,7 +258,7 @@ def _fla_path() -> str | None:
 
 
 def _fla_cases() -> dict:
-    """The recipe's case (B=1, T=64, Hkv=1, G=16, d=32, block 8, S=4) and a packed two-sequence one."""
+    """A dense case (B=1, T=64, Hkv=1, G=16, d=32, block 8, S=4) and a packed two-sequence one."""
     g = torch.Generator().manual_seed(0)
     Hkv, G, D, BS, S = 1, 16, 32, 8, 4
     cases = {}
@@ -289,7 +289,7 @@ def fla_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
 
 
 def _window_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float) -> torch.Tensor:
-    """Naive causal sliding window (keys t-window < s <= t), as in the recipe; [1, T, ...]."""
+    """Naive causal sliding window (keys t-window < s <= t); [1, T, ...]."""
     T, G = q.shape[1], q.shape[2] // k.shape[2]
     kk, vv = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
     s = torch.einsum("bthd,bshd->bhts", q, kk) * scale

@@ -1,4 +1,4 @@
-"""The gated delta rule (Gated DeltaNet, Kimi Delta Attention; shared/mechanisms.md §5-6).
+"""The gated delta rule (Gated DeltaNet, Kimi Delta Attention; docs/mechanisms/delta_rule.md).
 
 One code path for both gate shapes: g [B, T, Hv] (a scalar decay per head, GDN) or [B, T, Hv, dk] (one per
 key channel, KDA). Layout [batch, seq, heads, dim]; varlen via cu_seqlens over one packed row.

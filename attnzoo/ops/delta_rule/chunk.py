@@ -1,4 +1,4 @@
-"""The gated delta rule in chunks of C tokens (WY / UT form, mechanisms.md §5(a'), §6(a')): prefill, training.
+"""The gated delta rule in chunks of C tokens (WY / UT form, docs/mechanisms/delta_rule.md §3): prefill, training.
 
 Per chunk (positions i, j < C, gam = cumsum of the log-decay inside the chunk, S0 the state entering it):
     A[i,j]   = beta_i sum_c k_i[c] k_j[c] e^(gam_i[c] - gam_j[c])   (j < i)

@@ -1,4 +1,4 @@
-"""The gated delta rule, token by token: the spec every fast form is tested against (mechanisms.md §5-6).
+"""The gated delta rule, token by token: the spec every fast form is tested against (docs/mechanisms/delta_rule.md §1).
 
 Per value head h (key/query head h // (Hv / Hk)), with a state S in R^{dk x dv}:
     S_t = Diag(exp(g_t)) S_{t-1}                 g_t: scalar per head (GDN) or per key channel (KDA)

@@ -1,11 +1,11 @@
-"""Triton kernels for the gated delta rule (GDN / KDA; mechanisms.md §5-6), same contract as
+"""Triton kernels for the gated delta rule (GDN / KDA; docs/mechanisms/delta_rule.md §6), same contract as
 `delta_rule_reference` (CUDA; CPU tensors under TRITON_INTERPRET=1 for tests).
 
 * `fused_recurrent_delta_rule_triton`: one program per (sequence, value head, dv block) holds its state tile
   [dk, BV] in fp32 registers and walks the sequence's tokens: decay, delta-rule update, read out.
 * `delta_rule_step_triton`: one decode token per sequence, updating a state (or rows of a state pool through
   `state_indices`, vLLM style) in place; the same kernel with T = 1.
-* `chunk_delta_rule_triton`: the chunked WY form (§5(a'), §6(a')) in four kernels:
+* `chunk_delta_rule_triton`: the chunked WY form (docs/mechanisms/delta_rule.md §3) in four kernels:
     0. per (chunk, head): cumulative log-decay gam inside the chunk (cumsum of g);
     1. per (chunk, head): A = strictly-lower beta_i k_i.k_j e^(gam_i-gam_j) and Aqk = (q_i.k_j) e^(gam_i-gam_j)
        (j <= i), in sub-chunks of 16 rows (below); plus the gated operands QG = e^gam (scale q),

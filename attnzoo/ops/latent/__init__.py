@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2/V3, shared/mechanisms.md §4) over a cached latent.
+"""Multi-head Latent Attention (DeepSeek-V2/V3; docs/mechanisms/latent.md) over a cached latent.
 
 Inputs, packed [N, ...] with cu_seqlens or batched [B, T, ...]:
   q_nope [.., H, dn], q_pe [.., H, dr] (roped), c_kv [.., dc] (normalised latent), k_pe [.., dr] (roped,

@@ -65,7 +65,7 @@ def _moe_ffn_flops(hidden: int, layers: int, dense_layers: int, dense_inter: int
     return 2 * (dense_layers * dense + (layers - dense_layers) * moe) / layers
 
 
-# Real configs (mechanisms.md §4, §7-§10; transformers' config defaults equal the released models).
+# Real configs (docs/mechanisms/sparse.md §9; transformers' config defaults equal the released models).
 DEEPSEEK_V32 = ModelConfig(
     "DeepSeek-V3.2", hidden=7168, layers=61, heads=128, v_head_dim=128, q_lora_rank=1536, kv_lora_rank=512,
     qk_nope_head_dim=128, qk_rope_head_dim=64, index_heads=64, index_dim=128, index_topk=2048,

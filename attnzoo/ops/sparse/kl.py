@@ -1,10 +1,10 @@
 """KL losses that align an index branch with the main attention (teacher -> student), plain PyTorch.
 
-DSA (DeepSeek-V3.2, mechanisms.md §8(a')):
+DSA (DeepSeek-V3.2; docs/mechanisms/sparse.md §8):
     p_t = normalize_L1( sum_h P_h[t, :] )  over the allowed keys (causal; sparse stage: & selected S_t)
     L_I = sum_t KL( p_t || softmax_s(I[t, s]) )   (student softmax over the same allowed keys)
   dense warm-up: selected=None (all causal keys); sparse training: selected = the top-k set.
-MSA (MiniMax-M3, §9(a')), per group g of G query heads:
+MSA (MiniMax-M3), per group g of G query heads:
     P_T[g, t] = mean_{h in g} softmax_{M(g,t)}( q_h[t] . k_g[s] * scale )      M = selected blocks & causal
     P_S[g, t] = softmax_{M(g,t)}( q_I[t, g] . k_I[s] * dI**-0.5 )
     L = loss_coeff / (HI * total_q) * sum_{g,t} KL(P_T || P_S)       =>  d logits_S = (P_S - P_T) * that factor

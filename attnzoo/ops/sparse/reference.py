@@ -4,7 +4,7 @@ Naive on purpose: the selection becomes a boolean [B, Tq, Hkv, Tk] mask (scatter
 twice is still one key), AND the causal mask, then one dense masked softmax in float32 (float64 for
 float64 inputs). Validation lives here so every form agrees on what is legal.
 
-Conventions (shared/mechanisms.md §0, §8, §9):
+Conventions (docs/mechanisms/sparse.md §1):
   q [B, Tq, H, dqk], k [B, Tk, Hkv, dqk], v [B, Tk, Hkv, dv]; query head h belongs to group h // G,
   G = H / Hkv, and reads only its group's selection (DSA / MQA: Hkv = 1, one selection for all heads).
   indices [B, Tq, Hkv, K]: key positions, -1 = unused slot. block_indices [B, Tq, Hkv, nb]: blocks

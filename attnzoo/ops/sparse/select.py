@@ -3,10 +3,11 @@
 All causal with bottom-right alignment (query i of Tq sits at key position a_i = i + Tk - Tq), all
 vectorised torch, chunked over queries where a [Tq, Tk]-sized intermediate would otherwise be
 multiplied by a head count. Selections are sets: slot order carries no meaning, -1 pads.
+Sections: docs/mechanisms/sparse.md.
 
-  DSA (DeepSeek-V3.2 / GLM-5, mechanisms.md §8):  lightning_indexer_scores -> topk_indices
-  MSA (MiniMax-M3, §9):                           msa_block_scores -> msa_select_blocks
-  NSA (§7):  nsa_compression_probs -> nsa_block_scores (paper) / nsa_block_scores_fla -> nsa_select_blocks
+  DSA (DeepSeek-V3.2 / GLM-5, §3):  lightning_indexer_scores -> topk_indices
+  MSA (MiniMax-M3, §5):             msa_block_scores -> msa_select_blocks
+  NSA (§2):  nsa_compression_probs -> nsa_block_scores (paper) / nsa_block_scores_fla -> nsa_select_blocks
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def nsa_compression_probs(q: Tensor, k_cmp: Tensor, *, l: int, d: int, scale: fl
 
 def nsa_block_scores(p_cmp: Tensor, *, G: int, l: int, d: int, l_sel: int, num_blocks: int | None = None,
                      reduce: str = "sum") -> Tensor:
-    """NSA selection-block importance from compression probabilities (paper eq. 9, mechanisms.md §7(a)):
+    """NSA selection-block importance from compression probabilities (paper eq. 9, docs/mechanisms/sparse.md §2):
         p_slc[j] = sum_{m=0}^{l_sel/d - 1} sum_{n=0}^{l/d - 1} p_cmp[(l_sel/d) * j - m - n]   (out of range: 0)
     then GQA-consistent: summed (reduce="sum", paper) or averaged ("mean", fla) over each group's G heads.
     Needs l % d == 0 and l_sel % d == 0; l = l_sel = d gives p_slc = p_cmp. Note the paper's minus signs:
@@ -178,8 +179,9 @@ def nsa_block_scores(p_cmp: Tensor, *, G: int, l: int, d: int, l_sel: int, num_b
 
 
 def nsa_block_scores_fla(p_cmp: Tensor, *, G: int) -> Tensor:
-    """fla's simplified NSA (§7(e)): l = d = l_sel (mean-pooled non-overlapping blocks), so the selection
-    score of block j is p_cmp[j], averaged over the group's heads. [B, Tq, H, Nc] -> [B, Tq, H / G, Nc]."""
+    """fla's simplified NSA (docs/mechanisms/sparse.md §2): l = d = l_sel (mean-pooled non-overlapping
+    blocks), so the selection score of block j is p_cmp[j], averaged over the group's heads.
+    [B, Tq, H, Nc] -> [B, Tq, H / G, Nc]."""
     return nsa_block_scores(p_cmp, G=G, l=1, d=1, l_sel=1, num_blocks=p_cmp.shape[-1], reduce="mean")
 
 
