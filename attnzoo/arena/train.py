@@ -31,6 +31,7 @@ from attnzoo.arena.distill import IndexerDistillation
 from attnzoo.layers.batch import Batch
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
+from attnzoo.models.weights import model_class
 
 OUT_PROJ = ("o_proj.weight", "out_proj.weight", "down_proj.weight")
 
@@ -98,7 +99,7 @@ def init_weights(model: DecoderLM, seed: int) -> DecoderLM:
 
 def build(cfg: ModelConfig, seed: int) -> DecoderLM:
     torch.manual_seed(seed)  # layers that draw in __init__ (NSA's position tables) before init_weights
-    return init_weights(DecoderLM(cfg), seed)
+    return init_weights(model_class(cfg)(cfg), seed)
 
 
 def parameters(model: nn.Module) -> int:

@@ -1,8 +1,8 @@
 """Decoders assembled from per-layer lists, and their loaders (GGUF, transformers safetensors)."""
 
+from attnzoo.errors import ModelLoadError
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
-from attnzoo.models.errors import ModelLoadError
 from attnzoo.models.registry import DEFAULT_MODEL, KNOWN_MODELS, load_model
 from attnzoo.models.tokenizer import Tokenizer
 

@@ -3,7 +3,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "sparse_attention", "nsa")
+from attnzoo.mechanisms import CONFIGS, LAYER_TYPES
+from attnzoo.mechanisms.common import coerce
+from attnzoo.mechanisms.delta import Config as DeltaConfig
+from attnzoo.mechanisms.dsa import Config as DSAConfig
+from attnzoo.mechanisms.ffn import Config as MoEConfig
+from attnzoo.mechanisms.hyper import Config as HyperConfig
+from attnzoo.mechanisms.latent import Config as MLAConfig
+from attnzoo.mechanisms.msa import Config as MSAConfig
+from attnzoo.mechanisms.nsa import Config as NSAConfig
 
 
 @dataclass
@@ -32,31 +40,18 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""
-    # MLA (attention_type "mla"): q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
-    # v_head_dim, rope_interleave; head_dim is then qk_rope_head_dim (what RoPE rotates)
-    attention_type: str = "softmax"
-    mla: dict[str, Any] | None = None
-    # MoE (kind deepseek, the default, or qwen): n_routed_experts, num_experts_per_tok, moe_intermediate_size, n_group, topk_group,
-    # norm_topk_prob, routed_scaling_factor, n_shared_experts, first_k_dense_replace (dense layers before)
-    moe: dict[str, Any] | None = None
+    # the mechanism families' own parameters (attnzoo/mechanisms/; dicts in JSON, coerced on construction)
+    attention_type: str = "softmax"   # softmax | mla: the flavour of full/sliding attention layers
+    mla: MLAConfig | None = None  # MLA (head_dim is then qk_rope_head_dim, what RoPE rotates)
+    moe: MoEConfig | None = None
     mlp_layer_types: list[str] = field(default_factory=list)   # per layer: dense | sparse (MoE)
-    # delta-rule layers (layer type "linear_attention"): kind gdn | kda, num_k_heads, num_v_heads, k_dim,
-    # v_dim, conv_width; kda may add gate_lower_bound (GLM-5.3-Flash's safe gate)
-    linear: dict[str, Any] | None = None
+    linear: DeltaConfig | None = None   # delta-rule layers (layer type "linear_attention")
     attn_output_gate: bool = False    # Qwen3-Next: o * sigmoid(gate) from a doubled query projection
     use_rope: bool = True             # False: no positional encoding in attention (Kimi Linear's NoPE MLA)
-    # DeepSeek Sparse Attention on MLA: index_n_heads, index_head_dim, index_topk, indexer_interleaved_rope,
-    # indexer_types (per layer full | shared: IndexShare); GLM-5.3-Flash's k-pool indexer adds index_kpool,
-    # index_kpool_always_select_tail
-    dsa: dict[str, Any] | None = None
-    # mHC residual streams (GLM-5.3-Flash, models/glm5_next.py): hc_mult, hc_sinkhorn_iters, hc_eps
-    hyper: dict[str, Any] | None = None
-    # MiniMax Sparse Attention on GQA (layer type "sparse_attention"): index_head_dim, block_size,
-    # topk_blocks, local_blocks
-    msa: dict[str, Any] | None = None
-    # Native Sparse Attention (layer type "nsa"; training path only): NativeSparseAttention's options
-    # (block_len, stride, select_block, num_selected, window, shared_kv, compress, compress_hidden, gate_hidden)
-    nsa: dict[str, Any] | None = None
+    dsa: DSAConfig | None = None     # DeepSeek Sparse Attention on MLA
+    hyper: HyperConfig | None = None  # mHC residual streams (GLM-5.3-Flash, models/glm5_next.py)
+    msa: MSAConfig | None = None     # MiniMax Sparse Attention on GQA (layer type "sparse_attention")
+    nsa: NSAConfig | None = None     # Native Sparse Attention (layer type "nsa"; training path only)
     mlp_clamp: tuple[float, ...] | None = None   # (alpha, limit[, up_offset]): ClampedGLU (GPT-OSS / MiniMax-M3;
     #                                                GLM-5.3-Flash: (1, swiglu_limit, 0))
     # SWA/global hybrids (Cohere2, MiMo-V2-Flash)
@@ -72,6 +67,8 @@ class ModelConfig:
     logit_scale: float = 1.0          # logits multiplied by this (Cohere)
 
     def __post_init__(self) -> None:
+        for name, cls in CONFIGS.items():
+            setattr(self, name, coerce(cls, getattr(self, name)))
         if not self.layer_types:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             self.layer_types = [kind] * self.num_layers
@@ -86,23 +83,20 @@ class ModelConfig:
             raise ValueError(f"unsupported attention_type {self.attention_type!r}; supported: softmax, mla")
         if (self.attention_type == "mla") != (self.mla is not None):
             raise ValueError("attention_type 'mla' and the mla parameters go together")
-        if "linear_attention" in self.layer_types and self.linear is None:
-            raise ValueError("linear_attention layers need the linear (delta rule) parameters")
+        for t, name in LAYER_TYPES.items():
+            if name and t in self.layer_types and getattr(self, name) is None:
+                raise ValueError(f"{t} layers need the {name} parameters")
         if self.norm not in ("rms", "layer"):
             raise ValueError(f"norm must be rms or layer, got {self.norm!r}")
-        if "sparse_attention" in self.layer_types and self.msa is None:
-            raise ValueError("sparse_attention layers need the msa parameters")
-        if "nsa" in self.layer_types and self.nsa is None:
-            raise ValueError("nsa layers need the nsa parameters")
         if self.dsa is not None:
             if self.mla is None:
                 raise ValueError("DSA runs on MLA: the mla parameters are needed")
-            types = self.dsa.setdefault("indexer_types", ["full"] * self.num_layers)
+            types = self.dsa.indexer_types = self.dsa.indexer_types or ["full"] * self.num_layers
             if len(types) != self.num_layers or set(types) - {"full", "shared"} or types[0] != "full":
                 raise ValueError(f"indexer_types must name full or shared for each of {self.num_layers} layers, "
                                  f"the first full; got {types}")
         if not self.mlp_layer_types:
-            first = (self.moe or {}).get("first_k_dense_replace", 0)
+            first = self.moe.first_k_dense_replace if self.moe is not None else 0
             self.mlp_layer_types = ["sparse" if self.moe is not None and i >= first else "dense"
                                     for i in range(self.num_layers)]
         if len(self.mlp_layer_types) != self.num_layers or set(self.mlp_layer_types) - {"dense", "sparse"}:

@@ -6,86 +6,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attnzoo.layers import (Attention, Batch, ContiguousKVCache, DeepseekMoE, MLAttention, RMSNorm, RotaryEmbedding,
-                            SwiGLU)
-from attnzoo.layers.norm import LayerNorm
-from attnzoo.layers.delta import GatedDeltaNet, KimiDeltaAttention
-from attnzoo.layers.dsa import DSAttention
-from attnzoo.layers.mlp import ClampedGLU
-from attnzoo.layers.moe import QwenMoE
-from attnzoo.layers.msa import MiniMaxSparseAttention
-from attnzoo.layers.nsa import NativeSparseAttention
+from attnzoo.layers import Batch, ContiguousKVCache, RMSNorm, RotaryEmbedding
 from attnzoo.layers.cache_spec import CacheSpec
+from attnzoo.layers.norm import LayerNorm
+from attnzoo.mechanisms import build_attention, build_ffn
 from attnzoo.models.config import ModelConfig
 
 
 class DecoderLayer(nn.Module):
+    """norm -> attention -> residual, norm -> MLP -> residual; the attention and the MLP come from the
+    mechanism registry (attnzoo/mechanisms/)."""
+
     def __init__(self, cfg: ModelConfig, idx: int):
         super().__init__()
-        sliding = cfg.layer_types[idx] == "sliding_attention"
         self.layer_type, self.parallel = cfg.layer_types[idx], cfg.parallel_block
         self.input_layernorm = make_norm(cfg)
-        self.attn: Attention | MLAttention | DSAttention | GatedDeltaNet | KimiDeltaAttention | MiniMaxSparseAttention
-        if cfg.layer_types[idx] == "linear_attention":
-            lin = cfg.linear
-            if lin["kind"] == "gdn":
-                self.attn = GatedDeltaNet(idx, cfg.hidden_size, lin["num_k_heads"], lin["num_v_heads"], lin["k_dim"],
-                                          lin["v_dim"], lin["conv_width"], cfg.rms_norm_eps)
-            else:
-                self.attn = KimiDeltaAttention(idx, cfg.hidden_size, lin["num_v_heads"], lin["k_dim"],
-                                               lin["conv_width"], cfg.rms_norm_eps)
-        elif cfg.layer_types[idx] == "sparse_attention":
-            m = cfg.msa
-            self.attn = MiniMaxSparseAttention(idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                               index_head_dim=m["index_head_dim"], block_size=m["block_size"],
-                                               topk_blocks=m["topk_blocks"], local_blocks=m["local_blocks"],
-                                               norm_eps=cfg.rms_norm_eps, qk_norm=cfg.qk_norm,
-                                               bias=cfg.attention_bias, o_bias=cfg.attention_bias)
-        elif cfg.layer_types[idx] == "nsa":  # training path only (no decode cache yet)
-            self.attn = NativeSparseAttention(idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                              qk_norm=cfg.qk_norm, norm_eps=cfg.rms_norm_eps, use_rope=cfg.use_rope,
-                                              **cfg.nsa)
-        elif cfg.dsa is not None:
-            m, d = cfg.mla, cfg.dsa
-            self.attn = DSAttention(idx, cfg.hidden_size, cfg.num_heads, q_lora_rank=m["q_lora_rank"],
-                                    kv_lora_rank=m["kv_lora_rank"], qk_nope_head_dim=m["qk_nope_head_dim"],
-                                    qk_rope_head_dim=m["qk_rope_head_dim"], v_head_dim=m["v_head_dim"],
-                                    index_n_heads=d["index_n_heads"], index_head_dim=d["index_head_dim"],
-                                    index_topk=d["index_topk"], indexer_interleaved_rope=d["indexer_interleaved_rope"],
-                                    shared_indexer=d["indexer_types"][idx] == "shared", bias=cfg.attention_bias,
-                                    norm_eps=cfg.rms_norm_eps, rope_scaling=cfg.rope_scaling,
-                                    interleaved_rope=m.get("rope_interleave", True))
-        elif cfg.mla is not None:
-            m = cfg.mla
-            self.attn = MLAttention(idx, cfg.hidden_size, cfg.num_heads, q_lora_rank=m["q_lora_rank"],
-                                    kv_lora_rank=m["kv_lora_rank"], qk_nope_head_dim=m["qk_nope_head_dim"],
-                                    qk_rope_head_dim=m["qk_rope_head_dim"], v_head_dim=m["v_head_dim"],
-                                    bias=cfg.attention_bias, norm_eps=cfg.rms_norm_eps, rope_scaling=cfg.rope_scaling,
-                                    interleaved_rope=m.get("rope_interleave", True))
-        else:
-            kv_heads = cfg.sliding_num_kv_heads if sliding and cfg.sliding_num_kv_heads else cfg.num_kv_heads
-            self.attn = Attention(idx, cfg.hidden_size, cfg.num_heads, kv_heads, cfg.head_dim,
-                                  bias=cfg.attention_bias, o_bias=cfg.attention_bias, qk_norm=cfg.qk_norm,
-                                  norm_eps=cfg.rms_norm_eps, window=cfg.sliding_window if sliding else None,
-                                  output_gate=cfg.attn_output_gate, v_head_dim=cfg.v_head_dim,
-                                  sinks=sliding and cfg.sliding_sinks, interleaved_rope=cfg.rope_interleaved)
+        self.attn = build_attention(cfg, idx)
         # the parallel block (Cohere) feeds attention and MLP from one norm
         self.post_attention_layernorm = None if cfg.parallel_block else make_norm(cfg)
-        self.mlp: SwiGLU | DeepseekMoE | QwenMoE
-        e = cfg.moe
-        clamp = ClampedGLU(*cfg.mlp_clamp) if cfg.mlp_clamp else None
-        if cfg.mlp_layer_types[idx] == "sparse" and e.get("kind") == "qwen":
-            self.mlp = QwenMoE(cfg.hidden_size, e["moe_intermediate_size"], e["n_routed_experts"],
-                               e["num_experts_per_tok"], norm_topk_prob=e["norm_topk_prob"],
-                               shared_expert_intermediate_size=e["shared_expert_intermediate_size"])
-        elif cfg.mlp_layer_types[idx] == "sparse":
-            self.mlp = DeepseekMoE(cfg.hidden_size, e["moe_intermediate_size"], e["n_routed_experts"],
-                                   e["num_experts_per_tok"], n_group=e["n_group"], topk_group=e["topk_group"],
-                                   norm_topk_prob=e["norm_topk_prob"], routed_scaling_factor=e["routed_scaling_factor"],
-                                   n_shared_experts=e["n_shared_experts"], clamp=clamp,
-                                   shared_intermediate_size=e.get("shared_intermediate_size"))
-        else:
-            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, clamp=clamp)
+        self.mlp = build_ffn(cfg, idx)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> torch.Tensor:
         if self.parallel:

@@ -12,9 +12,9 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tqdm import tqdm
 
+from attnzoo.errors import ModelLoadError
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
-from attnzoo.models.errors import ModelLoadError
 from attnzoo.models.tokenizer import Tokenizer
 from attnzoo.models.weights import build_model
 

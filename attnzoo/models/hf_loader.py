@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,10 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from attnzoo.errors import ModelLoadError
+from attnzoo.mechanisms import delta, dsa, ffn, hyper, latent, msa
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
-from attnzoo.models.errors import ModelLoadError
 from attnzoo.models.weights import build_model
 
 HF_ARCHITECTURES = ("llama", "mistral", "qwen3", "cohere2", "mimo_v2_flash", "deepseek_v3", "deepseek_v32",
@@ -38,52 +40,34 @@ def _delta_rule_config(raw: dict[str, Any], arch: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if arch == "kimi_linear":
         lin = raw.get("linear_attn_config") or {}
-        H = lin.get("num_heads", raw.get("linear_num_heads"))
-        d = lin.get("head_dim", raw.get("linear_head_dim"))
-        out["linear"] = dict(kind="kda", num_k_heads=H, num_v_heads=H, k_dim=d, v_dim=d,
-                             conv_width=lin.get("short_conv_kernel_size", raw.get("linear_conv_kernel_dim", 4)))
+        out["linear"] = delta.from_hf(raw, "kda")
         # the checkpoint's lists are 1-indexed; transformers' fallback pattern without them is not the checkpoint's
         full = set(lin.get("full_attn_layers") or [])
         out["layer_types"] = raw.get("layer_types") or [
             "full_attention" if i + 1 in full else "linear_attention" for i in range(n)]
-        out["mla"] = {k: raw.get(k, dflt) for k, dflt in (("q_lora_rank", None), ("kv_lora_rank", 512),
-                                                        ("qk_nope_head_dim", 128), ("qk_rope_head_dim", 64),
-                                                        ("v_head_dim", 128))}
-        out["mla"]["rope_interleave"] = True
-        out["head_dim"] = out["mla"]["qk_rope_head_dim"]
+        # Kimi's MLA has a full-rank query and always rotates interleaved pairs
+        out["mla"] = replace(latent.from_hf(raw, q_lora_rank=None), rope_interleave=True)
+        out["head_dim"] = out["mla"].qk_rope_head_dim
         out["use_rope"] = False  # NoPE MLA: position comes from the KDA layers' conv and decay
-        experts = raw.get("num_experts", raw.get("num_local_experts", 0))
-        if experts:
-            out["moe"] = dict(kind="deepseek", n_routed_experts=experts,
-                              num_experts_per_tok=raw.get("num_experts_per_token", raw.get("num_experts_per_tok", 1)),
-                              moe_intermediate_size=raw["moe_intermediate_size"],
-                              n_group=raw.get("num_expert_group", raw.get("n_group", 1)) or 1,
-                              topk_group=raw.get("topk_group", 1) or 1,
-                              norm_topk_prob=raw.get("moe_renormalize", raw.get("norm_topk_prob", True)),
-                              routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
-                              n_shared_experts=raw.get("num_shared_experts", raw.get("n_shared_experts", 0)) or 0)
+        out["moe"] = ffn.from_hf(raw, arch)
+        if out["moe"] is not None:
             first = raw.get("first_k_dense_replace", 1)
             out["mlp_layer_types"] = raw.get("mlp_layer_types") or ["dense" if i < first else "sparse" for i in range(n)]
         return out
-    out["linear"] = dict(kind="gdn", num_k_heads=raw["linear_num_key_heads"], num_v_heads=raw["linear_num_value_heads"],
-                         k_dim=raw["linear_key_head_dim"], v_dim=raw["linear_value_head_dim"],
-                         conv_width=raw.get("linear_conv_kernel_dim", 4))
+    out["linear"] = delta.from_hf(raw, "gdn")
     interval = raw.get("full_attention_interval", 4)
     out["layer_types"] = raw.get("layer_types") or [
         "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
     out["attn_output_gate"] = True
-    experts = raw.get("num_experts", 0)
-    if arch == "qwen3_next" and experts:
-        out["moe"] = dict(kind="qwen", n_routed_experts=experts, num_experts_per_tok=raw["num_experts_per_tok"],
-                          moe_intermediate_size=raw["moe_intermediate_size"],
-                          norm_topk_prob=raw.get("norm_topk_prob", True),
-                          shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0))
+    moe = ffn.from_hf(raw, arch) if arch == "qwen3_next" else None
+    if moe is not None:
+        out["moe"] = moe
         skip, step = set(raw.get("mlp_only_layers") or []), raw.get("decoder_sparse_step", 1)
         out["mlp_layer_types"] = ["sparse" if i not in skip and (i + 1) % step == 0 else "dense" for i in range(n)]
     return out
 
 
-def _mimo_config(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], int, dict[str, Any] | None]:
+def _mimo_config(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], int, ffn.Config | None]:
     """MiMo-V2-Flash: global at layer 0 and every 6th, sliding elsewhere with twice the KV heads and sink
     logits; q/k head_dim != v_head_dim; values scaled; RoPE theta (and partial factor) per layer type;
     DeepSeek-style routing without shared experts. Returns (extra fields, layer types, window, moe)."""
@@ -99,16 +83,11 @@ def _mimo_config(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], int, d
         layer_rope[t] = dict(theta=float(r.get("rope_theta", raw.get("rope_theta", 10000.0))),
                              partial=float(r.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
                              scaling=None if r.get("rope_type", "default") == "default" else dict(r))
-    experts = raw.get("n_routed_experts", 0)
-    moe = None if not experts else dict(
-        kind="deepseek", n_routed_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
-        moe_intermediate_size=raw["moe_intermediate_size"], n_group=raw.get("n_group", 1) or 1,
-        topk_group=raw.get("topk_group", 1) or 1, norm_topk_prob=raw.get("norm_topk_prob", True),
-        routed_scaling_factor=raw.get("routed_scaling_factor", 1.0) or 1.0, n_shared_experts=0)
+    moe = ffn.from_hf(raw, "mimo_v2_flash")
     extra = dict(layer_rope=layer_rope, sliding_num_kv_heads=2 * raw["num_key_value_heads"],
                  v_head_dim=raw.get("v_head_dim"), sliding_sinks=True,
                  value_scale=float(raw.get("attention_value_scale") or 1.0),
-                 mlp_layer_types=raw.get("mlp_layer_types") or ["dense"] + ["sparse" if experts else "dense"] * (n - 1))
+                 mlp_layer_types=raw.get("mlp_layer_types") or ["dense"] + ["sparse" if moe is not None else "dense"] * (n - 1))
     return extra, layer_types, window, moe
 
 
@@ -123,19 +102,13 @@ def _minimax_config(raw: dict[str, Any]) -> dict[str, Any]:
         raise ModelLoadError(f"layer types {sorted(bad)} are not supported; supported: full_attention, minimax_m3_sparse")
     if raw.get("index_n_heads", raw.get("num_key_value_heads")) != raw.get("num_key_value_heads"):
         raise ModelLoadError("MSA needs one index head per KV head (index_n_heads == num_key_value_heads)")
-    experts = raw.get("num_local_experts", 0)
+    moe = ffn.from_hf(raw, "minimax_m3")
     return dict(
         layer_types=["sparse_attention" if t == "minimax_m3_sparse" else t for t in types],
-        msa=dict(index_head_dim=raw.get("index_head_dim", 128), block_size=raw.get("index_block_size", 128),
-                 topk_blocks=raw.get("index_topk_blocks", 16), local_blocks=raw.get("index_local_blocks", 1)),
+        msa=msa.from_hf(raw),
         mlp_clamp=(float(raw.get("swiglu_alpha", 1.702)), float(raw.get("swiglu_limit", 7.0))),
         intermediate_size=raw.get("dense_intermediate_size", raw["intermediate_size"]),
-        mlp_layer_types=raw.get("mlp_layer_types") or ["sparse" if experts else "dense"] * n,
-        moe=None if not experts else dict(
-            kind="deepseek", n_routed_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
-            moe_intermediate_size=raw["intermediate_size"], n_group=1, topk_group=1, norm_topk_prob=True,
-            routed_scaling_factor=raw.get("routed_scaling_factor", 1.0), n_shared_experts=1,
-            shared_intermediate_size=raw.get("shared_intermediate_size", raw["intermediate_size"])))
+        mlp_layer_types=raw.get("mlp_layer_types") or ["sparse" if moe is not None else "dense"] * n, moe=moe)
 
 
 def _glm5_next_config(raw: dict[str, Any]) -> dict[str, Any]:
@@ -144,12 +117,6 @@ def _glm5_next_config(raw: dict[str, Any]) -> dict[str, Any]:
     like transformers we do not read linear_attn_config's layer lists), DeepSeek MoE after the first 3 dense
     layers (unless mlp_layer_types), the clamped SwiGLU everywhere, hc_mult mHC residual streams."""
     n = raw["num_hidden_layers"]
-    lin = raw.get("linear_attn_config") or {}
-    bound = raw.get("linear_lower_bound", -5.0)
-    if lin:
-        bound = lin.get("gate_lower_bound", bound)
-        bound = -5.0 if bound is None and lin.get("safe_gate", True) else bound
-    H, d = lin.get("num_heads", raw.get("linear_num_heads", 64)), lin.get("head_dim", raw.get("linear_head_dim", 128))
     types = raw.get("layer_types") or ["linear_attention" if i % 4 != 3 else "indexed_attention" for i in range(n)]
     bad = set(types) - {"linear_attention", "indexed_attention", "full_attention"}
     if bad:
@@ -166,42 +133,14 @@ def _glm5_next_config(raw: dict[str, Any]) -> dict[str, Any]:
     limit = raw.get("swiglu_limit", 10.0)
     return dict(
         layer_types=["linear_attention" if t == "linear_attention" else "full_attention" for t in types],
-        linear=dict(kind="kda", num_k_heads=H, num_v_heads=H, k_dim=d, v_dim=d, gate_lower_bound=bound,
-                    conv_width=lin.get("short_conv_kernel_size", raw.get("linear_conv_kernel_dim", 4))),
-        mla={k: raw.get(k, dflt) for k, dflt in (("q_lora_rank", 1536), ("kv_lora_rank", 512), ("qk_nope_head_dim", 256),
-                                                ("qk_rope_head_dim", 0), ("v_head_dim", 256))},
-        dsa=dict(index_n_heads=raw.get("index_n_heads", 32), index_head_dim=raw.get("index_head_dim", 128),
-                 index_topk=topk, indexer_interleaved_rope=False, indexer_types=_indexer_types(raw), index_kpool=kpool,
-                 index_kpool_always_select_tail=raw.get("index_kpool_always_select_tail", True)),
-        moe=dict(kind="deepseek", n_routed_experts=raw.get("n_routed_experts", 288),
-                 num_experts_per_tok=raw.get("num_experts_per_tok", 8),
-                 moe_intermediate_size=raw.get("moe_intermediate_size", 2048), n_group=raw.get("n_group", 1) or 1,
-                 topk_group=raw.get("topk_group", 1) or 1, norm_topk_prob=raw.get("norm_topk_prob", True),
-                 routed_scaling_factor=raw.get("routed_scaling_factor", 2.5),
-                 n_shared_experts=raw.get("n_shared_experts", 1) or 0),
+        linear=delta.from_hf(raw, "kda", num_heads=64, head_dim=128, safe_gate=True),
+        mla=latent.from_hf(raw, q_lora_rank=1536, qk_nope_head_dim=256, qk_rope_head_dim=0, v_head_dim=256),
+        dsa=dsa.from_hf(raw, index_n_heads=32, index_kpool=kpool),
+        moe=ffn.from_hf(raw, "glm5_next"),
         mlp_layer_types=raw.get("mlp_layer_types") or ["dense" if i < 3 else "sparse" for i in range(n)],
-        hyper=dict(hc_mult=raw.get("hc_mult", 4), hc_sinkhorn_iters=raw.get("hc_sinkhorn_iters", 20),
-                   hc_eps=raw.get("hc_eps", 1e-6)),
+        hyper=hyper.from_hf(raw),
         mlp_clamp=None if limit is None else (1.0, float(limit), 0.0),  # silu(min(gate, L)) * clamp(up, -L, L)
         use_rope=False)
-
-
-def _indexer_types(raw: dict[str, Any]) -> list[str]:
-    """IndexShare schedule (GLM-5.2): explicit list, else a pattern like "FFSS...", else layer i is full
-    iff max(i - offset + 1, 0) % freq == 0 (transformers' GlmMoeDsaConfig rule)."""
-    n = raw["num_hidden_layers"]
-    if raw.get("indexer_types"):
-        return list(raw["indexer_types"])
-    pattern = raw.get("index_topk_pattern")
-    if pattern is not None:
-        if isinstance(pattern, str):
-            bad = set(pattern) - {"F", "S"}
-            if bad:
-                raise ModelLoadError(f"index_topk_pattern {pattern!r} has letters {sorted(bad)}; allowed: F, S")
-            return ["full" if c == "F" else "shared" for c in pattern]
-        return list(pattern)
-    freq, offset = max(raw.get("index_topk_freq", 1), 1), raw.get("index_skip_topk_offset", 2)
-    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n)]
 
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
@@ -231,25 +170,17 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     mla = moe = None
     head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
     if arch in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa"):
-        mla = {k: raw.get(k, d) for k, d in (("q_lora_rank", 1536), ("kv_lora_rank", 512), ("qk_nope_head_dim", 128),
-                                             ("qk_rope_head_dim", 64), ("v_head_dim", 128), ("rope_interleave", True))}
-        moe = {k: raw.get(k, d) for k, d in (("n_routed_experts", 256), ("num_experts_per_tok", 8),
-                                             ("moe_intermediate_size", 2048), ("n_group", 8), ("topk_group", 4),
-                                             ("norm_topk_prob", True), ("routed_scaling_factor", 2.5),
-                                             ("n_shared_experts", 1), ("first_k_dense_replace", 3))}
-        head_dim = mla["qk_rope_head_dim"]  # RoPE rotates only the decoupled rope slice
+        mla, moe = latent.from_hf(raw), ffn.from_hf(raw, arch)
+        head_dim = mla.qk_rope_head_dim  # RoPE rotates only the decoupled rope slice
         window, layer_types = None, None
         if raw.get("mlp_layer_types"):
-            moe["first_k_dense_replace"] = raw["mlp_layer_types"].count("dense")
+            moe.first_k_dense_replace = raw["mlp_layer_types"].count("dense")
             if raw["mlp_layer_types"] != sorted(raw["mlp_layer_types"]):  # dense first, then sparse
                 raise ModelLoadError(f"mlp_layer_types {raw['mlp_layer_types']} interleave dense and sparse layers")
     extra: dict[str, Any] = {}
     if arch in ("deepseek_v32", "glm_moe_dsa"):
-        extra["dsa"] = dict(index_n_heads=raw.get("index_n_heads", 64), index_head_dim=raw.get("index_head_dim", 128),
-                            index_topk=raw.get("index_topk", 2048),
-                            # DeepSeek-V3.2's indexer rotates half-split pairs, GLM-5's interleaved ones
-                            indexer_interleaved_rope=arch == "glm_moe_dsa",
-                            indexer_types=_indexer_types(raw))
+        # DeepSeek-V3.2's indexer rotates half-split pairs, GLM-5's interleaved ones
+        extra["dsa"] = dsa.from_hf(raw, indexer_interleaved_rope=arch == "glm_moe_dsa")
     if arch == "cohere2":
         # 3 sliding (interleaved RoPE) : 1 global (NoPE); parallel block; LayerNorm; scaled logits
         every = raw.get("sliding_window_pattern", 4)

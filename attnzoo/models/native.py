@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from attnzoo.errors import ModelLoadError
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
-from attnzoo.models.errors import ModelLoadError
+from attnzoo.models.weights import model_class
 
 MODEL_TYPE = "attnzoo"
 
@@ -66,7 +67,7 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.float32, raw: dict[
         raise ModelLoadError(f"{path / 'model.safetensors'} could not be read as safetensors: {e}") from None
     if cfg.tie_word_embeddings:
         state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
-    model = DecoderLM(cfg)
+    model = model_class(cfg)(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelLoadError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")

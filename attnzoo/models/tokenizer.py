@@ -12,8 +12,8 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+from attnzoo.errors import ModelLoadError
 from attnzoo.models.config import ModelConfig
-from attnzoo.models.errors import ModelLoadError
 
 # llama.cpp's pre-tokenizer names whose vocabularies were trained with digits split one by one
 # (StarCoder family, SmolLM): a \p{N} split before the GPT-2 byte-level regex.

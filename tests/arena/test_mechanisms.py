@@ -54,9 +54,9 @@ def test_hybrid_patterns_and_depths():
 
 def test_sparse_sizes_scale_with_the_training_length():
     c = {n: MECHANISMS[n](Shape(vocab_size=VOCAB_SIZE, seq_len=256)) for n in ("swa", "dsa", "msa", "nsa")}
-    assert c["swa"].sliding_window == 64 and c["dsa"].dsa["index_topk"] == 64
-    assert (c["msa"].msa["block_size"], c["msa"].msa["topk_blocks"]) == (16, 4)
-    assert c["nsa"].nsa["window"] == 64 and c["nsa"].nsa["select_block"] * c["nsa"].nsa["num_selected"] == 64
+    assert c["swa"].sliding_window == 64 and c["dsa"].dsa.index_topk == 64
+    assert (c["msa"].msa.block_size, c["msa"].msa.topk_blocks) == (16, 4)
+    assert c["nsa"].nsa.window == 64 and c["nsa"].nsa.select_block * c["nsa"].nsa.num_selected == 64
 
 
 def test_parse_mechanisms():

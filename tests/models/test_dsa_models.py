@@ -76,7 +76,7 @@ def test_selection_matters_and_index_share_schedule(tmp_path: Path) -> None:
     """The checks above would pass vacuously if the selection never excluded a key: with a top-k as long
     as the context the logits change. IndexShare: shared layers carry no indexer weights or key cache."""
     _, ours = load("glm_moe_dsa-freq", tmp_path)
-    assert ours.config.dsa["indexer_types"] == ["full", "full", "shared", "full", "shared"]
+    assert ours.config.dsa.indexer_types == ["full", "full", "shared", "full", "shared"]
     assert ours.cache_specs()[:3] == [(LatentKV(24), IndexerKeys(16)), (LatentKV(24), IndexerKeys(16)), LatentKV(24)]
     assert not hasattr(ours.layers[2].attn, "wq_b")
     ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(4))

@@ -178,11 +178,11 @@ def test_configs_mean_what_they_say(models) -> None:
     raw = {k: v for k, v in TEXT.items() if k != "mlp_layer_types"}
     cfg = config_from_hf({"model_type": "glm5_next", "text_config": {**raw, "num_hidden_layers": 6}})
     assert cfg.layer_types == ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 2
-    assert cfg.mlp_layer_types == ["dense"] * 3 + ["sparse"] * 3 and cfg.dsa["indexer_types"] == ["full"] * 6
-    assert cfg.linear["gate_lower_bound"] == -5.0 and cfg.rms_norm_eps == 1e-5 and cfg.hyper["hc_mult"] == 2
+    assert cfg.mlp_layer_types == ["dense"] * 3 + ["sparse"] * 3 and cfg.dsa.indexer_types == ["full"] * 6
+    assert cfg.linear.gate_lower_bound == -5.0 and cfg.rms_norm_eps == 1e-5 and cfg.hyper.hc_mult == 2
     flat = config_from_hf({**raw, "model_type": "glm5_next_text", "linear_attn_config": {"gate_lower_bound": None,
                                                                                         "safe_gate": False}})
-    assert flat.linear["gate_lower_bound"] is None   # Kimi's softplus gate
+    assert flat.linear.gate_lower_bound is None   # Kimi's softplus gate
 
 
 def test_clamp_matters(models) -> None:
@@ -227,7 +227,7 @@ def test_index_share_across_kda_layers(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Shared DSA layers require top-k indices"), torch.no_grad():
         hf(ids)
     ours = attnzoo.load_model(tmp_path)
-    assert ours.config.dsa["indexer_types"][7] == "shared" and not hasattr(ours.layers[7].attn, "wq_b")
+    assert ours.config.dsa.indexer_types[7] == "shared" and not hasattr(ours.layers[7].attn, "wq_b")
     assert ours.cache_specs()[7] == LatentKV(16)
     seen = []
     hook = lambda m, a, out: seen.append([s.clone() for s in a[2].shared["dsa_selection"]])  # noqa: E731

@@ -544,13 +544,13 @@ def test_msa_kl_closed_form_gradient_and_direct_formula():
 # ---------------------------------------------------------------------------------------- cost model
 
 def test_cost_model_gqa_and_mla_by_hand():
-    gqa = cost.ModelConfig("tiny gqa", hidden=32, layers=1, heads=4, kv_heads=2, head_dim=8, v_head_dim=6)
+    gqa = cost.CostShape("tiny gqa", hidden=32, layers=1, heads=4, kv_heads=2, head_dim=8, v_head_dim=6)
     c = cost.cost_per_token("gqa", 10, gqa)
     assert c.parts["attn"] == 2 * 4 * 10 * (8 + 6)  # scores + values, every head, 10 keys
     assert c.kv_bytes == 10 * 2 * (8 + 6) * 2  # 10 rows of 2 KV heads, bf16
     assert c.parts["proj"] == 2 * 32 * (4 * 8 + 2 * 14) + 2 * 4 * 6 * 32
     assert cost.flops_per_token("gqa", 10, gqa, mode="prefill") == 2 * 4 * 5.5 * 14  # mean of 1..10 keys
-    mla = cost.ModelConfig("tiny mla", hidden=32, layers=1, heads=2, v_head_dim=5, kv_lora_rank=4,
+    mla = cost.CostShape("tiny mla", hidden=32, layers=1, heads=2, v_head_dim=5, kv_lora_rank=4,
                            qk_nope_head_dim=3, qk_rope_head_dim=2)
     c = cost.cost_per_token("mla", 10, mla)
     assert c.parts["attn"] == 2 * 2 * 10 * (4 + 2 + 4)  # scores over r + dr, values over r
@@ -558,7 +558,7 @@ def test_cost_model_gqa_and_mla_by_hand():
     assert c.kv_bytes == 10 * (4 + 2) * 2
     assert cost.flops_per_token("mla", 10, mla) == c.parts["attn"] + c.parts["absorb"]
     # DSA below the top-k is MLA plus the indexer
-    dsa = cost.ModelConfig("tiny dsa", hidden=32, layers=1, heads=2, v_head_dim=5, kv_lora_rank=4, qk_nope_head_dim=3,
+    dsa = cost.CostShape("tiny dsa", hidden=32, layers=1, heads=2, v_head_dim=5, kv_lora_rank=4, qk_nope_head_dim=3,
                            qk_rope_head_dim=2, index_heads=3, index_dim=4, index_topk=16)
     assert cost.flops_per_token("dsa", 10, dsa) == cost.flops_per_token("mla", 10, mla) + 2 * 3 * 10 * 5
     assert cost.cost_per_token("dsa", 100, dsa).parts["attn"] == 2 * 2 * 16 * 10

@@ -30,7 +30,7 @@ MECHANISMS = ("gqa", "mla", "dsa", "indexshare", "msa", "nsa")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class CostShape:
     name: str
     hidden: int
     layers: int
@@ -66,20 +66,20 @@ def _moe_ffn_flops(hidden: int, layers: int, dense_layers: int, dense_inter: int
 
 
 # Real configs (docs/mechanisms/sparse.md §9; transformers' config defaults equal the released models).
-DEEPSEEK_V32 = ModelConfig(
+DEEPSEEK_V32 = CostShape(
     "DeepSeek-V3.2", hidden=7168, layers=61, heads=128, v_head_dim=128, q_lora_rank=1536, kv_lora_rank=512,
     qk_nope_head_dim=128, qk_rope_head_dim=64, index_heads=64, index_dim=128, index_topk=2048,
     ffn_flops=_moe_ffn_flops(7168, 61, 3, 18432, 8, 2048, 2048))
-GLM5 = ModelConfig(
+GLM5 = CostShape(
     "GLM-5", hidden=6144, layers=78, heads=64, v_head_dim=256, q_lora_rank=2048, kv_lora_rank=512,
     qk_nope_head_dim=192, qk_rope_head_dim=64, index_heads=32, index_dim=128, index_topk=2048,
     ffn_flops=_moe_ffn_flops(6144, 78, 3, 12288, 8, 2048, 2048))
 GLM52 = replace(GLM5, name="GLM-5.2 (GLM-5 dims, IndexShare F=4)", index_share=4)
-MINIMAX_M3 = ModelConfig(
+MINIMAX_M3 = CostShape(
     "MiniMax-M3", hidden=6144, layers=60, heads=64, kv_heads=4, head_dim=128, v_head_dim=128, index_heads=4,
     index_dim=128, index_block=128, index_topk_blocks=16,
     ffn_flops=_moe_ffn_flops(6144, 60, 3, 12288, 4, 3072, 3072))
-NSA_PAPER = ModelConfig(
+NSA_PAPER = CostShape(
     "NSA paper (27B MoE)", hidden=2560, layers=30, heads=64, kv_heads=4, head_dim=192, v_head_dim=128,
     nsa_l=32, nsa_d=16, nsa_l_sel=64, nsa_n=16, nsa_w=512)
 CONFIGS = {c.name: c for c in (DEEPSEEK_V32, GLM5, GLM52, MINIMAX_M3, NSA_PAPER)}
@@ -94,7 +94,7 @@ class Cost:
         return float(sum(self.parts.get(k, 0.0) for k in include))
 
 
-def _terms(mech: str, p: np.ndarray, c: ModelConfig) -> tuple[dict[str, np.ndarray | float], np.ndarray]:
+def _terms(mech: str, p: np.ndarray, c: CostShape) -> tuple[dict[str, np.ndarray | float], np.ndarray]:
     """FLOP terms and KV bytes for a token that sees p keys (vectorised over p)."""
     H, D, eb = c.heads, c.hidden, c.bytes_per_elem
     r, dr, dn, dv_mla = c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
@@ -135,7 +135,7 @@ def _terms(mech: str, p: np.ndarray, c: ModelConfig) -> tuple[dict[str, np.ndarr
     raise ValueError(f"unknown mechanism {mech!r}; known: {', '.join(MECHANISMS)}")
 
 
-def cost_per_token(mechanism: str, context: int, config: ModelConfig | str, *, mode: str = "decode") -> Cost:
+def cost_per_token(mechanism: str, context: int, config: CostShape | str, *, mode: str = "decode") -> Cost:
     """Cost of one token per layer; see the module docstring for what each term counts."""
     c = CONFIGS[config] if isinstance(config, str) else config
     if mode == "decode":
@@ -149,13 +149,13 @@ def cost_per_token(mechanism: str, context: int, config: ModelConfig | str, *, m
     return Cost(parts, float(np.mean(kv)))
 
 
-def flops_per_token(mechanism: str, context: int, config: ModelConfig | str, *, mode: str = "decode",
+def flops_per_token(mechanism: str, context: int, config: CostShape | str, *, mode: str = "decode",
                     include: tuple[str, ...] = CORE) -> float:
     """FLOPs of one token in one layer (default: the attention core: attn + index + absorb)."""
     return cost_per_token(mechanism, context, config, mode=mode).flops(include)
 
 
-def kv_bytes_per_token(mechanism: str, context: int, config: ModelConfig | str) -> float:
+def kv_bytes_per_token(mechanism: str, context: int, config: CostShape | str) -> float:
     """KV-cache bytes one decode token reads in one layer."""
     return cost_per_token(mechanism, context, config).kv_bytes
 
@@ -166,7 +166,7 @@ def kv_bytes_per_token(mechanism: str, context: int, config: ModelConfig | str) 
 class Claim:
     what: str
     paper: float
-    config: ModelConfig
+    config: CostShape
     sparse: str
     baseline: str
     context: int
