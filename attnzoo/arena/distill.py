@@ -62,18 +62,12 @@ class IndexerDistillation:
 def _dsa_kl(layer: DSAttention, x: torch.Tensor, rope, cu: list[int]) -> torch.Tensor:
     n, H, dn, dr = x.shape[0], layer.num_heads, layer.dn, layer.dr
     with torch.no_grad():  # the teacher: MLA's expanded q/k, as the layer computes them
-        q_lat = layer.q_a_layernorm(layer.q_a_proj(x))
-        q_nope, q_pe = layer.q_b_proj(q_lat).view(n, H, dn + dr).split([dn, dr], -1)
-        c_kv, k_pe = layer.kv_a_proj_with_mqa(x).split([layer.kv_lora_rank, dr], -1)
-        c_kv = layer.kv_a_layernorm(c_kv)
-        if rope is not None:
-            q_pe = apply_rope(q_pe, *rope, interleaved=layer.interleaved_rope)
-            k_pe = apply_rope(k_pe[:, None], *rope, interleaved=layer.interleaved_rope)[:, 0]
+        q_lat, q_nope, q_pe, c_kv, k_pe = layer.project(x, rope)
         w_uk = layer.kv_b_proj.weight.view(H, dn + layer.dv, layer.kv_lora_rank)[:, :dn]
         k_nope = torch.einsum("nc,hdc->nhd", c_kv, w_uk)
         q = torch.cat([q_nope, q_pe], -1)
         k = torch.cat([k_nope, k_pe[:, None].expand(n, H, dr)], -1)
-    iq, ik, iw = layer._indexer(x, q_lat, rope)   # the student, with gradients into the indexer only
+    iq, ik, iw = layer.indexer(x, q_lat, rope)   # the student, with gradients into the indexer only
     loss = x.new_zeros(())
     for a, b in zip(cu[:-1], cu[1:]):
         scores = lightning_indexer_scores(iq[None, a:b], ik[None, a:b], iw[None, a:b],

@@ -49,7 +49,7 @@ class DSAttention(MLAttention):
             return LatentKV(self.kv_lora_rank + self.dr)
         return LatentKV(self.kv_lora_rank + self.dr), IndexerKeys(self.index_head_dim)
 
-    def _indexer(self, x: torch.Tensor, q_lat: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    def indexer(self, x: torch.Tensor, q_lat: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q [N, HI, dI], k [N, dI], head weights [N, HI] float32)."""
         n, r = x.shape[0], self.dr
@@ -117,7 +117,7 @@ class DSAttention(MLAttention):
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]
         iq = ik = iw = None
         if not self.shared_indexer:
-            iq, ik, iw = self._indexer(x, q_lat, rope)
+            iq, ik, iw = self.indexer(x, q_lat, rope)
         latent_flat, keys_flat, spans = self._contexts(x, torch.cat([c_kv, k_pe], -1), ik, batch)
         q_abs = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_uk), q_pe], -1)
         o = q_nope.new_empty(n, H, self.kv_lora_rank)

@@ -76,11 +76,11 @@ class KPoolDSAttention(DSAttention):
             return LatentKV(self.kv_lora_rank)
         return LatentKV(self.kv_lora_rank), IndexerKeys(2 * self.index_head_dim)  # [k_I | z] per token
 
-    def _indexer(self, x: torch.Tensor, q_lat: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    def indexer(self, x: torch.Tensor, q_lat: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if rope is not None:
             raise ValueError("the k-pool indexer is NoPE: the model must not pass rotary tables")
-        q, k, w = super()._indexer(x, q_lat, None)
+        q, k, w = super().indexer(x, q_lat, None)
         return q, torch.cat([k, F.linear(x, self.index_kpool_compress_gate)], -1), w
 
     def _select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None

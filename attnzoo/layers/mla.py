@@ -56,6 +56,21 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias)
         self.scale = mla_softmax_scale(qk, rope_scaling)
 
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (query latent [N, q_lora_rank] or None, q_nope [N, H, dn], q_pe [N, H, dr] rotated,
+        c_kv [N, kv_lora_rank] normed, k_pe [N, dr] rotated): the projections the layer attends with (for
+        callers outside the forward, e.g. the arena's indexer distillation)."""
+        n, H = x.shape[0], self.num_heads
+        q_lat = None if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_proj(x) if q_lat is None else self.q_b_proj(q_lat)
+        q_nope, q_pe = q.view(n, H, self.dn + self.dr).split([self.dn, self.dr], -1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], -1)
+        if rope is not None:
+            q_pe = apply_rope(q_pe, *rope, interleaved=self.interleaved_rope)
+            k_pe = apply_rope(k_pe[:, None], *rope, interleaved=self.interleaved_rope)[:, 0]
+        return q_lat, q_nope, q_pe, self.kv_a_layernorm(c_kv), k_pe
+
     def _paged(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, w_uk: torch.Tensor,
                w_uv: torch.Tensor, cache: Any) -> torch.Tensor:
         """Paged latent cache: single-token rows decode in the absorbed form straight from the pages (MQA

@@ -131,7 +131,7 @@ def test_kpool_selection_matches_transformers_indexer(models) -> None:
         kw, theirs = got["io"]
         x, q_resid = kw["hidden_states"][0], kw["q_resid"][0]
         layer = ours.layers[3].attn
-        q, rows, w = layer._indexer(x, q_resid, None)
+        q, rows, w = layer.indexer(x, q_resid, None)
         mine = layer._select(q[None], w[None], rows[None], None)[0]
         scores = _pool_scores(ix, x, q_resid)
     P, kp = 4, 2
