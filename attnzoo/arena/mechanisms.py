@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from attnzoo.mechanisms import delta, dsa as dsa_, latent, msa as msa_, nsa as nsa_
 from attnzoo.models.config import ModelConfig
 
 
@@ -59,26 +60,26 @@ def hybrid_pattern(layers: int, ratio: int, other: str, every: str) -> list[str]
     return [every if (i + 1) % (ratio + 1) == 0 else other for i in range(layers)]
 
 
-def _mla(s: Shape) -> dict[str, Any]:
+def _mla(s: Shape) -> latent.Config:
     # DeepSeek-V3's proportions at this width: latent = hidden / 2, rope slice = head_dim / 2, query rank 3/4
-    return dict(q_lora_rank=3 * s.hidden // 4, kv_lora_rank=s.hidden // 2, qk_nope_head_dim=s.head_dim,
-                qk_rope_head_dim=s.head_dim // 2, v_head_dim=s.head_dim, rope_interleave=True)
+    return latent.Config(q_lora_rank=3 * s.hidden // 4, kv_lora_rank=s.hidden // 2, qk_nope_head_dim=s.head_dim,
+                         qk_rope_head_dim=s.head_dim // 2, v_head_dim=s.head_dim, rope_interleave=True)
 
 
 def _mla_fields(s: Shape) -> dict[str, Any]:
     m = _mla(s)
-    return dict(attention_type="mla", mla=m, head_dim=m["qk_rope_head_dim"])
+    return dict(attention_type="mla", mla=m, head_dim=m.qk_rope_head_dim)
 
 
-def _gdn(s: Shape) -> dict[str, Any]:
+def _gdn(s: Shape) -> delta.Config:
     # Qwen3-Next's layout: twice as many value heads as key heads
-    return dict(kind="gdn", num_k_heads=max(1, s.heads // 2), num_v_heads=s.heads, k_dim=s.head_dim,
-                v_dim=s.head_dim, conv_width=4)
+    return delta.Config(kind="gdn", num_k_heads=max(1, s.heads // 2), num_v_heads=s.heads, k_dim=s.head_dim,
+                        v_dim=s.head_dim, conv_width=4)
 
 
-def _kda(s: Shape) -> dict[str, Any]:
-    return dict(kind="kda", num_k_heads=s.heads, num_v_heads=s.heads, k_dim=s.head_dim, v_dim=s.head_dim,
-                conv_width=4)
+def _kda(s: Shape) -> delta.Config:
+    return delta.Config(kind="kda", num_k_heads=s.heads, num_v_heads=s.heads, k_dim=s.head_dim, v_dim=s.head_dim,
+                        conv_width=4)
 
 
 # ----------------------------------------------------------------------------------------- contestants
@@ -136,22 +137,22 @@ def nsa(s: Shape) -> ModelConfig:
     half that stride, selection of 4 blocks of seq_len / 16 (block 0 and the two local blocks among them),
     a window branch of seq_len / 4."""
     b = s.block
-    opts = dict(block_len=b, stride=b // 2, select_block=b, num_selected=4, window=s.window,
-                compress_hidden=s.head_dim, gate_hidden=max(16, s.hidden // 4))
+    opts = nsa_.Config(block_len=b, stride=b // 2, select_block=b, num_selected=4, window=s.window,
+                       compress_hidden=s.head_dim, gate_hidden=max(16, s.hidden // 4))
     return _base(s, "nsa", num_kv_heads=s.kv_heads, nsa=opts, layer_types=["nsa"] * s.layers)
 
 
 def dsa(s: Shape) -> ModelConfig:
     """MLA + DeepSeek-V3.2's lightning indexer choosing the top seq_len / 4 tokens per query."""
-    d = dict(index_n_heads=max(1, s.heads // 2), index_head_dim=s.head_dim, index_topk=max(16, s.seq_len // 4),
-             indexer_interleaved_rope=False)
+    d = dsa_.Config(index_n_heads=max(1, s.heads // 2), index_head_dim=s.head_dim,
+                    index_topk=max(16, s.seq_len // 4), indexer_interleaved_rope=False)
     return _base(s, "dsa", dsa=d, **_mla_fields(s))
 
 
 def msa(s: Shape) -> ModelConfig:
     """MiniMax Sparse Attention on GQA: an index head per KV group picks 4 blocks of seq_len / 16 keys (the
     query's own block forced in)."""
-    m = dict(index_head_dim=s.head_dim, block_size=s.block, topk_blocks=4, local_blocks=1)
+    m = msa_.Config(index_head_dim=s.head_dim, block_size=s.block, topk_blocks=4, local_blocks=1)
     return _base(s, "msa", num_kv_heads=s.kv_heads, msa=m, layer_types=["sparse_attention"] * s.layers)
 
 
