@@ -1,11 +1,11 @@
 """The arena: every mechanism trained and compared on the same data (`attnzoo arena`).
 
-mechanisms.py  one ModelConfig per mechanism from a shared Shape (a registry)
+mechanisms.py  one ModelConfig per contestant from a shared Shape (the layers come from attnzoo.mechanisms)
 data.py        byte-level corpus (the CPython standard library), MQAR, the needle probe
 train.py       AdamW + cosine, one seed for init and data order, checkpoints and resume, tokens/s
 distill.py     KL training of the index branches the LM loss cannot reach (DSA, MSA)
 evaluate.py    validation loss, MQAR and needle accuracy, decode tokens/s through the engine
-costs.py       FLOPs and KV bytes per token over all layers (the cost model + SWA and delta-rule layers)
+costs.py       FLOPs and KV bytes per token over all layers (each layer priced by its mechanism family)
 export.py      trained model -> a directory the engine loads (native checkpoint + byte-level tokenizer)
 report.py      results.json -> report.md + PNG plots
 cli.py         `attnzoo arena` (presets cpu / gpu)
