@@ -28,7 +28,7 @@ from common import machine, median_s  # noqa: E402  (common.py also puts the che
 
 from attnzoo.layers.cache_spec import FullKV, LatentKV  # noqa: E402
 from attnzoo.engine.kv_cache import PagedKVCache  # noqa: E402
-from attnzoo.ops.latent_paged import mla_paged_decode_torch  # noqa: E402
+from attnzoo.ops.latent.paged import mla_paged_decode_torch  # noqa: E402
 
 R, DN, DR, DV, PAGE = 512, 128, 64, 128, 64
 SCALE = (DN + DR) ** -0.5 * 1.3689 ** 2  # DeepSeek-V3's yarn mscale (docs/mechanisms/latent.md §2)

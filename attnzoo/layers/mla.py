@@ -12,6 +12,7 @@ from attnzoo.layers.batch import Batch, ContiguousKVCache
 from attnzoo.layers.cache_spec import LatentKV
 from attnzoo.layers.norm import RMSNorm
 from attnzoo.ops.latent import mla_absorbed, mla_expanded
+from attnzoo.ops.latent.paged import mla_paged_decode
 from attnzoo.ops.rope import apply_rope
 
 
@@ -66,11 +67,7 @@ class MLAttention(nn.Module):
         rows = plan.decode_rows
         if len(rows):
             q_abs = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope[rows], w_uk), q_pe[rows]], -1)
-            if pool.is_cuda:
-                from attnzoo.ops.latent_triton import mla_paged_decode_triton as decode
-            else:
-                from attnzoo.ops.latent_paged import mla_paged_decode_torch as decode
-            o_lat = decode(q_abs, pool, plan.decode_block_table, plan.decode_seq_lens, self.kv_lora_rank,
+            o_lat = mla_paged_decode(q_abs, pool, plan.decode_block_table, plan.decode_seq_lens, self.kv_lora_rank,
                            self.scale)
             o[rows] = torch.einsum("nhc,hvc->nhv", o_lat.to(w_uv.dtype), w_uv)
         flat = pool.reshape(-1, pool.shape[-1])
