@@ -14,7 +14,7 @@ import torch
 from attnzoo.arena import mechanisms
 from attnzoo.engine import LLM, SamplingParams
 from attnzoo.engine import llm as llm_module
-from attnzoo.engine.kv_cache import page_bytes, plan_cache, sequence_bytes
+from attnzoo.engine.cache_plan import page_bytes, plan_cache, sequence_bytes
 from attnzoo.engine.request import Request
 from attnzoo.models import DecoderLM
 
@@ -144,8 +144,8 @@ def run(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[float]
 
 def poison(llm: LLM) -> None:
     for g in llm.kv.groups:
-        g.k.fill_(float("nan"))
-        g.v.fill_(float("nan"))
+        for t in g.tensors.values():
+            t.fill_(float("nan"))
     if llm.kv.states is not None:
         for t in (*llm.kv.states.conv.values(), *llm.kv.states.state.values()):
             t.fill_(float("nan"))
