@@ -167,7 +167,12 @@ class Batch:
         return self.kv.attend(layer_idx, q, k, v, self, window_size=window_size, scale=scale, sinks=sinks)
 
     def store(self, layer_idx: int, spec: CacheSpec, *new: torch.Tensor) -> Context:
-        return self.kv.store(layer_idx, spec, *new)
+        try:
+            store = self.kv.store
+        except AttributeError:  # an attention-only cache: refuse here, once, for every layer
+            raise NotImplementedError(f"layer {layer_idx} needs {type(spec).__name__} storage; "
+                                      f"{type(self.cache).__name__} has none") from None
+        return store(layer_idx, spec, *new)
 
     def recurrent_states(self, layer_idx: int, spec: RecurrentState, like: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
