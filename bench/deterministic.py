@@ -20,7 +20,7 @@ from common import machine
 import attnzoo
 from attnzoo import LLM, SamplingParams
 from attnzoo.engine import GenerationConfig, generate
-from attnzoo.engine.kv_cache import page_bytes
+from attnzoo.engine.cache_plan import page_bytes
 from attnzoo.ops.batch_invariant import batch_invariant
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",

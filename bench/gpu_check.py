@@ -274,8 +274,8 @@ def mla_decode(copy_gbs: float) -> list[dict]:
     small case, then timed at 32 x 8k with 128 heads; bytes = the latent rows read once."""
     name = "mla_paged_decode_triton"
     try:
-        from attnzoo.ops.latent_paged import mla_paged_decode_reference
-        from attnzoo.ops.latent_triton import mla_paged_decode_triton
+        from attnzoo.ops.latent.paged import mla_paged_decode_reference
+        from attnzoo.ops.latent.triton_kernels import mla_paged_decode_triton
     except Exception as e:  # noqa: BLE001
         return [{"impl": name, "note": f"not available: {type(e).__name__}"}]
 

@@ -23,7 +23,7 @@ import torch
 
 from common import machine
 from attnzoo.engine import LLM, GenerationConfig, SamplingParams, generate
-from attnzoo.engine.kv_cache import pages_for, plan_cache
+from attnzoo.engine.cache_plan import pages_for, plan_cache
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median_s  # noqa: E402  (common.py also puts the checkout on sys.path)
 
 from attnzoo.layers.cache_spec import FullKV, LatentKV  # noqa: E402
-from attnzoo.engine.kv_cache import PagedKVCache  # noqa: E402
-from attnzoo.ops.latent_paged import mla_paged_decode_torch  # noqa: E402
+from attnzoo.engine.paged_cache import PagedKVCache  # noqa: E402
+from attnzoo.ops.latent.paged import mla_paged_decode_torch  # noqa: E402
 
 R, DN, DR, DV, PAGE = 512, 128, 64, 128, 64
 SCALE = (DN + DR) ** -0.5 * 1.3689 ** 2  # DeepSeek-V3's yarn mscale (docs/mechanisms/latent.md §2)
@@ -50,7 +50,7 @@ def bytes_table() -> None:
         # the engine's own allocation: one layer, 8 pages of PAGE tokens, bf16
         pool = PagedKVCache([spec], num_pages=8, page_size=PAGE, dtype=torch.bfloat16, enable_prefix_caching=False)
         g = pool.groups[0]
-        measured = (g.k.nbytes + g.v.nbytes) // (8 * PAGE)
+        measured = g.nbytes // (8 * PAGE)
         if measured != n:
             raise SystemExit(f"FAILED: {name}: the pool holds {measured} bytes per token, the spec says {n}")
         print(f"| {name} | {n:,} | {measured:,} | {n / mla:.1f}x |")

@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from attnzoo.engine.detokenizer import RequestDetokenizer
-from attnzoo.engine.kv_cache import PagedKVCache, plan_cache, sequence_bytes
+from attnzoo.engine.cache_plan import check_servable, plan_cache, sequence_bytes
+from attnzoo.engine.paged_cache import PagedKVCache
 from attnzoo.engine.model_runner import ModelRunner
 from attnzoo.engine.request import Request, Status
 from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_generator
@@ -173,6 +174,7 @@ class LLM:
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         dtype = self.model.embed_tokens.weight.dtype
         specs = self.model.cache_specs()
+        check_servable(specs)
         fixed, per_seq = sequence_bytes(specs, page_size, dtype, max_num_seqs, max_num_batched_tokens,
                                         self.max_model_len)
         available = None if kv_cache_memory is not None else available_memory(self.device)

@@ -8,8 +8,9 @@ from contextlib import nullcontext
 
 import torch
 
-from attnzoo.engine.kv_cache import PagedKVCache
+from attnzoo.engine.paged_cache import PagedKVCache
 from attnzoo.engine.scheduler import StepPlan
+from attnzoo.engine.step import build_step
 from attnzoo.layers.batch import Batch
 from attnzoo.models.decoder import DecoderLM
 from attnzoo.ops.batch_invariant import batch_invariant
@@ -40,7 +41,7 @@ class ModelRunner:
         cu = torch.zeros(len(plan.requests) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(plan.num_new).cumsum(0)
         batch = Batch(positions=torch.tensor(pos, device=dev), cu_seqlens=cu.to(dev),
-                      cache=self.kv.step_handle(plan.requests, plan.num_new),
+                      cache=build_step(self.kv, plan.requests, plan.num_new),
                       logits_rows=torch.tensor(rows, dtype=torch.long, device=dev))
         logits = self.model.forward_batch(torch.tensor(ids, device=dev), batch)
         return logits.float(), samplers

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from attnzoo.engine.kv_cache import PagedKVCache
+from attnzoo.engine.paged_cache import PagedKVCache
 from attnzoo.engine.request import Request, Status
 
 log = logging.getLogger("attnzoo.engine")

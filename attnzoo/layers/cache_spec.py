@@ -4,10 +4,23 @@ and gives each group its own page table; it never looks inside a mechanism (docs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+
+class CacheKind(Enum):
+    """How a spec's tokens are stored: the engine sizes and lays out a group by kind alone."""
+    KV = "kv"                  # K and V per KV head per token (FullKV, SlidingKV)
+    LATENT = "latent"          # one MLA latent row per token, shared by all heads
+    INDEX_KEYS = "index_keys"  # one indexer key row per token (DSA, MSA, IndexShare)
+    STATE = "state"            # a fixed-size state per sequence (delta rule), nothing per token
+    UNSERVED = "unserved"      # a mechanism that has no decode cache: trains, but no cache can hold it
 
 
 @dataclass(frozen=True)
 class CacheSpec:
+    kind: ClassVar[CacheKind]
+
     def bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes one token costs in this cache (0 for fixed-size per-sequence state)."""
         raise NotImplementedError
@@ -16,6 +29,7 @@ class CacheSpec:
 @dataclass(frozen=True)
 class FullKV(CacheSpec):
     """Softmax attention: K and V for every token."""
+    kind: ClassVar[CacheKind] = CacheKind.KV
     num_kv_heads: int
     head_dim: int
     v_head_dim: int | None = None
@@ -33,6 +47,7 @@ class SlidingKV(FullKV):
 @dataclass(frozen=True)
 class LatentKV(CacheSpec):
     """MLA: one latent (kv_lora_rank + rope dim) per token, shared by all heads."""
+    kind: ClassVar[CacheKind] = CacheKind.LATENT
     dim: int
 
     def bytes_per_token(self, dtype_bytes: int) -> int:
@@ -42,6 +57,7 @@ class LatentKV(CacheSpec):
 @dataclass(frozen=True)
 class IndexerKeys(CacheSpec):
     """DSA/MSA/IndexShare: one indexer key per token."""
+    kind: ClassVar[CacheKind] = CacheKind.INDEX_KEYS
     dim: int
 
     def bytes_per_token(self, dtype_bytes: int) -> int:
@@ -53,6 +69,7 @@ class RecurrentState(CacheSpec):
     """Delta rule (GDN/KDA): a fixed-size state per sequence, nothing per token: the causal conv's last
     `conv_width - 1` inputs [conv_dim, conv_width - 1] (model dtype) and the state matrices
     [num_heads, k_dim, v_dim] (float32: they integrate over the whole sequence)."""
+    kind: ClassVar[CacheKind] = CacheKind.STATE
     conv_dim: int
     conv_width: int
     num_heads: int
@@ -64,3 +81,21 @@ class RecurrentState(CacheSpec):
 
     def bytes_per_sequence(self, dtype_bytes: int) -> int:
         return self.conv_dim * (self.conv_width - 1) * dtype_bytes + self.num_heads * self.k_dim * self.v_dim * 4
+
+
+@dataclass(frozen=True)
+class Unserved(CacheSpec):
+    """A layer whose mechanism has no decode cache yet: one full pass (training, scoring) works; a cache
+    refuses it, and the engine refuses the model at construction, naming the mechanism. `reason` reads
+    after the mechanism's name ("NSA" + " decode ... is not implemented")."""
+    mechanism: str
+    reason: str
+    elements_per_token: int = 0   # what a decode cache would keep per token, for cost models
+    kind: ClassVar[CacheKind] = CacheKind.UNSERVED
+
+    @property
+    def message(self) -> str:
+        return f"{self.mechanism} {self.reason}"
+
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        return self.elements_per_token * dtype_bytes

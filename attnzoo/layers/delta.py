@@ -79,20 +79,16 @@ class DeltaRuleMixer(nn.Module):
     def mix(self, qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, batch: Batch) -> torch.Tensor:
         """qkv [N, conv_dim] before the conv, g [N, Hv] or [N, Hv, dk] log-decay, beta [N, Hv] -> o [N, Hv, dv]."""
         n = qkv.shape[0]
-        cu, cache = batch.cu_seqlens, batch.cache
+        cu = batch.cu_seqlens
         B = cu.numel() - 1
-        if cache is None:
-            conv_state = qkv.new_zeros(B, self.conv_dim, self.conv_width - 1)
-            state = None
-        else:
-            conv_state, state = cache.recurrent_states(self.layer_idx, self.cache_spec(), qkv)
+        # state None: one full pass, nothing carried in (zero conv inputs, no initial state)
+        conv_state, state = batch.recurrent_states(self.layer_idx, self.cache_spec(), qkv)
         y, conv_state = causal_conv(qkv, self.conv_weight, conv_state, cu)
         Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.k_dim, self.v_dim
         q, k, v = y.split([Hk * dk, Hk * dk, Hv * dv], -1)
         q, k, v = q.view(n, Hk, dk), k.view(n, Hk, dk), v.reshape(n, Hv, dv)
         o, state = _delta_rule(q, k, v, g, beta, state, cu, decode=state is not None and n == B)
-        if cache is not None:
-            cache.store_recurrent_states(self.layer_idx, conv_state, state)
+        batch.store_recurrent_states(self.layer_idx, conv_state, state)
         return o
 
 

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.batch import Batch, ContiguousKVCache
+from attnzoo.layers.batch import Batch
 from attnzoo.layers.cache_spec import IndexerKeys, LatentKV
 from attnzoo.layers.mla import MLAttention
 from attnzoo.ops.latent.sparse import mla_sparse_absorbed
 from attnzoo.ops.rope import apply_rope
 from attnzoo.ops.sparse.select import lightning_indexer_scores, topk_indices
 
-SHARED_KEY = "dsa_selection"  # batch.shared entry: per sequence, (query rows, selected flat rows [n, k])
+SHARED_KEY = "dsa_selection"  # batch.shared entry: per span of the step, the selected rows [R*T, k]
 
 
 class DSAttention(MLAttention):
@@ -71,39 +71,6 @@ class DSAttention(MLAttention):
             scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         return topk_indices(scores, min(self.index_topk, keys.shape[1]))
 
-    def _contexts(self, x: torch.Tensor, latent: torch.Tensor, k_idx: torch.Tensor | None, batch: Batch
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int, torch.Tensor, torch.Tensor | None]]]:
-        """Flat latent rows, flat indexer-key rows, and per group of query rows: (row start, row end, the
-        flat row of every key position [G, L] per query group, a validity mask [G, L] or None)."""
-        cache, n = batch.cache, x.shape[0]
-        if cache is None:
-            cu = batch.cu_seqlens.tolist()
-            spans = [(a, b, torch.arange(a, b, device=x.device)[None], None) for a, b in zip(cu[:-1], cu[1:]) if b > a]
-            return latent, k_idx, spans
-        if isinstance(cache, ContiguousKVCache):
-            B = cache.batch_size
-            t = n // B
-            lat = cache.append_rows(self.layer_idx, "latent", latent.view(B, t, -1))
-            L = lat.shape[1]
-            keys = None
-            if k_idx is not None:
-                keys = cache.append_rows(self.layer_idx, "indexer", k_idx.view(B, t, -1)).reshape(B * L, -1)
-            rows = torch.arange(B * L, device=x.device).view(B, L)
-            return lat.reshape(B * L, -1), keys, [(b * t, (b + 1) * t, rows[b:b + 1], None) for b in range(B)]
-        pool, plan = cache.rows_step(self.layer_idx, "latent", latent)
-        keys = cache.rows_step(self.layer_idx, "indexer", k_idx)[0] if k_idx is not None else None
-        ps = pool.shape[1]
-        spans = []
-        rows = plan.decode_rows
-        if len(rows):  # decode rows batched over their whole block tables (cascades do not apply), padding masked
-            bt = plan.decode_block_table.long()
-            grid = (bt[:, :, None] * ps + torch.arange(ps, device=x.device)).flatten(1)
-            valid = torch.arange(grid.shape[1], device=x.device) < plan.decode_seq_lens[:, None]
-            spans.append((rows, None, grid, valid))
-        spans += [(r0, r1, slots[None], None) for r0, r1, slots in plan.prefill]
-        flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
-        return flat(pool), flat(keys), spans
-
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
         n, H = x.shape[0], self.num_heads
         q_lat = self.q_a_layernorm(self.q_a_proj(x))
@@ -118,7 +85,9 @@ class DSAttention(MLAttention):
         iq = ik = iw = None
         if not self.shared_indexer:
             iq, ik, iw = self.indexer(x, q_lat, rope)
-        latent_flat, keys_flat, spans = self._contexts(x, torch.cat([c_kv, k_pe], -1), ik, batch)
+        specs = self.cache_spec()
+        lat = batch.store(self.layer_idx, specs if self.shared_indexer else specs[0], torch.cat([c_kv, k_pe], -1))
+        spans = [p for s in lat.spans for p in s.unpacked()]  # selection runs batched per span, never packed
         q_abs = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_uk), q_pe], -1)
         o = q_nope.new_empty(n, H, self.kv_lora_rank)
         if self.shared_indexer:
@@ -126,19 +95,17 @@ class DSAttention(MLAttention):
                 raise ValueError(f"layer {self.layer_idx} shares its indexer but no earlier layer ran one")
             chosen = batch.shared[SHARED_KEY]
         else:
+            keys = batch.store(self.layer_idx, specs[1], ik)
             chosen = []
-            for r0, r1, grid, valid in spans:
-                qi, wi = (iq[r0], iw[r0]) if r1 is None else (iq[r0:r1], iw[r0:r1])
-                if r1 is None:  # decode rows: one query per row of the grid
-                    pos = self._select(qi[:, None], wi[:, None], keys_flat[grid], valid)[:, 0]
-                else:
-                    pos = self._select(qi[None], wi[None], keys_flat[grid[0]][None], None)[0]
-                    grid = grid.expand(pos.shape[0], -1)
-                chosen.append(torch.where(pos >= 0, grid.gather(1, pos.clamp(min=0)), -1))
+            for s in spans:  # the latent's spans address the indexer keys too: same tokens, same page table
+                pos = self._select(s.take(iq), s.take(iw), keys.gather(s), s.valid)        # [R, T, k]
+                R, T, k = pos.shape
+                rows = s.keys.gather(1, pos.clamp(min=0).reshape(R, T * k)).view(R, T, k)
+                chosen.append(torch.where(pos >= 0, rows, -1).flatten(0, 1))
             batch.shared[SHARED_KEY] = chosen
-        for (r0, r1, _, _), sel in zip(spans, chosen):
-            rows = r0 if r1 is None else slice(r0, r1)
-            o[rows] = mla_sparse_absorbed(q_abs[rows], latent_flat, sel, self.kv_lora_rank, self.scale).to(o.dtype)
+        for s, sel in zip(spans, chosen):
+            rows = s.rows.flatten()
+            o[rows] = mla_sparse_absorbed(q_abs[rows], lat.rows, sel, self.kv_lora_rank, self.scale).to(o.dtype)
         o = torch.einsum("nhc,hvc->nhv", o, w_uv)
         return self.o_proj(o.reshape(n, H * self.dv))
 

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.batch import Batch, ContiguousKVCache
+from attnzoo.layers.batch import Batch
 from attnzoo.layers.cache_spec import LatentKV
 from attnzoo.layers.norm import RMSNorm
 from attnzoo.ops.latent import mla_absorbed, mla_expanded
+from attnzoo.ops.latent.paged import mla_paged_decode
 from attnzoo.ops.rope import apply_rope
 
 
@@ -71,28 +72,24 @@ class MLAttention(nn.Module):
             k_pe = apply_rope(k_pe[:, None], *rope, interleaved=self.interleaved_rope)[:, 0]
         return q_lat, q_nope, q_pe, self.kv_a_layernorm(c_kv), k_pe
 
-    def _paged(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, w_uk: torch.Tensor,
-               w_uv: torch.Tensor, cache: Any) -> torch.Tensor:
-        """Paged latent cache: single-token rows decode in the absorbed form straight from the pages (MQA
-        over the latent, FlashMLA's shape); prefill chunks gather their context's latents and expand."""
-        pool, plan = cache.rows_step(self.layer_idx, "latent", latent)     # pool [pages, page_size, dc + dr]
+    def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, w_uk: torch.Tensor,
+                w_uv: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Over the cached latent rows, whatever holds them. Decode is memory-bound: attend over the latent
+        (absorbed), straight from the pages where the span carries a block table (MQA over the latent,
+        FlashMLA's shape); prefill is compute-bound: expand."""
+        ctx = batch.store(self.layer_idx, self.cache_spec(), latent)
         n, H = q_nope.shape[:2]
         o = q_nope.new_empty(n, H, self.dv)
-        rows = plan.decode_rows
-        if len(rows):
-            q_abs = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope[rows], w_uk), q_pe[rows]], -1)
-            if pool.is_cuda:
-                from attnzoo.ops.latent_triton import mla_paged_decode_triton as decode
-            else:
-                from attnzoo.ops.latent_paged import mla_paged_decode_torch as decode
-            o_lat = decode(q_abs, pool, plan.decode_block_table, plan.decode_seq_lens, self.kv_lora_rank,
-                           self.scale)
-            o[rows] = torch.einsum("nhc,hvc->nhv", o_lat.to(w_uv.dtype), w_uv)
-        flat = pool.reshape(-1, pool.shape[-1])
-        for r0, r1, slots in plan.prefill:
-            c_all, kpe_all = flat[slots].split([self.kv_lora_rank, self.dr], -1)
-            o[r0:r1] = mla_expanded(q_nope[None, r0:r1], q_pe[None, r0:r1], c_all[None], kpe_all[None], w_uk, w_uv,
-                                    scale=self.scale, causal=True)[0]
+        for s in ctx.spans:
+            if s.block_table is not None:
+                q_abs = torch.cat([torch.einsum("nhd,hdc->nhc", s.take(q_nope)[:, 0], w_uk), s.take(q_pe)[:, 0]], -1)
+                o_lat = mla_paged_decode(q_abs, ctx.pages, s.block_table, s.seq_lens, self.kv_lora_rank, self.scale)
+                s.put(o, torch.einsum("nhc,hvc->nhv", o_lat.to(w_uv.dtype), w_uv))
+                continue
+            c_all, kpe_all = ctx.gather(s).split([self.kv_lora_rank, self.dr], -1)
+            fn = mla_absorbed if s.single_query else mla_expanded
+            s.put(o, fn(s.take(q_nope), s.take(q_pe), c_all, kpe_all, w_uk, w_uv, scale=self.scale, causal=True,
+                        cu_seqlens_q=s.cu_seqlens, cu_seqlens_k=s.cu_seqlens))
         return o
 
     def cache_spec(self) -> LatentKV:
@@ -100,31 +97,8 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
         n, H = x.shape[0], self.num_heads
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_pe = q.view(n, H, self.dn + self.dr).split([self.dn, self.dr], -1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], -1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        if rope is not None:
-            q_pe = apply_rope(q_pe, *rope, interleaved=self.interleaved_rope)
-            k_pe = apply_rope(k_pe[:, None], *rope, interleaved=self.interleaved_rope)[:, 0]
+        _, q_nope, q_pe, c_kv, k_pe = self.project(x, rope)
         w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]
-        cache = batch.cache
-        if cache is None:
-            o = mla_expanded(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, scale=self.scale, causal=True,
-                             cu_seqlens_q=batch.cu_seqlens, cu_seqlens_k=batch.cu_seqlens)
-        elif isinstance(cache, ContiguousKVCache):
-            B = cache.batch_size
-            t = n // B
-            latent = cache.append_rows(self.layer_idx, "latent", torch.cat([c_kv, k_pe], -1).view(B, t, -1))
-            c_all, kpe_all = latent.split([self.kv_lora_rank, self.dr], -1)
-            # decode is memory-bound: attend over the latent (absorbed); prefill is compute-bound: expand
-            fn = mla_absorbed if t == 1 else mla_expanded
-            o = fn(q_nope.view(B, t, H, -1), q_pe.view(B, t, H, -1), c_all, kpe_all, w_uk, w_uv,
-                   scale=self.scale, causal=True)
-        elif hasattr(cache, "rows_step"):  # the paged engine
-            o = self._paged(q_nope, q_pe, torch.cat([c_kv, k_pe], -1), w_uk, w_uv, cache)
-        else:
-            raise NotImplementedError(f"MLA needs a cache with latent (LatentKV) storage; "
-                                      f"{type(cache).__name__} has none")
+        o = self._attend(q_nope, q_pe, torch.cat([c_kv, k_pe], -1), w_uk, w_uv, batch)
         return self.o_proj(o.reshape(n, H * self.dv))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from attnzoo.layers.attention import Attention
-from attnzoo.layers.batch import Batch, ContiguousKVCache
+from attnzoo.layers.batch import Batch
 from attnzoo.layers.cache_spec import FullKV, IndexerKeys
 from attnzoo.layers.norm import RMSNorm
 from attnzoo.ops.rope import apply_rope
@@ -39,30 +39,6 @@ class MiniMaxSparseAttention(Attention):
     def cache_spec(self) -> tuple[FullKV, IndexerKeys]:
         return FullKV(self.num_kv_heads, self.head_dim), IndexerKeys(self.index_head_dim)
 
-    def _contexts(self, k: torch.Tensor, v: torch.Tensor, ik: torch.Tensor, batch: Batch
-                  ) -> list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per sequence of the step: (row start, row end, its keys [L, Hkv, d], values, index keys [L, dI])."""
-        cache = batch.cache
-        if cache is None:
-            cu = batch.cu_seqlens.tolist()
-            return [(a, b, k[a:b], v[a:b], ik[a:b]) for a, b in zip(cu[:-1], cu[1:]) if b > a]
-        if isinstance(cache, ContiguousKVCache):
-            B = cache.batch_size
-            t = k.shape[0] // B
-            kc, vc = cache.append_kv(self.layer_idx, k, v)
-            ikc = cache.append_rows(self.layer_idx, "indexer", ik.view(B, t, -1))
-            return [(b * t, (b + 1) * t, kc[b], vc[b], ikc[b]) for b in range(B)]
-        kc, vc, plan = cache.kv_step(self.layer_idx, k, v)
-        ikc = cache.rows_step(self.layer_idx, "indexer", ik)[0].reshape(-1, self.index_head_dim)
-        kf, vf = kc.flatten(1, 2), vc.flatten(1, 2)         # [Hkv, pages * page_size, d]
-        spans = [(r0, r1, slots) for r0, r1, slots in plan.prefill]
-        ps = kc.shape[2]
-        for i, row in enumerate(plan.decode_rows.tolist()):  # one query each, over its whole block table
-            L = int(plan.decode_seq_lens[i])
-            pos = torch.arange(L, device=k.device)
-            spans.append((row, row + 1, plan.decode_block_table[i].long()[pos // ps] * ps + pos % ps))
-        return [(r0, r1, kf[:, s].transpose(0, 1), vf[:, s].transpose(0, 1), ikc[s]) for r0, r1, s in spans]
-
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
         q, k, v, gate = self.project(x, rope)
         n, G, dI = x.shape[0], self.num_kv_heads, self.index_head_dim
@@ -71,10 +47,14 @@ class MiniMaxSparseAttention(Attention):
         if rope is not None:
             iq = apply_rope(iq, *rope)
             ik = apply_rope(ik[:, None], *rope)[:, 0]
+        kv_spec, index_spec = self.cache_spec()
+        kv, keys = batch.store(self.layer_idx, kv_spec, k, v), batch.store(self.layer_idx, index_spec, ik)
         o = q.new_empty(q.shape[0], self.num_heads, v.shape[-1])
-        for r0, r1, kc, vc, ikc in self._contexts(k, v, ik, batch):
-            U = msa_block_scores(iq[None, r0:r1], ikc[None], self.block_size, local_blocks=self.local_blocks)
-            blocks = msa_select_blocks(U, self.topk_blocks)                       # [1, Tq, G, topk]
-            o[r0:r1] = block_sparse_attention(q[None, r0:r1], kc[None].to(q.dtype), vc[None].to(q.dtype), blocks,
-                                              self.block_size, scale=self.head_dim ** -0.5, causal=True)[0]
+        # one sequence at a time with exactly its keys: the block scores are anchored at key 0 and unmasked
+        for s in (p for span in kv.spans for p in span.per_sequence()):
+            kc, vc = kv.gather_kv(s)                                                  # [1, L, Hkv, d]
+            U = msa_block_scores(s.take(iq), keys.gather(s), self.block_size, local_blocks=self.local_blocks)
+            blocks = msa_select_blocks(U, self.topk_blocks)                           # [1, Tq, G, topk]
+            s.put(o, block_sparse_attention(s.take(q), kc.to(q.dtype), vc.to(q.dtype), blocks, self.block_size,
+                                            scale=self.head_dim ** -0.5, causal=True))
         return self.output(o, gate)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from attnzoo.layers.batch import Batch
-from attnzoo.layers.cache_spec import FullKV
+from attnzoo.layers.cache_spec import Unserved
 from attnzoo.layers.norm import RMSNorm
 from attnzoo.ops.nsa import nsa, nsa_compress_keys
 from attnzoo.ops.rope import apply_rope
@@ -33,8 +33,9 @@ class NativeSparseAttention(nn.Module):
         the block being filled (a constant per sequence);
       * window branch (separate K/V): 2 * Hkv * head_dim, but only for the last `window` tokens.
     Shared K/V (fla): 2 * Hkv * head_dim * (1 + 1 / stride). Paper config (Hkv=4, dk=192, dv=128, d=16):
-    1280 + 80 = 1360 shared, plus up to 1280 * window for the separate window K/V. `cache_spec` reports
-    the raw-K/V part (FullKV); decode through the engine is not implemented.
+    1280 + 80 = 1360 shared, plus up to 1280 * window for the separate window K/V. No cache holds these
+    yet: `cache_spec` says so (Unserved, costed at the raw-K/V part for cost models), so a cache refuses
+    the layer and the engine refuses the model.
     """
 
     def __init__(self, layer_idx: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
@@ -70,9 +71,11 @@ class NativeSparseAttention(nn.Module):
         gh = gate_hidden or max(16, hidden_size // 4)
         self.gate = nn.Sequential(nn.Linear(hidden_size, gh), nn.SiLU(), nn.Linear(gh, 3 * num_heads))
 
-    def cache_spec(self) -> FullKV:
-        """Raw K/V for every token (the selection branch may read any block); see the class docstring."""
-        return FullKV(self.num_kv_heads, self.head_dim)
+    def cache_spec(self) -> Unserved:
+        """No decode cache yet; the raw K/V per token (the selection branch may read any block) is what
+        one would keep at least: see the class docstring."""
+        return Unserved("NSA", "decode through the engine is not implemented; use it for training (the arena)",
+                        2 * self.num_kv_heads * self.head_dim)
 
     def _compressed(self, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed keys/values packed per sequence: [total_cmp, Hkv, head_dim]."""
@@ -105,9 +108,7 @@ class NativeSparseAttention(nn.Module):
         return q, kvs
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
-        if batch.cache is not None:
-            raise NotImplementedError(
-                "NSA decode through the engine is not implemented; use it for training (the arena)")
+        batch.store(self.layer_idx, self.cache_spec())  # nothing to keep in one pass; a cache refuses it
         n, H = x.shape[0], self.num_heads
         q, kvs = self.project(x, rope)
         (k_c, v_c), (k_s, v_s), (k_w, v_w) = kvs if not self.shared_kv else kvs * 3

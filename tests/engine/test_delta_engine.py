@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from attnzoo.engine import LLM, SamplingParams  # noqa: E402
-from attnzoo.engine.kv_cache import page_bytes, state_bytes  # noqa: E402
+from attnzoo.engine.cache_plan import page_bytes, state_bytes  # noqa: E402
 from attnzoo.layers.cache_spec import FullKV, LatentKV  # noqa: E402
 
 from tests.hf_oracle import hf_greedy, random_prompts  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from attnzoo.arena import mechanisms
 from attnzoo.engine import LLM, SamplingParams
 from attnzoo.engine import llm as llm_module
-from attnzoo.engine.kv_cache import page_bytes, plan_cache, sequence_bytes
+from attnzoo.engine.cache_plan import page_bytes, plan_cache, sequence_bytes
 from attnzoo.engine.request import Request
 from attnzoo.models import DecoderLM
 
@@ -144,8 +144,8 @@ def run(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[float]
 
 def poison(llm: LLM) -> None:
     for g in llm.kv.groups:
-        g.k.fill_(float("nan"))
-        g.v.fill_(float("nan"))
+        for t in g.tensors.values():
+            t.fill_(float("nan"))
     if llm.kv.states is not None:
         for t in (*llm.kv.states.conv.values(), *llm.kv.states.state.values()):
             t.fill_(float("nan"))
@@ -188,3 +188,13 @@ def test_pages_are_allocated_untouched():
     assert rss() - before < 32 << 20  # torch.zeros would have touched all 256 MiB
     run(llm, [[1, 2, 3], list(range(1, 60))])
     assert rss() - before < 48 << 20  # two short requests touch a few pages
+
+
+def test_a_mechanism_without_a_decode_cache_is_refused_at_construction():
+    """NSA declares that no cache can hold it (CacheKind.UNSERVED), instead of a FullKV spec the layer would
+    then refuse mid-step: the engine says so before planning any memory, naming the mechanism."""
+    model = DecoderLM(mechanisms.nsa(mechanisms.Shape(vocab_size=101, hidden=32, layers=2, heads=4, head_dim=8,
+                                                      intermediate=64, max_positions=256))).eval()
+    assert model(torch.randint(0, 101, (1, 32))).shape == (1, 32, 101)  # one full pass still runs
+    with pytest.raises(NotImplementedError, match=r"layer 0 cannot be served: NSA decode .* not implemented"):
+        LLM(model, kv_cache_memory=1 << 20)

@@ -11,7 +11,7 @@ import torch
 
 import attnzoo
 from attnzoo.engine import LLM, GenerationConfig, SamplingParams, generate
-from attnzoo.engine.kv_cache import page_bytes
+from attnzoo.engine.cache_plan import page_bytes
 from attnzoo.ops.batch_invariant import batch_invariant
 
 MAX_NEW = 12

@@ -40,7 +40,7 @@ def references(models):
 
 @pytest.mark.parametrize("prefix_caching, chunk", [(True, 2048), (False, 2048), (True, 8)])
 def test_engine_matches_transformers(models, references, prefix_caching, chunk, monkeypatch):
-    import attnzoo.ops.latent_paged as lp
+    import attnzoo.ops.latent.paged as lp
     calls = []
     real = lp.mla_paged_decode_torch
     monkeypatch.setattr(lp, "mla_paged_decode_torch", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnzoo.layers import Batch, ContiguousKVCache, MLAttention, RotaryEmbedding
+from attnzoo.layers import Batch, CacheKind, ContiguousKVCache, MLAttention, RotaryEmbedding
 from attnzoo.ops import latent
 
 
@@ -39,4 +39,4 @@ def test_cached_decode_matches_full_pass(q_lora_rank: int | None, monkeypatch: p
             cache.length += n
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
     assert calls == ["absorbed"] * (T - P)
-    assert cache.rows[(0, "latent")].shape == (B, T, 10 + 4)  # only the latent and the shared rope key are cached
+    assert cache.rows[(0, CacheKind.LATENT)].shape == (B, T, 10 + 4)  # only the latent and the shared rope key are cached

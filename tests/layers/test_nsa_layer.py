@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnzoo.layers import Batch, ContiguousKVCache, FullKV, RotaryEmbedding
+from attnzoo.layers import Batch, CacheKind, ContiguousKVCache, RotaryEmbedding
 from attnzoo.layers.nsa import NativeSparseAttention
 
 F64 = torch.float64
@@ -127,7 +127,9 @@ def test_selection_of_every_block_is_dense_causal_attention(mode: str) -> None:
 
 def test_cache_raises_and_cache_spec() -> None:
     layer = _layer(4)
-    assert layer.cache_spec() == FullKV(HKV, D)
+    spec = layer.cache_spec()  # no decode cache: said so, not a FullKV that no cache could serve
+    assert spec.kind is CacheKind.UNSERVED and spec.mechanism == "NSA"
+    assert spec.bytes_per_token(2) == 2 * HKV * D * 2  # costed as its raw K/V
     b = Batch.dense(1, 4, cache=ContiguousKVCache(batch_size=1, max_len=8))
     with pytest.raises(NotImplementedError, match="NSA decode through the engine is not implemented"):
         layer(torch.randn(4, HID, dtype=F64), None, b)

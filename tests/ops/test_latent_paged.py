@@ -16,7 +16,7 @@ import torch
 
 from torch import Tensor
 
-from attnzoo.ops.latent_paged import mla_paged_decode_reference, mla_paged_decode_torch
+from attnzoo.ops.latent.paged import mla_paged_decode_reference, mla_paged_decode_torch
 
 DEVICE = os.environ.get("ATTNZOO_TRITON_TEST_DEVICE", "cpu")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -101,7 +101,7 @@ def interp(monkeypatch: pytest.MonkeyPatch) -> Kernel:
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("ATTNZOO_TRITON_POISON", "1")
-    from attnzoo.ops.latent_triton import mla_paged_decode_triton
+    from attnzoo.ops.latent.triton_kernels import mla_paged_decode_triton
     return mla_paged_decode_triton
 
 

@@ -1,4 +1,4 @@
-"""Triton flash-decoding for MLA over a paged latent cache (contract: attnzoo.ops.latent_paged).
+"""Triton flash-decoding for MLA over a paged latent cache (contract: attnzoo.ops.latent.paged).
 
 Grid (batch, head block, split), mirroring attention/triton/paged_decode.py: split c reads tokens
 [c * CHUNK, (c + 1) * CHUNK) of its sequence through the block table and writes a partial (normalised
@@ -22,7 +22,7 @@ from torch import Tensor
 from attnzoo.ops.attention.triton.flash_fwd import LN2
 from attnzoo.ops.attention.triton.op import alloc, dot_precision
 from attnzoo.ops.attention.triton.paged_decode import paged_decode_combine_kernel
-from attnzoo.ops.latent_paged import _check, mla_paged_decode_torch
+from attnzoo.ops.latent.paged import _check, mla_paged_decode_torch
 
 
 @triton.jit

@@ -1,11 +1,11 @@
-"""Paged KV memory: one cache group per distinct layer cache spec (vLLM's KV-cache groups) with per-layer
-page tensors; groups that attend to the full context share one page table (one BlockPool), each sliding
-window has its own; the radix prefix cache over the full-context table; and a state
-pool for layers that keep a fixed-size state per sequence instead of per-token KV (RecurrentState: the
-delta-rule layers), one slot per running sequence.
+"""The paged cache: page tables (one BlockPool each), one cache group of page tensors per distinct layer
+cache spec (vLLM's KV-cache groups), the recurrent-state pool, page accounting, the radix prefix cache's
+glue and the integrity check. Groups that attend to the full context share one page table, each sliding
+window has its own; layers that keep a fixed-size state per sequence instead of per-token rows
+(RecurrentState: the delta-rule layers) get one state slot per running sequence.
 
-The engine talks to this class only through page tables and token counts; the layers talk to the
-`StepKV` handle it builds each step (`Batch.cache`), which stores new K/V and runs paged attention.
+The engine talks to this class only through page tables and token counts; the layers talk to the per-step
+handle built from it (engine/step.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from attnzoo.engine.block_pool import BlockPool
+from attnzoo.engine.cache_plan import flat_specs, group_specs, pages_for
 from attnzoo.engine.radix_cache import RadixCache
 from attnzoo.engine.request import Request
-from attnzoo.layers.batch import Batch
-from attnzoo.layers.cache_spec import CacheSpec, FullKV, IndexerKeys, LatentKV, RecurrentState, SlidingKV
-from attnzoo.ops.attention.paged import PagedPlan, paged_attention_planned, plan_paged
+from attnzoo.layers.cache_spec import CacheKind, CacheSpec, RecurrentState, SlidingKV
 
 log = logging.getLogger("attnzoo.engine")
 NULL_PAGE = -1  # a page released because it left the sliding window (vLLM's null block)
@@ -37,138 +36,37 @@ class PageTable:
 
 @dataclass
 class CacheGroup:
+    """The layers of one spec and their page tensors, by name: KV has "k" [layers, Hkv, pages, page_size, d]
+    and "v" (head-major: see ops/attention/paged.py); LATENT and INDEX_KEYS have "rows"
+    [layers, pages, page_size, D], one row per token shared by all heads."""
     spec: CacheSpec
     layer_ids: list[int]
     pool: BlockPool          # its table's pool (shared with the other groups on that table)
     table: int               # index into PagedKVCache.tables and Request.page_tables
-    k: torch.Tensor          # [layers_in_group, Hkv, pages, page_size, d] (head-major: see ops/attention/paged.py)
-    v: torch.Tensor
+    tensors: dict[str, torch.Tensor]
 
     @property
     def window(self) -> int | None:
         return self.spec.window if isinstance(self.spec, SlidingKV) else None
 
-
-def flat_specs(specs: list[CacheSpec | tuple[CacheSpec, ...]]) -> list[tuple[int, CacheSpec]]:
-    """(layer, spec) pairs: a layer may declare several specs (DSA: a latent and indexer keys)."""
-    return [(i, s) for i, entry in enumerate(specs) for s in (entry if isinstance(entry, tuple) else (entry,))]
-
-
-def spec_kind(spec: CacheSpec) -> str:
-    return "latent" if isinstance(spec, LatentKV) else "indexer" if isinstance(spec, IndexerKeys) else "kv"
-
-
-def group_specs(specs: list[CacheSpec | tuple[CacheSpec, ...]]) -> list[tuple[CacheSpec, list[int]]]:
-    """Paged groups: layers with equal per-token specs share page tensors (recurrent layers have none)."""
-    groups: dict[CacheSpec, list[int]] = {}
-    for i, s in flat_specs(specs):
-        if isinstance(s, RecurrentState):
-            continue
-        if not isinstance(s, (FullKV, LatentKV, IndexerKeys)):  # SlidingKV is a FullKV
-            raise NotImplementedError(f"layer {i}: the engine has no cache group for {type(s).__name__} yet")
-        groups.setdefault(s, []).append(i)
-    return list(groups.items())
-
-
-def page_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype) -> int:
-    """Bytes one page costs across all layers (each table gets the same number of pages)."""
-    return sum(s.bytes_per_token(torch.finfo(dtype).bits // 8) for _, s in flat_specs(specs)) * page_size
-
-
-def table_page_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype
-                     ) -> dict[int | None, int]:
-    """Bytes one page costs per page table: full-context specs share table None, each window its own."""
-    out: dict[int | None, int] = {}
-    for _, s in flat_specs(specs):
-        if isinstance(s, RecurrentState):
-            continue
-        w = s.window if isinstance(s, SlidingKV) else None
-        out[w] = out.get(w, 0) + s.bytes_per_token(torch.finfo(dtype).bits // 8) * page_size
-    return out
-
-
-def pages_for(window: int | None, num_tokens: int, page_size: int) -> int:
-    """Pages one sequence of num_tokens tokens holds at most in a table (full context, or a window)."""
-    full = -(-num_tokens // page_size)
-    return full if window is None else min(full, -(-(window - 1) // page_size) + 2)
-
-
-@dataclass
-class CachePlan:
-    """How a memory budget splits into page tables (and recurrent-state slots)."""
-    page_size: int
-    num_pages: int                        # the full-context table (every table when window_pages is None)
-    window_pages: dict[int, int] | None   # pages of each sliding window's table
-    table_bytes: dict[int | None, int]    # bytes of one page of each table
-    state_slots: int
-    state_bytes: int                      # per slot
-
-    def tables(self) -> dict[int | None, int]:
-        return {w: self.num_pages if self.window_pages is None or w is None else self.window_pages[w]
-                for w in self.table_bytes}
+    @property
+    def pages_axis(self) -> int:
+        return 2 if self.spec.kind is CacheKind.KV else 1
 
     @property
-    def total_bytes(self) -> int:
-        return sum(n * self.table_bytes[w] for w, n in self.tables().items()) + self.state_slots * self.state_bytes
-
-    def max_concurrency(self, num_tokens: int) -> int:
-        """Sequences of num_tokens tokens that fit at once."""
-        fits = [n // max(1, pages_for(w, num_tokens, self.page_size)) for w, n in self.tables().items()]
-        return min(fits + ([self.state_slots] if self.state_bytes else []), default=0)
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
 
 
-def plan_cache(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype, budget: int,
-               max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> CachePlan:
-    """Split `budget` bytes: recurrent states of max_num_seqs sequences first; then, for SWA/global hybrids,
-    each sliding table gets the pages that as many max_model_len-token sequences as the memory holds can
-    use (a window each, plus one step's chunk), and the full-context table gets the rest; never more pages
-    than max_num_seqs full-length sequences can use."""
-    per_seq_state = state_bytes(specs, dtype)
-    budget -= per_seq_state * max_num_seqs
-    table_bytes = table_page_bytes(specs, page_size, dtype)
-    most = max_num_seqs * -(-max_model_len // page_size) + 1
-    window_pages = None
-    if None in table_bytes and len(table_bytes) > 1:
-        # n sequences of max_model_len tokens, plus one step's chunk in every window table (a prefill chunk
-        # holds its window and all of its own tokens until the step ends)
-        chunk = -(-max_num_batched_tokens // page_size)
-        seq_bytes = sum(b * pages_for(w, max_model_len, page_size) for w, b in table_bytes.items())
-        chunk_bytes = sum(b * chunk for w, b in table_bytes.items() if w is not None)
-        n = max(1, min(max_num_seqs, (budget - chunk_bytes) // seq_bytes))
-        window_pages = {w: min(most, n * pages_for(w, max_model_len, page_size) + chunk)
-                        for w in table_bytes if w is not None}
-        budget -= sum(n * table_bytes[w] for w, n in window_pages.items())
-    per_page = table_bytes[None] if window_pages else sum(table_bytes.values())
-    if budget <= 0:
-        raise ValueError(f"the cache memory does not hold the recurrent states of {max_num_seqs} sequences and one "
-                         f"sequence's sliding windows; lower max_num_seqs or raise kv_cache_memory")
-    num_pages = min(budget // per_page, most) if per_page else most  # no per-token cache: pages only count
-    if num_pages < 1:
-        raise ValueError(f"kv_cache_memory of {budget} bytes holds no page ({per_page} bytes each)")
-    return CachePlan(page_size, num_pages, window_pages, table_bytes, max_num_seqs if per_seq_state else 0,
-                     per_seq_state)
-
-
-def sequence_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype,
-                   max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> tuple[int, int]:
-    """(fixed, per_sequence): `plan_cache` with a budget of fixed + n * per_sequence bytes holds n sequences
-    of max_model_len tokens at once (1 <= n <= max_num_seqs). Fixed: the recurrent states of max_num_seqs
-    sequences, one step's chunk in each sliding table and one spare page."""
-    table_bytes = table_page_bytes(specs, page_size, dtype)
-    states = state_bytes(specs, dtype) * max_num_seqs
-    if None in table_bytes and len(table_bytes) > 1:  # plan_cache's SWA/global split
-        chunk = -(-max_num_batched_tokens // page_size)
-        per_seq = sum(b * pages_for(w, max_model_len, page_size) for w, b in table_bytes.items())
-        return states + chunk * sum(b for w, b in table_bytes.items() if w is not None) + table_bytes[None], per_seq
-    per_page = sum(table_bytes.values())  # every table gets the same number of pages
-    longest = max((pages_for(w, max_model_len, page_size) for w in table_bytes), default=0)
-    return states + max(per_page, 1), longest * per_page
-
-
-def state_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], dtype: torch.dtype) -> int:
-    """Bytes one sequence's recurrent states cost across all layers."""
-    return sum(s.bytes_per_sequence(torch.finfo(dtype).bits // 8) for _, s in flat_specs(specs)
-               if isinstance(s, RecurrentState))
+def group_tensors(spec: CacheSpec, layers: int, pages: int, page_size: int, dtype: torch.dtype,
+                  device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Uninitialised: the OS backs a page with memory only when it is first written, so a cache sized for
+    the worst case costs what is used; PagedKVCache._zero_pages clears each page as it is handed out."""
+    if spec.kind is CacheKind.KV:
+        shape = (layers, spec.num_kv_heads, pages, page_size)
+        return {"k": torch.empty(*shape, spec.head_dim, dtype=dtype, device=device),
+                "v": torch.empty(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype, device=device)}
+    return {"rows": torch.empty(layers, pages, page_size, spec.dim, dtype=dtype, device=device)}
 
 
 class StatePool:
@@ -206,14 +104,14 @@ class PagedKVCache:
         """num_pages: pages of the full-context table (of every table when window_pages is None);
         window_pages: pages of each sliding window's table (they only ever hold the last window)."""
         self.page_size, self.num_pages, self.device = page_size, num_pages, torch.device(device)
-        recurrent = {i: s for i, s in flat_specs(specs) if isinstance(s, RecurrentState)}
+        recurrent = {i: s for i, s in flat_specs(specs) if s.kind is CacheKind.STATE}
         if recurrent and num_state_slots < 1:
             raise ValueError("this model has recurrent-state layers: give the cache num_state_slots >= 1")
         self.states = StatePool(recurrent, num_state_slots, dtype, self.device) if recurrent else None
         self.tables: list[PageTable] = []
         table_of_window: dict[int | None, int] = {}
         self.groups: list[CacheGroup] = []
-        self.layer_group: dict[tuple[int, str], tuple[int, int]] = {}
+        self.layer_group: dict[tuple[int, CacheKind], tuple[int, int]] = {}
         grouped = group_specs(specs)
         # the full-context table first (index 0: the radix tree's), then one per window
         grouped.sort(key=lambda g: isinstance(g[0], SlidingKV))
@@ -225,18 +123,10 @@ class PagedKVCache:
                 self.tables.append(PageTable(BlockPool(n), window))
             ti = table_of_window[window]
             pages = self.tables[ti].pool.capacity
-            # uninitialised: the OS backs a page with memory only when it is first written, so a cache sized
-            # for the worst case costs what is used; _zero_pages clears each page as it is handed out
-            if isinstance(spec, (LatentKV, IndexerKeys)):  # one row per token shared by all heads, no values
-                k = torch.empty(len(layers), 1, pages, page_size, spec.dim, dtype=dtype, device=device)
-                v = torch.empty(0, dtype=dtype, device=device)
-            else:
-                shape = (len(layers), spec.num_kv_heads, pages, page_size)
-                k = torch.empty(*shape, spec.head_dim, dtype=dtype, device=device)
-                v = torch.empty(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype, device=device)
-            self.groups.append(CacheGroup(spec, layers, self.tables[ti].pool, ti, k, v))
+            tensors = group_tensors(spec, len(layers), pages, page_size, dtype, device)
+            self.groups.append(CacheGroup(spec, layers, self.tables[ti].pool, ti, tensors))
             for j, layer in enumerate(layers):
-                self.layer_group[(layer, spec_kind(spec))] = (gi, j)
+                self.layer_group[(layer, spec.kind)] = (gi, j)
         for ti, t in enumerate(self.tables):
             if t.pool.capacity:
                 self._zero_pages(ti, [0])  # gather plans pad short page lists with page 0
@@ -296,9 +186,8 @@ class PagedKVCache:
         idx = torch.tensor(pages, dtype=torch.long, device=self.device)
         for g in self.groups:
             if g.table == table:
-                g.k.index_fill_(2, idx, 0)
-                if g.v.numel():
-                    g.v.index_fill_(2, idx, 0)
+                for t in g.tensors.values():
+                    t.index_fill_(g.pages_axis, idx, 0)
 
     def match_prefix(self, req: Request) -> None:
         """Adopt the longest cached prefix of req's tokens (the last token is always computed)."""
@@ -426,30 +315,6 @@ class PagedKVCache:
                 raise AssertionError(f"table {gi}: free {g.pool.num_free} + cached {cached} + private {private} "
                                      f"!= capacity {g.pool.capacity}")
 
-    # ---- the per-step handle the layers see ------------------------------------------------------
-    def step_handle(self, reqs: list[Request], num_new: list[int]) -> "StepKV":
-        B = len(reqs)
-        cu = torch.zeros(B + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(num_new).cumsum(0)
-        seq_lens = torch.tensor([r.num_computed + n for r, n in zip(reqs, num_new)])
-        plans, slot_maps = [], []
-        for gi, g in enumerate(self.tables):
-            width = max(len(r.page_tables[gi]) for r in reqs)
-            table = torch.full((B, width), 0, dtype=torch.long)
-            for b, r in enumerate(reqs):
-                t = torch.tensor(r.page_tables[gi], dtype=torch.long)
-                table[b, : len(t)] = t.clamp(min=0)  # released pages are never gathered
-            left = g.window - 1 if g.window is not None else -1
-            plans.append(plan_paged(table, cu, seq_lens, self.page_size, left).to(self.device))
-            pos = torch.cat([torch.arange(r.num_computed, r.num_computed + n) for r, n in zip(reqs, num_new)])
-            rows = torch.repeat_interleave(torch.arange(B), torch.tensor(num_new))
-            slots = table[rows, pos // self.page_size] * self.page_size + pos % self.page_size
-            slot_maps.append(slots.to(self.device, non_blocking=True))
-        state_slots = None
-        if self.states is not None:
-            state_slots = torch.tensor([r.state_slot for r in reqs], dtype=torch.long, device=self.device)
-        return StepKV(self, plans, slot_maps, state_slots)
-
 
 def _ranges(xs: list[int]) -> str:
     """[0, 1, 2, 5] -> "0-2,5"."""
@@ -461,48 +326,3 @@ def _ranges(xs: list[int]) -> str:
         out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
         i = j + 1
     return ",".join(out)
-
-
-@dataclass
-class StepKV:
-    """Implements the layers' KVCache protocol for one step of the paged engine."""
-    cache: PagedKVCache
-    plans: list[PagedPlan]          # per page table
-    slot_maps: list[torch.Tensor]   # per page table: the pool slot of each new token
-    state_slots: torch.Tensor | None = None   # [B] each sequence's slot in the state pool
-
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, *,
-               window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
-        kc, vc, plan = self.kv_step(layer_idx, k, v)
-        return paged_attention_planned(q, kc, vc, plan, window_size=window_size, scale=scale, sinks=sinks)
-
-    def kv_step(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, PagedPlan]:
-        """Store this step's k/v [N, Hkv, d]; return the layer's head-major pools [Hkv, pages, page_size, d]
-        and its table's plan, for layers that run their own attention over the pages (block-sparse MSA)."""
-        gi, j = self.cache.layer_group[(layer_idx, "kv")]
-        g = self.cache.groups[gi]
-        kc, vc = g.k[j], g.v[j]
-        slots = self.slot_maps[g.table]
-        kc.view(kc.shape[0], -1, kc.shape[-1])[:, slots] = k.transpose(0, 1).to(kc.dtype)
-        vc.view(vc.shape[0], -1, vc.shape[-1])[:, slots] = v.transpose(0, 1).to(vc.dtype)
-        return kc, vc, self.plans[g.table]
-
-    def rows_step(self, layer_idx: int, kind: str, rows: torch.Tensor) -> tuple[torch.Tensor, PagedPlan]:
-        """One-row-per-token groups (kind "latent" or "indexer"): store this step's rows [N, D], return the
-        layer's pool [pages, page_size, D] and the plan of its page table."""
-        gi, j = self.cache.layer_group[(layer_idx, kind)]
-        g = self.cache.groups[gi]
-        kc = g.k[j][0]
-        kc.view(-1, kc.shape[-1])[self.slot_maps[g.table]] = rows.to(kc.dtype)
-        return kc, self.plans[g.table]
-
-    def recurrent_states(self, layer_idx: int, spec: RecurrentState, like: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RecurrentState layers: this step's sequences' conv inputs and state matrices, in batch order."""
-        pool = self.cache.states
-        return pool.conv[layer_idx][self.state_slots], pool.state[layer_idx][self.state_slots]
-
-    def store_recurrent_states(self, layer_idx: int, conv: torch.Tensor, state: torch.Tensor) -> None:
-        pool = self.cache.states
-        pool.conv[layer_idx][self.state_slots] = conv.to(pool.conv[layer_idx].dtype)
-        pool.state[layer_idx][self.state_slots] = state.to(torch.float32)

@@ -70,3 +70,14 @@ def mla_paged_decode_torch(q: Tensor, cache: Tensor, block_table: Tensor, seq_le
     lse = torch.logsumexp(s, -1, keepdim=True)
     p = torch.exp(s - lse.clamp(min=torch.finfo(acc).min))                   # an empty sequence gives 0
     return torch.bmm(p, k[..., :dv]).to(q.dtype)
+
+
+def mla_paged_decode(q: Tensor, cache: Tensor, block_table: Tensor, seq_lens: Tensor, dv: int,
+                     scale: float) -> Tensor:
+    """The absorbed decode for the device of the cache: the Triton kernel on CUDA, the batched torch form
+    elsewhere. Same contract as mla_paged_decode_reference."""
+    if cache.is_cuda:
+        from attnzoo.ops.latent.triton_kernels import mla_paged_decode_triton  # triton only where CUDA is
+
+        return mla_paged_decode_triton(q, cache, block_table, seq_lens, dv, scale)
+    return mla_paged_decode_torch(q, cache, block_table, seq_lens, dv, scale)
