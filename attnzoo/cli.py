@@ -31,7 +31,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=cli_args.fraction, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=cli_args.seed, default=None, help="seed for sampling, for reproducible answers")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights and compute: auto = bfloat16 on CPUs with native bf16, else float32")
+                   help="weights and compute: auto = bfloat16 where the device computes it natively "
+                        "(a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16), else float32")
     p.add_argument("--max-model-len", type=cli_args.positive_int, default=None, metavar="N",
                    help="cap the context at N tokens (default: the model's); the KV cache holds one such sequence")
 
@@ -61,8 +62,8 @@ def _engine(args: argparse.Namespace):
     """The engine for one interactive stream: one sequence, so the default KV budget is one sequence at the
     context (pages are touched only as the conversation fills them)."""
     from attnzoo.engine import LLM
-    from attnzoo.models import load_model
-    model = load_model(args.model, dtype=args.dtype)
+    from attnzoo.models.registry import default_device, load_model
+    model = load_model(args.model, dtype=args.dtype, device=default_device())
     if model.tokenizer is None:
         raise ModelLoadError(f"{args.model} has no tokenizer attnzoo can build, so it cannot take text")
     return LLM(model, max_num_seqs=1, max_model_len=args.max_model_len)

@@ -22,7 +22,7 @@ from attnzoo.engine.request import Request, Status
 from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from attnzoo.engine.scheduler import Scheduler, SchedulerConfig
 from attnzoo.models.decoder import DecoderLM
-from attnzoo.models.registry import DEFAULT_MODEL, load_model
+from attnzoo.models.registry import DEFAULT_MODEL, default_device, load_model
 from attnzoo.ops.attention.invariant import KEY_BLOCK
 from attnzoo.ops.batch_invariant import check_gemm_invariance
 
@@ -161,12 +161,11 @@ class LLM:
         if kv_cache_fraction is not None and (isinstance(kv_cache_fraction, bool) or not (
                 isinstance(kv_cache_fraction, (int, float)) and 0 < kv_cache_fraction <= 1)):
             raise ValueError(f"kv_cache_fraction must be a number in (0, 1], got {kv_cache_fraction!r}")
-        # dtype applies when loading by name or path; a passed-in model keeps its own
-        self.model = model if isinstance(model, DecoderLM) else load_model(model, dtype)
         # the model and its KV cache live on one device: CUDA when present (paged decode runs the Triton
-        # kernel there), else the CPU
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = self.model.to(self.device)
+        # kernel there), else the CPU. dtype ("auto" decided for that device) applies when loading by name
+        # or path; a passed-in model keeps its own
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = (model if isinstance(model, DecoderLM) else load_model(model, dtype, self.device)).to(self.device)
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config
         if max_model_len is not None:  # longer than the model's own would run RoPE past what it was built for

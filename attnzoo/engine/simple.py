@@ -1,7 +1,7 @@
 """Reference generation with a contiguous KV cache: one prefill, then one token per step.
 
-Simple on purpose: it is the oracle the paged engine must reproduce token for token, and it is what
-`attnzoo generate` / `attnzoo chat` run on until the engine replaces it.
+Simple on purpose: it is the oracle the paged engine (`LLM`, which `attnzoo chat`, `generate` and
+`serve` run on) must reproduce token for token.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from torch import nn
 
 from attnzoo.layers.batch import Batch
 from attnzoo.layers.cache_spec import RecurrentState
+from attnzoo.ops.delta_rule import chunk_delta_rule, delta_rule_step
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, cu_seqlens: torch.Tensor
@@ -47,17 +48,11 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor,
 
 def _delta_rule(q, k, v, g, beta, state, cu_seqlens, decode: bool):
     """Decode steps (one token per sequence, a state to update) take the recurrent step; everything else
-    the chunked form. Triton kernels on CUDA."""
-    if q.is_cuda:
-        from attnzoo.ops.delta_rule.triton_kernels import chunk_delta_rule_triton as chunk
-        from attnzoo.ops.delta_rule.triton_kernels import delta_rule_step_triton as step
-    else:
-        from attnzoo.ops.delta_rule.chunk import chunk_delta_rule as chunk
-        from attnzoo.ops.delta_rule.recurrent import delta_rule_step as step
+    the chunked form (the ops pick their kernels by device)."""
     if decode:
-        return step(q, k, v, g, beta, state, use_qk_l2norm=True), state
-    o, final = chunk(q[None], k[None], v[None], g[None], beta[None], initial_state=state, use_qk_l2norm=True,
-                     cu_seqlens=cu_seqlens, output_final_state=True)
+        return delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm=True), state
+    o, final = chunk_delta_rule(q[None], k[None], v[None], g[None], beta[None], initial_state=state,
+                                use_qk_l2norm=True, cu_seqlens=cu_seqlens, output_final_state=True)
     return o[0], final
 
 

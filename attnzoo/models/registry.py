@@ -55,29 +55,41 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """torch dtype from a name; "auto" = bfloat16 where the CPU has native bf16, else float32."""
+def default_device() -> torch.device:
+    """Where a model runs unless told: CUDA when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """torch dtype from a name. "auto" decides for the device the model runs on (default: the CPU):
+    on CUDA bfloat16 where the GPU supports it, else float32; on the CPU bfloat16 where it has native bf16
+    (`native_bf16`), else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
+        dev = torch.device(device or "cpu")
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if native_bf16() else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; allowed: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32) -> DecoderLM:
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32,
+               device: str | torch.device | None = None) -> DecoderLM:
     """A model by name (`smollm2`), a `.gguf` file, or a transformers directory (config.json + safetensors).
 
-    Returns a DecoderLM: `model(input_ids[B, T]) -> logits[B, T, V]`, with `.config` and `.tokenizer`.
-    dtype: float32 (default, the conformance dtype), bfloat16, or "auto" (see `resolve_dtype`)."""
+    Returns a DecoderLM: `model(input_ids[B, T]) -> logits[B, T, V]`, with `.config` and `.tokenizer`, on
+    `device` (default the CPU). dtype: float32 (default, the conformance dtype), bfloat16, or "auto"
+    (decided for `device`, see `resolve_dtype`)."""
     from attnzoo.models.gguf_loader import is_gguf, load_gguf
     from attnzoo.models.hf_loader import load_hf
 
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, device)
     path = resolve(name_or_path)
     if path.is_file() and is_gguf(path):
-        return load_gguf(path, dtype)
+        return load_gguf(path, dtype).to(device or "cpu")
     if path.is_dir() and (path / "config.json").exists():
-        return load_hf(path, dtype)
+        return load_hf(path, dtype).to(device or "cpu")
     raise ModelLoadError(f"{path} is neither a GGUF file nor a transformers directory with config.json")

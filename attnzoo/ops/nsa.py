@@ -25,13 +25,13 @@ oracle of the paper mode; fla's `naive_nsa` is the oracle of the fla mode, in th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from attnzoo.ops.attention import attention
+from attnzoo.ops.sparse.select import nsa_block_scores, nsa_select_blocks
 
 _NEG_INF = float("-inf")
 
@@ -138,48 +138,6 @@ def selection_weights(num_cmp: int, num_sel: int, l: int, d: int, l_sel: int,
     return w
 
 
-def nsa_selection_scores(p_cmp: Tensor, G: int, l: int, d: int, l_sel: int, reduce: str = "sum",
-                         num_blocks: int | None = None) -> Tensor:
-    """Selection-block importance [B, T, Hkv, NS] from compression probabilities p_cmp [B, T, H, Nc].
-
-    Paper eq. 9 maps compression blocks to selection blocks (`selection_weights`), then the G heads of a
-    group are combined: reduce="sum" (paper, eq. 10) or "mean" (fla; argmax-equivalent).
-    NS = num_blocks, default ceil(T / l_sel).
-    """
-    if reduce not in ("sum", "mean"):
-        raise ValueError(f"nsa_selection_scores: reduce must be 'sum' or 'mean', got {reduce!r}")
-    B, T, H, Nc = p_cmp.shape
-    if H % G:
-        raise ValueError(f"nsa_selection_scores: {H} heads not a multiple of the group size {G}")
-    ns = -(-T // l_sel) if num_blocks is None else num_blocks
-    w = selection_weights(Nc, ns, l, d, l_sel, p_cmp.device, p_cmp.dtype)
-    s = (p_cmp @ w).view(B, T, H // G, G, ns)
-    return s.sum(3) if reduce == "sum" else s.mean(3)
-
-
-def nsa_select(scores: Tensor, n: int, l_sel: int, t: Tensor | None = None) -> Tensor:
-    """Top-n selection blocks per (query, KV head): block_indices [B, T, Hkv, n] int64, padded with -1.
-
-    scores [B, T, Hkv, NS]; `t` are the query positions [T] (default 0..T-1). Candidates are the blocks
-    holding a past token, j <= t // l_sel; block 0, the own block t // l_sel and the previous one are
-    always kept (they count toward n). Order: forced blocks first, then by decreasing score.
-    """
-    B, T, Hkv, NS = scores.shape
-    pos = _positions(t, T, scores.device)
-    own = (pos // l_sel)[:, None]  # [T, 1]
-    j = torch.arange(NS, device=scores.device)[None, :]
-    cand = j <= own
-    forced = cand & ((j == 0) | (j == own) | (j == own - 1))
-    s = scores.masked_fill(~cand[None, :, None, :], _NEG_INF)
-    s = s.masked_fill(forced[None, :, None, :], math.inf)
-    k = min(n, NS)
-    val, idx = torch.topk(s, k, dim=-1)
-    idx = idx.masked_fill(val == _NEG_INF, -1)
-    if k < n:
-        idx = torch.cat([idx, idx.new_full((B, T, Hkv, n - k), -1)], -1)
-    return idx
-
-
 def _selected_gather(qg: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, l_sel: int, scale: float,
                      pos: Tensor) -> Tensor:
     """qg [B, Hkv, T, G, dk] against the n*l_sel gathered keys of each query. -> [B, Hkv, T, G, dv]."""
@@ -264,8 +222,10 @@ def _nsa_dense(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     G = q.shape[2] // Hkv
     o_cmp, p_cmp = nsa_compressed_attention(q, k_cmp, v_cmp, l=l, d=d, scale=scale)
     with torch.no_grad():  # the selection is discrete: no gradient through the scores (as in the paper)
-        scores = nsa_selection_scores(p_cmp.detach(), G, l, d, l_sel, reduce, num_blocks=-(-k_slc.shape[1] // l_sel))
-        idx = nsa_select(scores, n, l_sel)
+        scores = nsa_block_scores(p_cmp.detach(), G=G, l=l, d=d, l_sel=l_sel, reduce=reduce,
+                                  num_blocks=-(-k_slc.shape[1] // l_sel))
+        # block 0, the own block and the previous one are forced (they count toward n)
+        idx = nsa_select_blocks(scores, n, block_size=l_sel, initial_blocks=1, local_blocks=2)
     o_slc = nsa_selected_attention(q, k_slc, v_slc, idx, l_sel, scale, impl=impl)
     o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc
     if window:

@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
+from attnzoo.cli_args import bounded_int
 from attnzoo.engine.sampling import MAX_LOGPROBS
 from attnzoo.server.errors import APIError, num
 
@@ -110,7 +111,7 @@ class ServerLimits:
     def add_args(p: argparse.ArgumentParser) -> None:
         """One flag per field: --max-n, --max-prompts, ..., --max-queued-sequences."""
         for f in fields(ServerLimits):
-            p.add_argument("--" + f.name.replace("_", "-"), type=_int_in(f.metadata["lo"], f.metadata["hi"]),
+            p.add_argument("--" + f.name.replace("_", "-"), type=bounded_int(f.metadata["lo"], f.metadata["hi"]),
                            default=f.default, metavar="N", help=f"{f.metadata['help']} (default {f.default})")
 
     @classmethod
@@ -126,16 +127,4 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
 
 
 def _range(lo: int, hi: int | None) -> str:
-    return f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-
-
-def _int_in(lo: int, hi: int | None):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"must be an integer {_range(lo, hi)}, got {v}")
-        return v
-    return parse
+    return f"in {lo}..{hi}" if hi is not None else f">= {lo}"

@@ -45,7 +45,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=cli_args.positive_int, default=64, metavar="N",
                    help="most requests in one batch (default 64)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto = bfloat16 on CPUs with native bf16, else float32")
+                   help="auto = bfloat16 where the device computes it natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16), else float32")
     p.add_argument("--log-level", default="info", type=str.lower,
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.add_argument("--deterministic", action="store_true",

@@ -20,8 +20,8 @@ import torch
 
 from attnzoo.ops.attention import attention_reference
 from attnzoo.ops.nsa import (compressed_cu_seqlens, nsa, nsa_compress_keys, nsa_compressed_attention,
-                             nsa_reference, nsa_select, nsa_selected_attention, nsa_selection_scores,
-                             selection_weights)
+                             nsa_reference, nsa_selected_attention, selection_weights)
+from attnzoo.ops.sparse.select import nsa_block_scores, nsa_select_blocks
 
 F64 = torch.float64
 
@@ -64,11 +64,21 @@ def test_selection_weights_paper_formula() -> None:
         selection_weights(4, 4, 6, 4, 16)
 
 
+@pytest.mark.parametrize("l,d,l_sel", [(8, 8, 8), (8, 4, 16), (16, 4, 8), (32, 16, 64)])
+def test_block_scores_equal_the_selection_matrix(l: int, d: int, l_sel: int) -> None:
+    # the banded sum the layer runs (ops.sparse.select) against eq. 9 written as a matrix product
+    g = torch.Generator().manual_seed(9)
+    B, T, H, G, Nc, ns = 2, 5, 6, 3, 11, 7
+    p = torch.rand(B, T, H, Nc, generator=g, dtype=F64)
+    want = (p @ selection_weights(Nc, ns, l, d, l_sel, dtype=F64)).view(B, T, H // G, G, ns).sum(3)
+    torch.testing.assert_close(nsa_block_scores(p, G=G, l=l, d=d, l_sel=l_sel, num_blocks=ns), want)
+
+
 def test_select_forces_initial_and_local_blocks() -> None:
     g = torch.Generator().manual_seed(2)
     T, NS, l_sel, n = 64, 8, 8, 4
     scores = torch.rand(1, T, 2, NS, generator=g)
-    idx = nsa_select(scores, n, l_sel)
+    idx = nsa_select_blocks(scores, n, block_size=l_sel)
     assert idx.shape == (1, T, 2, n) and idx.dtype == torch.long
     for t in range(T):
         own = t // l_sel
@@ -83,8 +93,8 @@ def test_select_forces_initial_and_local_blocks() -> None:
                 assert best in chosen
     # group reduce: sum and mean give the same ranking
     p = torch.rand(1, T, 8, NS, generator=g)
-    s_sum = nsa_selection_scores(p, 4, 8, 8, 8, "sum")
-    torch.testing.assert_close(s_sum / 4, nsa_selection_scores(p, 4, 8, 8, 8, "mean"))
+    s_sum = nsa_block_scores(p, G=4, l=8, d=8, l_sel=8, reduce="sum")
+    torch.testing.assert_close(s_sum / 4, nsa_block_scores(p, G=4, l=8, d=8, l_sel=8, reduce="mean"))
 
 
 def test_compressed_attention_visibility_and_dead_rows() -> None:
@@ -121,7 +131,7 @@ def test_selected_attention_gather_equals_mask() -> None:
     g = torch.Generator().manual_seed(5)
     B, T, H, Hkv, dk, l_sel, n = 2, 45, 4, 2, 8, 8, 3
     q, k, v = (torch.randn(B, T, h, dk, generator=g, dtype=F64) for h in (H, Hkv, Hkv))
-    idx = nsa_select(torch.rand(B, T, Hkv, 6, generator=g, dtype=F64), n, l_sel)
+    idx = nsa_select_blocks(torch.rand(B, T, Hkv, 6, generator=g, dtype=F64), n, block_size=l_sel)
     idx[0, 10:20, 1, 2] = -1  # some padding in the middle of a row
     idx[1, 30, 0] = -1  # a row that sees nothing: output 0
     idx[1, 31, 0] = torch.tensor([5, -1, 4])  # only future blocks: nothing visible either
@@ -253,8 +263,8 @@ FLA_CHILD = textwrap.dedent('''
 
 
 def _fla_path() -> str | None:
-    path = os.environ.get("FLA_PATH") or "/work/fla_pkgs"
-    return path if os.path.isdir(os.path.join(path, "fla")) else None
+    path = os.environ.get("FLA_PATH", "")
+    return path if path and os.path.isdir(os.path.join(path, "fla")) else None
 
 
 def _fla_cases() -> dict:
@@ -274,8 +284,8 @@ def _fla_cases() -> dict:
 def fla_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     path = _fla_path()
     if path is None:
-        pytest.skip("fla-core not installed: set FLA_PATH or `pip install --no-deps --target /work/fla_pkgs "
-                    "fla-core einops` (it runs in a subprocess; never install it into the venv)")
+        pytest.skip("set FLA_PATH to a directory with fla-core (`pip install --no-deps --target DIR fla-core "
+                    "einops`; it runs in a subprocess: never install it into the venv)")
     tmp = tmp_path_factory.mktemp("fla_nsa")
     cases = _fla_cases()
     script, src, dst = tmp / "run_fla_nsa.py", tmp / "in.pt", tmp / "out.pt"
@@ -323,7 +333,7 @@ def test_fla_mode_matches_fla_naive_nsa(name: str, fla_results: tuple[dict, dict
     for a, b in segs:
         _, p = nsa_compressed_attention(q[:, a:b], _cmp_slice(kc, cu, a, b, BS),
                                         _cmp_slice(vc, cu, a, b, BS), l=BS, d=BS, scale=scale)
-        sc = nsa_selection_scores(p, 16, BS, BS, BS, "mean", num_blocks=-(-(b - a) // BS))
+        sc = nsa_block_scores(p, G=16, l=BS, d=BS, l_sel=BS, reduce="mean", num_blocks=-(-(b - a) // BS))
         for t in range(b - a):
             own = t // BS
             cand = sorted((math.inf if j in (0, own, own - 1) else sc[0, t, 0, j].item() for j in range(own + 1)),

@@ -42,9 +42,9 @@ def test_flags_reach_the_limits():
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--max-n", "0"], "--max-n: must be an integer >= 1, got 0"),
-    (["--max-n", "many"], "--max-n: expected an integer, got 'many'"),
-    (["--max-logprobs", "21"], "--max-logprobs: must be an integer in [0, 20], got 21"),
-    (["--max-logprobs", "-1"], "in [0, 20]"),
+    (["--max-n", "many"], "--max-n: expected an integer >= 1, got 'many'"),
+    (["--max-logprobs", "21"], "--max-logprobs: must be an integer in 0..20, got 21"),
+    (["--max-logprobs", "-1"], "in 0..20"),
     (["--max-body-bytes", "-5"], "--max-body-bytes"),
     (["--max-queued-sequences", "1e9"], "expected an integer"),
     (["--max-queued-requests", "5"], "unrecognized arguments: --max-queued-requests"),   # replaced: one way

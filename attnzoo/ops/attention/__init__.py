@@ -1,7 +1,8 @@
 """Softmax attention with flash-attn conventions, one entry point over several backends.
 
-Backend: keyword `backend=` if given, else "invariant" inside `ops.batch_invariant.batch_invariant()`,
-else env var ATTNZOO_BACKEND, else "triton" for CUDA tensors when triton imports, else "torch".
+Backend (attnzoo.ops.backend decides for every op family): keyword `backend=` if given, else "invariant"
+inside `ops.batch_invariant.batch_invariant()`, else env var ATTNZOO_BACKEND, else "triton" for CUDA
+tensors when triton imports, else "torch".
   reference  naive float32/float64 oracle (attnzoo.ops.attention.reference)
   torch      fast PyTorch form (attnzoo.ops.attention.torch_impl)
   invariant  batch-invariant form: a query's bits do not depend on its batch (attnzoo.ops.attention.invariant)
@@ -11,13 +12,9 @@ else env var ATTNZOO_BACKEND, else "triton" for CUDA tensors when triton imports
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from functools import cache
-
 from torch import Tensor
 
-from attnzoo.ops import batch_invariant
+from attnzoo.ops import backend as _backend
 from attnzoo.ops.attention.blockwise import attention_blockwise
 from attnzoo.ops.attention.invariant import attention_invariant
 from attnzoo.ops.attention.reference import attention_reference
@@ -25,39 +22,14 @@ from attnzoo.ops.attention.torch_impl import attention_torch
 
 BACKENDS = {"reference": attention_reference, "torch": attention_torch, "blockwise": attention_blockwise,
             "invariant": attention_invariant}
-PLANNED = ("triton",)
+TRITON = ("attnzoo.ops.attention.triton.op", "attention_triton")
 
 __all__ = ["attention", "attention_reference", "attention_torch", "BACKENDS", "resolve_backend"]
 
 
-@cache
-def _triton_attention() -> Callable[..., Tensor | tuple[Tensor, Tensor]] | None:
-    """The triton backend, or None when triton is missing or broken (imported once, on first use)."""
-    try:
-        from attnzoo.ops.attention.triton.op import attention_triton
-    except Exception:  # ImportError, or a triton that fails to initialise: fall back, never break import
-        return None
-    return attention_triton
-
-
 def resolve_backend(backend: str | None = None, q: Tensor | None = None) -> str:
-    """Pick the backend name; read the env var per call so tests can monkeypatch it."""
-    if backend is None and batch_invariant.enabled():
-        return "invariant"
-    name = backend if backend is not None else os.environ.get("ATTNZOO_BACKEND", "")
-    if not name:
-        name = "triton" if q is not None and q.is_cuda and _triton_attention() is not None else "torch"
-    if name in BACKENDS:
-        return name
-    allowed = ", ".join(sorted(BACKENDS))
-    if name in PLANNED:
-        if _triton_attention() is None:
-            raise ValueError(f"attention backend {name!r} is not available (triton does not import); allowed: {allowed}")
-        if q is not None and not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(f"attention backend {name!r} is not available for CPU tensors (CUDA only; "
-                             f"TRITON_INTERPRET=1 runs it slowly on CPU for tests); allowed: {allowed}")
-        return name
-    raise ValueError(f"unknown attention backend {name!r} (ATTNZOO_BACKEND or backend=); allowed: {allowed}")
+    """The backend name `attention` would run (see attnzoo.ops.backend for the order)."""
+    return _backend.resolve("attention", backend, q, BACKENDS, TRITON[0])
 
 
 def attention(
@@ -87,9 +59,7 @@ def attention(
     return_lse=True also returns the natural-log LSE of the scaled, masked scores
     (sink included) as [B, H, Tq] (varlen: [H, total_q]) in float32 (float64 for fp64 input).
     """
-    name = resolve_backend(backend, q)
-    fn = _triton_attention() if name == "triton" else BACKENDS[name]
-    assert fn is not None  # resolve_backend checked
+    fn = _backend.kernel("attention", backend, q, BACKENDS, TRITON)
     return fn(
         q, k, v, causal=causal, window_size=window_size, scale=scale, sinks=sinks,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,

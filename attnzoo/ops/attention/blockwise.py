@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnzoo.ops.attention.reference import check, compute_dtype
+from attnzoo.ops.attention.reference import Problem, attention_form, compute_dtype, per_sequence
 
 _NEG_INF = float("-inf")
 BLOCK_Q = 256
@@ -182,37 +182,17 @@ class BlockwiseAttention(torch.autograd.Function):
         return dq, dk, dv, ds, None, None, None, None
 
 
-def attention_blockwise(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool,
-    window_size: tuple[int, int] = (-1, -1),
-    scale: float | None = None,
-    sinks: Tensor | None = None,
-    cu_seqlens_q: Tensor | None = None,
-    cu_seqlens_k: Tensor | None = None,
-    return_lse: bool = False,
-    block_q: int = BLOCK_Q,
-    block_k: int = BLOCK_K,
-) -> Tensor | tuple[Tensor, Tensor]:
+@attention_form
+def attention_blockwise(p: Problem, sinks: Tensor | None, return_lse: bool, block_q: int = BLOCK_Q,
+                        block_k: int = BLOCK_K) -> tuple[Tensor, Tensor | None]:
     """Softmax attention in O(T * d) memory, forward and backward; see attnzoo.ops.attention.attention.
 
     block_q counts query positions (the tile holds block_q * G rows); block_k counts keys.
     """
     if block_q < 1 or block_k < 1:
         raise ValueError(f"attention: block_q and block_k must be >= 1, got {block_q}, {block_k}")
-    p = check(q, k, v, causal, window_size, scale, sinks, cu_seqlens_q, cu_seqlens_k)
-    run = BlockwiseAttention.apply
-    if p.cu_q is None:
-        out, lse = run(p.q, p.k, p.v, sinks, p.window, p.scale, block_q, block_k)
-    else:
-        assert p.cu_k is not None
-        # Varlen: one dense problem per sequence; no work or memory across sequences.
-        res = [run(p.q[:, a:b], p.k[:, c:e], p.v[:, c:e], sinks, p.window, p.scale, block_q, block_k)
-               for a, b, c, e in zip(p.cu_q, p.cu_q[1:], p.cu_k, p.cu_k[1:])]
-        out, lse = torch.cat([o for o, _ in res], 1), torch.cat([l[0] for _, l in res], 1)  # lse: [H, total_q]
-        if p.squeeze:
-            out = out[0]
-    return (out, lse) if return_lse else out
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return BlockwiseAttention.apply(q, k, v, sinks, p.window, p.scale, block_q, block_k)
+
+    return run(p.q, p.k, p.v) if p.cu_q is None else per_sequence(p, run)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnzoo.ops.attention.reference import check, compute_dtype, visible
+from attnzoo.ops.attention.reference import Problem, attention_form, compute_dtype, visible
 
 KEY_BLOCK = 128
 _SCORE_BUDGET = 1 << 24      # score elements materialised per query chunk (64 MiB in float32)
@@ -162,36 +162,29 @@ def block_pad(x: Tensor, dim: int, start: int) -> Tensor:
     return torch.cat([x, x.new_zeros(pad)], dim)
 
 
-def attention_invariant(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, window_size: tuple[int, int] = (-1, -1),
-                        scale: float | None = None, sinks: Tensor | None = None,
-                        cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
-                        return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+@attention_form
+def attention_invariant(p: Problem, sinks: Tensor | None, return_lse: bool) -> tuple[Tensor, Tensor]:
     """`attnzoo.ops.attention.attention` in batch-invariant form (same signature and conventions)."""
-    p = check(q, k, v, causal, window_size, scale, sinks, cu_seqlens_q, cu_seqlens_k)
     B_, Tq, H, d = p.q.shape
     Hkv = p.k.shape[2]
     G = H // Hkv
-    ct = compute_dtype(q.dtype)
+    ct = compute_dtype(p.q.dtype)
     sk = None if sinks is None else sinks.to(ct)
     if p.cu_q is None:
         spans = [(b, 0, Tq, 0, p.k.shape[1]) for b in range(B_)]
     else:
         spans = [(0, a, b, c, e) for a, b, c, e in zip(p.cu_q, p.cu_q[1:], p.cu_k, p.cu_k[1:])]
     out = p.q.new_empty(*p.q.shape[:3], p.v.shape[-1])
-    lse = torch.full((B_, H, Tq), _NEG_INF, dtype=ct, device=q.device)
+    lse = torch.full((B_, H, Tq), _NEG_INF, dtype=ct, device=p.q.device)
     for b, q0, q1, k0, k1 in spans:
         nq, nk = q1 - q0, k1 - k0
         if nq == 0:
             continue
-        seen = block_pad(visible(nq, nk, p.window, q.device), 1, 0)
+        seen = block_pad(visible(nq, nk, p.window, p.q.device), 1, 0)
         kk = block_pad(p.k[b, k0:k1].to(ct).transpose(0, 1), 1, 0)
         vv = block_pad(p.v[b, k0:k1].to(ct).transpose(0, 1), 1, 0)
         o, l = attend_shared(p.q[b, q0:q1].to(ct).view(nq, Hkv, G, d), kk.contiguous(), vv.contiguous(), seen,
                              p.scale, sk)
         out[b, q0:q1] = o.reshape(nq, H, -1).to(out.dtype)
         lse[b, :, q0:q1] = l.reshape(nq, H).transpose(0, 1)
-    if p.squeeze:
-        out = out[0]
-    if not return_lse:
-        return out
     return out, (lse if p.cu_q is None else lse[0])

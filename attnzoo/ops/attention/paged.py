@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from attnzoo.ops import batch_invariant
+from attnzoo.ops.attention import attention, resolve_backend
 from attnzoo.ops.attention.invariant import KEY_BLOCK, attend_rows, attend_shared, block_pad
 from attnzoo.ops.attention.reference import attention_reference
-from attnzoo.ops.attention.torch_impl import attention_torch
 
 
 @dataclass
@@ -166,7 +166,8 @@ def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: P
     scale = d ** -0.5 if scale is None else scale
     if plan.key_block:
         return _planned_invariant(q, k_cache, v_cache, plan, window_size, scale, sinks, out)
-    if len(plan.decode_rows) and q.is_cuda and plan.decode_block_table is not None:
+    triton = resolve_backend(None, q) == "triton"
+    if len(plan.decode_rows) and triton and plan.decode_block_table is not None:
         # Flash-decoding kernel: reads each K/V page once per KV head, no gather copies.
         from attnzoo.ops.attention.triton.paged_decode import paged_decode_triton
 
@@ -197,7 +198,8 @@ def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: P
         slots = slots.to(kf.device)  # plans are host-side; no-op on CPU
         k = torch.index_select(kf, 1, slots).transpose(0, 1)[None]          # [1, L, Hkv, d]
         v = torch.index_select(vf, 1, slots).transpose(0, 1)[None]
-        o = attention_torch(q[None, r0:r1], k, v, causal=True, window_size=window_size, scale=scale, sinks=sinks)
+        # the flash kernel on CUDA, the torch form on CPU (attnzoo.ops.backend)
+        o = attention(q[None, r0:r1], k, v, causal=True, window_size=window_size, scale=scale, sinks=sinks)
         out[r0:r1] = o[0]
     return out
 

@@ -8,9 +8,11 @@ forms import them so that all backends agree on what is legal and what is visibl
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -155,31 +157,45 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, window: tuple[int, int], scale: floa
     return out.to(q.dtype), lse
 
 
-def attention_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool,
-    window_size: tuple[int, int] = (-1, -1),
-    scale: float | None = None,
-    sinks: Tensor | None = None,
-    cu_seqlens_q: Tensor | None = None,
-    cu_seqlens_k: Tensor | None = None,
-    return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Softmax attention, flash-attn conventions; see attnzoo.ops.attention.attention."""
-    p = check(q, k, v, causal, window_size, scale, sinks, cu_seqlens_q, cu_seqlens_k)
-    if p.cu_q is None:
-        out, lse = _dense(p.q, p.k, p.v, p.window, p.scale, sinks)
-    else:
-        assert p.cu_k is not None
-        outs, lses = [], []
-        for (q0, q1), (k0, k1) in zip(zip(p.cu_q, p.cu_q[1:]), zip(p.cu_k, p.cu_k[1:])):
-            o, l = _dense(p.q[:, q0:q1], p.k[:, k0:k1], p.v[:, k0:k1], p.window, p.scale, sinks)
-            outs.append(o)
-            lses.append(l)
-        out, lse = torch.cat(outs, 1), torch.cat(lses, 2)[0]  # lse: [H, total_q]
+def attention_form(core: Callable[..., tuple[Tensor, Tensor | None]]) -> Callable[..., Tensor | tuple[Tensor, Tensor]]:
+    """Give a form the public signature of `attnzoo.ops.attention.attention`. `core(p, sinks, return_lse,
+    **options)` gets the checked `Problem` (rank-4 tensors; varlen packed into batch 1) and returns out
+    [B, Tq, H, dv] and the LSE ([B, H, Tq]; varlen [H, total_q]; None is allowed when not return_lse).
+    Validation, the rank-3 varlen squeeze and the return_lse switch live here, once for every form."""
+
+    @functools.wraps(core)
+    def form(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, window_size: tuple[int, int] = (-1, -1),
+             scale: float | None = None, sinks: Tensor | None = None, cu_seqlens_q: Tensor | None = None,
+             cu_seqlens_k: Tensor | None = None, return_lse: bool = False, **options: Any) -> Tensor | tuple[Tensor, Tensor]:
+        p = check(q, k, v, causal, window_size, scale, sinks, cu_seqlens_q, cu_seqlens_k)
+        out, lse = core(p, sinks, return_lse, **options)
         if p.squeeze:
             out = out[0]
-    return (out, lse) if return_lse else out
+        if not return_lse:
+            return out
+        assert lse is not None
+        return out, lse
+
+    return form
+
+
+def per_sequence(p: Problem, run: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]]
+                 ) -> tuple[Tensor, Tensor | None]:
+    """Varlen as one dense problem per sequence (no work or memory across sequences): `run(q, k, v)` on
+    [1, L, heads, dim] slices returns (out [1, Lq, H, dv], lse [1, H, Lq] or None); the results are
+    concatenated to out [1, total_q, H, dv] and lse [H, total_q]."""
+    assert p.cu_q is not None and p.cu_k is not None
+    res = [run(p.q[:, a:b], p.k[:, c:e], p.v[:, c:e]) for a, b, c, e in zip(p.cu_q, p.cu_q[1:], p.cu_k, p.cu_k[1:])]
+    out = torch.cat([o for o, _ in res], 1)
+    lses = [lse[0] for _, lse in res if lse is not None]
+    return out, (torch.cat(lses, 1) if len(lses) == len(res) else None)
+
+
+@attention_form
+def attention_reference(p: Problem, sinks: Tensor | None, return_lse: bool) -> tuple[Tensor, Tensor]:
+    """Softmax attention, flash-attn conventions; see attnzoo.ops.attention.attention."""
+    if p.cu_q is None:
+        return _dense(p.q, p.k, p.v, p.window, p.scale, sinks)
+    out, lse = per_sequence(p, lambda q, k, v: _dense(q, k, v, p.window, p.scale, sinks))
+    assert lse is not None
+    return out, lse

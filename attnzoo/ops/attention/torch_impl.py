@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnzoo.ops.attention.reference import check, compute_dtype, visible
+from attnzoo.ops.attention.reference import Problem, attention_form, compute_dtype, per_sequence, visible
 
 _NEG_INF = float("-inf")
 
@@ -97,50 +97,21 @@ def _dense(
     return _sdpa(q, k, v, window, scale), None
 
 
-def attention_torch(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool,
-    window_size: tuple[int, int] = (-1, -1),
-    scale: float | None = None,
-    sinks: Tensor | None = None,
-    cu_seqlens_q: Tensor | None = None,
-    cu_seqlens_k: Tensor | None = None,
-    return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+@attention_form
+def attention_torch(p: Problem, sinks: Tensor | None, return_lse: bool) -> tuple[Tensor, Tensor | None]:
     """Softmax attention, flash-attn conventions; see attnzoo.ops.attention.attention."""
-    p = check(q, k, v, causal, window_size, scale, sinks, cu_seqlens_q, cu_seqlens_k)
     if p.cu_q is None:
-        out, lse = _dense(p.q, p.k, p.v, p.window, p.scale, sinks, return_lse)
-    else:
-        assert p.cu_k is not None
-        lq = [b - a for a, b in zip(p.cu_q, p.cu_q[1:])]
-        lk = [b - a for a, b in zip(p.cu_k, p.cu_k[1:])]
-        if len(set(lq)) == 1 and len(set(lk)) == 1:
-            # Equal lengths: the packed tensor is already a batch; one call, free views.
-            n = len(lq)
-            H = p.q.shape[2]
-            out, lse = _dense(
-                p.q.reshape(n, lq[0], *p.q.shape[2:]), p.k.reshape(n, lk[0], *p.k.shape[2:]),
-                p.v.reshape(n, lk[0], *p.v.shape[2:]), p.window, p.scale, sinks, return_lse,
-            )
-            out = out.reshape(1, n * lq[0], *out.shape[2:])
-            lse = None if lse is None else lse.permute(1, 0, 2).reshape(H, n * lq[0])
-        else:
-            # Unequal lengths: loop. A block-diagonal mask over the packed batch would do
-            # (sum L)^2 work instead of sum L^2 and needs a total^2 mask; the loop's per-call
-            # overhead (~tens of us) is small next to that for any real sequence length.
-            res = [
-                _dense(p.q[:, a:b], p.k[:, c:e], p.v[:, c:e], p.window, p.scale, sinks, return_lse)
-                for a, b, c, e in zip(p.cu_q, p.cu_q[1:], p.cu_k, p.cu_k[1:])
-            ]
-            out = torch.cat([o for o, _ in res], 1)
-            lse = torch.cat([l[0] for _, l in res if l is not None], 1) if return_lse else None
-        if p.squeeze:
-            out = out[0]
-    if return_lse:
-        assert lse is not None
-        return out, lse
-    return out
+        return _dense(p.q, p.k, p.v, p.window, p.scale, sinks, return_lse)
+    lq = [b - a for a, b in zip(p.cu_q, p.cu_q[1:])]
+    lk = [b - a for a, b in zip(p.cu_k, p.cu_k[1:])]
+    if len(set(lq)) == 1 and len(set(lk)) == 1:
+        # Equal lengths: the packed tensor is already a batch; one call, free views.
+        n, H = len(lq), p.q.shape[2]
+        out, lse = _dense(
+            p.q.reshape(n, lq[0], *p.q.shape[2:]), p.k.reshape(n, lk[0], *p.k.shape[2:]),
+            p.v.reshape(n, lk[0], *p.v.shape[2:]), p.window, p.scale, sinks, return_lse,
+        )
+        return out.reshape(1, n * lq[0], *out.shape[2:]), None if lse is None else lse.permute(1, 0, 2).reshape(H, -1)
+    # Unequal lengths: loop. A block-diagonal mask over the packed batch would do (sum L)^2 work instead of
+    # sum L^2 and needs a total^2 mask; the loop's per-call overhead (~tens of us) is small next to that.
+    return per_sequence(p, lambda q, k, v: _dense(q, k, v, p.window, p.scale, sinks, return_lse))

@@ -193,7 +193,7 @@ def intra_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, r: int
     return x @ v, x @ keg, qg, aqk, kd, last
 
 
-def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, *,
+def chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, *,
                      scale: float | None = None, initial_state: Tensor | None = None,
                      output_final_state: bool = True, use_qk_l2norm: bool = False,
                      cu_seqlens: Tensor | None = None, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:

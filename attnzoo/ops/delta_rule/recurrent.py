@@ -33,7 +33,7 @@ def _step(S: Tensor, q: Tensor, k: Tensor, v: Tensor, decay: Tensor | None, beta
     return (q[..., None, :] @ S).squeeze(-2), S
 
 
-def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, state: Tensor, *,
+def delta_rule_step_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, state: Tensor, *,
                     scale: float | None = None, use_qk_l2norm: bool = False) -> Tensor:
     """One decode token per sequence: q, k [B, Hk, dk]; v [B, Hv, dv]; g [B, Hv] or [B, Hv, dk] (or None);
     beta [B, Hv]; state [B, Hv, dk, dv] (float32, or any float dtype: computed in it) UPDATED IN PLACE
@@ -59,7 +59,7 @@ def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Ten
     return o.to(v.dtype)
 
 
-def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, *,
+def fused_recurrent_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, *,
                                scale: float | None = None, initial_state: Tensor | None = None,
                                output_final_state: bool = True, use_qk_l2norm: bool = False,
                                cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

@@ -546,8 +546,8 @@ def _torch_forward():  # type: ignore[no-untyped-def]
     """The differentiable PyTorch form the backward recomputes through: chunk_delta_rule (same contract), or the
     token-loop reference if that module is unavailable."""
     try:
-        from attnzoo.ops.delta_rule.chunk import chunk_delta_rule
-        return chunk_delta_rule
+        from attnzoo.ops.delta_rule.chunk import chunk_delta_rule_torch
+        return chunk_delta_rule_torch
     except ImportError:
         return delta_rule_reference
 

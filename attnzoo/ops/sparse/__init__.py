@@ -14,20 +14,16 @@ centric kernels, fwd + bwd), plus the selectors that produce their indices and t
       A key (block) named twice counts once (every backend dedupes). No valid key: output 0, LSE -inf.
       Indices outside [-1, Tk) (blocks: [-1, ceil(Tk / bs))) raise ValueError.
 
-Backend: `backend=` if given, else env ATTNZOO_SPARSE_BACKEND, else "triton" for CUDA tensors when
-triton imports, else "torch". "triton" on CPU tensors needs TRITON_INTERPRET=1 (tests).
+Backend (attnzoo.ops.backend): `backend=` if given, else env ATTNZOO_SPARSE_BACKEND, else "triton" for
+CUDA tensors when triton imports, else "torch". "triton" on CPU tensors needs TRITON_INTERPRET=1 (tests).
 Selectors: attnzoo.ops.sparse.select; KL losses: attnzoo.ops.sparse.kl; cost model: .cost.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from functools import cache
-from typing import Any
-
 from torch import Tensor
 
+from attnzoo.ops import backend as _backend
 from attnzoo.ops.sparse.reference import (
     block_sparse_attention_reference,
     blocks_to_token_indices,
@@ -35,50 +31,21 @@ from attnzoo.ops.sparse.reference import (
 )
 from attnzoo.ops.sparse.torch_impl import block_sparse_attention_torch, sparse_attention_torch
 
-BACKENDS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
-    "reference": (sparse_attention_reference, block_sparse_attention_reference),
-    "torch": (sparse_attention_torch, block_sparse_attention_torch),
-}
+TOKEN_FORMS = {"reference": sparse_attention_reference, "torch": sparse_attention_torch}
+BLOCK_FORMS = {"reference": block_sparse_attention_reference, "torch": block_sparse_attention_torch}
+TRITON = "attnzoo.ops.sparse.triton_kernels"
 
 __all__ = [
     "sparse_attention", "block_sparse_attention", "sparse_attention_reference", "block_sparse_attention_reference",
-    "sparse_attention_torch", "block_sparse_attention_torch", "blocks_to_token_indices", "resolve_backend",
+    "sparse_attention_torch", "block_sparse_attention_torch", "blocks_to_token_indices",
 ]
-
-
-@cache
-def _triton() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    try:
-        from attnzoo.ops.sparse.triton_kernels import block_sparse_attention_triton, sparse_attention_triton
-    except Exception:  # ImportError, or a triton that fails to initialise: never break import
-        return None
-    return sparse_attention_triton, block_sparse_attention_triton
-
-
-def resolve_backend(backend: str | None, q: Tensor) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    name = backend if backend is not None else os.environ.get("ATTNZOO_SPARSE_BACKEND", "")
-    if not name:
-        name = "triton" if q.is_cuda and _triton() is not None else "torch"
-    if name in BACKENDS:
-        return BACKENDS[name]
-    allowed = ", ".join([*BACKENDS, "triton"])
-    if name == "triton":
-        fns = _triton()
-        if fns is None:
-            raise ValueError(f"sparse attention backend 'triton' is not available (triton does not import); "
-                             f"allowed: {allowed}")
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError("sparse attention backend 'triton' needs CUDA tensors (TRITON_INTERPRET=1 runs it "
-                             f"slowly on CPU for tests); allowed: {allowed}")
-        return fns
-    raise ValueError(f"unknown sparse attention backend {name!r}; allowed: {allowed}")
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, scale: float | None = None,
                      causal: bool = True, return_lse: bool = False,
                      backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of each query (head group) over its selected keys; see the module docstring."""
-    fn = resolve_backend(backend, q)[0]
+    fn = _backend.kernel("sparse", backend, q, TOKEN_FORMS, (TRITON, "sparse_attention_triton"))
     return fn(q, k, v, indices, scale=scale, causal=causal, return_lse=return_lse)
 
 
@@ -86,5 +53,5 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tenso
                            scale: float | None = None, causal: bool = True, return_lse: bool = False,
                            backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of each query (head group) over its selected key blocks; see the module docstring."""
-    fn = resolve_backend(backend, q)[1]
+    fn = _backend.kernel("sparse", backend, q, BLOCK_FORMS, (TRITON, "block_sparse_attention_triton"))
     return fn(q, k, v, block_indices, block_size, scale=scale, causal=causal, return_lse=return_lse)

@@ -17,7 +17,7 @@ import torch
 import triton
 from torch import Tensor
 
-from attnzoo.ops.attention.reference import check
+from attnzoo.ops.attention.reference import Problem, attention_form
 from attnzoo.ops.attention.triton.flash_bwd import (
     flash_attn_bwd_dkdv_kernel,
     flash_attn_bwd_dq_kernel,
@@ -212,37 +212,20 @@ def _backward(ctx, dout: Tensor, dlse: Tensor | None):  # type: ignore[no-untype
 flash_attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention_triton(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool,
-    window_size: tuple[int, int] = (-1, -1),
-    scale: float | None = None,
-    sinks: Tensor | None = None,
-    cu_seqlens_q: Tensor | None = None,
-    cu_seqlens_k: Tensor | None = None,
-    return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+@attention_form
+def attention_triton(p: Problem, sinks: Tensor | None, return_lse: bool) -> tuple[Tensor, Tensor | None]:
     """Softmax attention, flash-attn conventions; see attnzoo.ops.attention.attention.
-    Varlen reads cu_seqlens on the host (check() validates them) to size the grid."""
-    p = check(q, k, v, causal, window_size, scale, sinks, cu_seqlens_q, cu_seqlens_k)
-    if q.dtype == torch.float64:
+    Varlen reads cu_seqlens on the host (check() validates them) to size the grid. float64 runs the torch form."""
+    if p.q.dtype == torch.float64:
         from attnzoo.ops.attention.torch_impl import attention_torch
 
-        return attention_torch(q, k, v, causal=causal, window_size=window_size, scale=scale, sinks=sinks,
-                               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+        return attention_torch.__wrapped__(p, sinks, return_lse)
     cu_q = cu_k = None
     max_q, max_k = p.q.shape[1], p.k.shape[1]
     if p.cu_q is not None and p.cu_k is not None:
-        assert cu_seqlens_q is not None
-        cu_q = cu_seqlens_q.to(q.device)
-        cu_k = (cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k).to(q.device)
+        cu_q = torch.tensor(p.cu_q, dtype=torch.int32, device=p.q.device)
+        cu_k = torch.tensor(p.cu_k, dtype=torch.int32, device=p.q.device)
         max_q = max(b - a for a, b in zip(p.cu_q, p.cu_q[1:]))
         max_k = max(b - a for a, b in zip(p.cu_k, p.cu_k[1:]))
-    s = None if sinks is None else sinks.to(q.device)
-    out, lse = flash_attn_op(p.q, p.k, p.v, s, cu_q, cu_k, max_q, max_k, p.scale, p.window[0], p.window[1])
-    if p.squeeze:
-        out = out[0]
-    return (out, lse) if return_lse else out
+    s = None if sinks is None else sinks.to(p.q.device)
+    return flash_attn_op(p.q, p.k, p.v, s, cu_q, cu_k, max_q, max_k, p.scale, p.window[0], p.window[1])
