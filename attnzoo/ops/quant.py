@@ -33,7 +33,8 @@ from torch import Tensor
 Kind = Literal["int4", "int8"]
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4 kernel accepts
 INT4_ROWS = 16                    # the int4 packer needs N divisible by this
-HAVE_INT4 = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+HAVE_INT4 = (hasattr(torch, "_weight_int4pack_mm_for_cpu")
+             and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
 HAVE_INT8 = hasattr(torch, "_weight_int8pack_mm")
 
 
