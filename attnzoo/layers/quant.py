@@ -3,7 +3,7 @@ model's eligible linears in place (the point where a loader plugs in)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -52,17 +52,27 @@ def quantizable(linear: nn.Linear, kind: Kind, group_size: int = 32) -> bool:
             and linear.out_features % INT4_ROWS == 0)
 
 
-def quantize_model(model: nn.Module, kind: Kind = "int4", group_size: int = 32,
-                   skip: Iterable[str] = ("lm_head",)) -> list[str]:
-    """Replace every nn.Linear whose qualified name does not end with a name in `skip` (and whose shape the
-    kernel takes) by a QuantLinear, in place; returns the names replaced. Embeddings are not linears and
-    stay. The lm_head is skipped by default: in SmolLM2 it is tied to the embedding, so quantising it adds a
-    copy, and its 4-bit error moves the logits most (bench/quant_cpu.py measures both)."""
+def quantize_model(model: nn.Module, kind: Kind = "int4", group_size: int = 32, skip: Iterable[str] = (),
+                   overrides: Mapping[str, Kind | None] | None = None,
+                   dtype: torch.dtype | None = None) -> dict[str, Kind]:
+    """Replace every eligible nn.Linear by a QuantLinear in place; returns {name: kind} of those replaced.
+    A linear whose qualified name ends with an entry of `skip` stays float; `overrides` maps name suffixes
+    to another kind (None: skip). Embeddings are not linears and stay. The default `overrides` puts the
+    lm_head in int8: measured on SmolLM2 (bench/quant_cpu.py), an int4 lm_head changes greedy tokens much
+    more than int4 elsewhere, while int8 costs about what int4 does (its GGUF stores the tied embedding
+    as Q8_0). Compute dtype: each linear's own unless `dtype`; the kernels are fast with bf16 activations
+    only (fp32 ones take a slow path, several times slower than an fp32 F.linear)."""
     skip = tuple(skip)
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not (skip and name.endswith(skip)) and quantizable(m, kind, group_size)]
-    for name, linear in targets:
+    overrides = {"lm_head": "int8"} if overrides is None else dict(overrides)
+    done: dict[str, Kind] = {}
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, nn.Linear) or (skip and name.endswith(skip)):
+            continue
+        k = next((v for suffix, v in overrides.items() if name.endswith(suffix)), kind)
+        if k is None or not quantizable(m, k, group_size):
+            continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                QuantLinear.from_linear(linear, kind, group_size))
-    return [name for name, _ in targets]
+                QuantLinear.from_linear(m, k, group_size, dtype))
+        done[name] = k
+    return done

@@ -60,20 +60,30 @@ def test_state_dict_round_trip(kind):
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_quantize_model(kind):
     model, ref = tiny(), tiny()
-    names = quantize_model(model, kind)
+    names = quantize_model(model, kind, skip=("lm_head",))
     assert len(names) == 2 * 4 and "lm_head" not in names  # qkv, o, gate_up, down per layer
+    assert set(names.values()) == {kind}
     assert isinstance(model.layers[0].mlp.gate_up_proj, QuantLinear)
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.embed_tokens, nn.Embedding)
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         assert rel(model(ids), ref(ids)) < TOL[kind]
     assert len(generate(model, [3, 5, 7], GenerationConfig(max_tokens=5))) == 5
-    assert "lm_head" in quantize_model(model, kind, skip=())  # the rest are already quantised
+    assert quantize_model(model, kind, overrides={}) == {"lm_head": kind}  # the rest are already quantised
     with torch.no_grad():
         assert rel(model(ids), ref(ids)) < 2 * TOL[kind]
 
 
+def test_default_lm_head_int8_and_overrides():
+    model = tiny()
+    kinds = quantize_model(model)
+    assert kinds["lm_head"] == "int8" and kinds["layers.0.mlp.down_proj"] == "int4"
+    model = tiny()
+    kinds = quantize_model(model, overrides={"lm_head": None, "down_proj": "int8"})
+    assert "lm_head" not in kinds and kinds["layers.1.mlp.down_proj"] == "int8"
+
+
 def test_ineligible_shapes_stay_float():
     m = nn.Sequential(nn.Linear(48, 32), nn.Linear(32, 24), nn.Linear(32, 32))
-    assert quantize_model(m, "int4", skip=()) == ["2"]  # K 48 not a multiple of 32; N 24 not of 16
+    assert quantize_model(m, "int4") == {"2": "int4"}  # K 48 not a multiple of 32; N 24 not of 16
     assert isinstance(m[0], nn.Linear) and isinstance(m[2], QuantLinear)
