@@ -155,6 +155,14 @@ def whole_model(model_name: str, n: int, n_check: int) -> None:
         ref_speed = ref_speed or speed
         print(f"| {label} | {len(names)} | {speed:.1f} | {speed / ref_speed:.2f}x | {same}/{len(prompts)} | "
               f"{prefix}/{len(prompts) * n_check} (common prefixes) |")
+        if kind is None:  # the noise floor: how far fp32 weights and activations land from bf16
+            full = attnzoo.load_model(model_name, dtype="float32")
+            f32 = [o.token_ids for o in LLM(full, max_num_seqs=1, enable_prefix_caching=False).generate(
+                prompts, SamplingParams(max_tokens=n_check, temperature=0, ignore_eos=True), use_tqdm=False)]
+            del full
+            print(f"| fp32 (float), for scale | 0 | - | - | {sum(a == b for a, b in zip(f32, ref))}/{len(prompts)} | "
+                  f"{sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(f32, ref))}"
+                  f"/{len(prompts) * n_check} (common prefixes) |")
 
 
 def main(argv: list[str] | None = None) -> None:
