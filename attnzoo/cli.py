@@ -168,7 +168,8 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "mla": "MLA: KV bytes per token and absorbed vs expanded decode",
            "sparse": "DSA / MSA / NSA select-then-attend vs dense, and the sparse cost model",
            "hybrid": "SWA/global hybrids: KV bytes, sequences that fit, decode speed at 8k",
-           "deterministic": "what deterministic (batch-invariant) mode costs, after checking it holds"}
+           "deterministic": "what deterministic (batch-invariant) mode costs, after checking it holds",
+           "quant_cpu": "int4/int8 weight-only matmuls vs fp32/bf16 linears, and a quantised model's decode"}
 
 
 def cmd_bench(name: str, rest: list[str]) -> int:
