@@ -196,7 +196,7 @@ def bench_rows(make: Callable[[int], Mech], sizes: list[int], repeats: int) -> N
     first = make(sizes[0])
     print(f"### {first.name}\n")
     print("| context | decode select (ms) | decode attend (ms) | decode total (ms) | dense decode (ms) | dense / total "
-          f"| prefill select (ms/tok) | prefill attend (ms/tok) | prefill total (ms/tok) | dense prefill (ms/tok) "
+          "| prefill select (ms/tok) | prefill attend (ms/tok) | prefill total (ms/tok) | dense prefill (ms/tok) "
           "| dense / total | check (rel err) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     del first

@@ -18,7 +18,7 @@ from attnzoo.engine.detokenizer import RequestDetokenizer
 from attnzoo.engine.cache_plan import check_servable, plan_cache, sequence_bytes
 from attnzoo.engine.paged_cache import PagedKVCache
 from attnzoo.engine.model_runner import ModelRunner
-from attnzoo.engine.request import Request, Status
+from attnzoo.engine.request import Request
 from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from attnzoo.engine.scheduler import Scheduler, SchedulerConfig
 from attnzoo.models.decoder import DecoderLM

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import MiniMaxM3VLForCausalLM, MiniMaxM3VLTextConfig
 

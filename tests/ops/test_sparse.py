@@ -34,7 +34,6 @@ from attnzoo.ops.sparse.select import (
     msa_select_blocks,
     nsa_block_scores,
     nsa_block_scores_fla,
-    nsa_compression_probs,
     nsa_select_blocks,
     topk_indices,
 )

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnzoo.ops.attention.triton.flash_fwd import LN2, LOG2E
+from attnzoo.ops.attention.triton.flash_fwd import LN2
 
 
 @triton.jit
