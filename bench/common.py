@@ -25,6 +25,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# the flags that decide CPU speeds here: bf16 GEMMs (avx512_bf16, AMX) and int8 ones (VNNI, AMX)
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """Which of FLAGS this CPU has (benches print it beside every figure: speeds differ with them)."""
+    try:
+        have = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(f for f in FLAGS if f in have) or "none of " + "/".join(FLAGS)
+
+
 def machine() -> str:
     return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, python {platform.python_version()}")

@@ -15,7 +15,7 @@ import argparse
 import time
 
 import torch
-from common import machine
+from common import cpu_flags, machine
 
 import attnzoo
 from attnzoo import LLM, SamplingParams
@@ -26,15 +26,6 @@ from attnzoo.ops.batch_invariant import batch_invariant
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
              "List three fruits.", "Who wrote Hamlet?", "What is 12 times 12?", "Describe a cat.",
              "Why is the sky blue?"]
-
-
-def cpu_flags() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return "unknown"
-    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return ", ".join(have) or "no avx512/bf16/amx"
 
 
 def greedy(llm: LLM, prompts: list[list[int]], n: int) -> list[list[int]]:

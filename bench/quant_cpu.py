@@ -20,26 +20,25 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import machine
+from common import cpu_flags, machine
 
 import attnzoo
 from attnzoo import LLM, SamplingParams
 from attnzoo.layers.quant import quantize_model
-from attnzoo.ops.quant import dequantize, fit_int4, pack, quant_linear, quantize_int4, quantize_int8, unpack_gguf
+from attnzoo.ops.quant import (
+    dequantize,
+    fit_int4,
+    pack,
+    quant_linear,
+    quantize_int4,
+    quantize_int8,
+    unpack_gguf,
+)
 
 SHAPES = {"qkv_proj": (576, 960), "o_proj": (576, 576), "gate_up_proj": (576, 3072), "down_proj": (1536, 576),
           "lm_head": (576, 49152)}
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
              "Why is the sky blue?"]
-
-
-def cpu_flags() -> str:
-    try:
-        line = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in line]
-    return ", ".join(have) or "no avx512/bf16/amx"
 
 
 def best_us(fn, repeats: int, calls: int) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import sys
 import threading
@@ -29,8 +28,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import httpx
-import torch
-from common import cpu_name
+from common import cpu_flags
+from common import machine as host
 
 from attnzoo.server import fuzz
 
@@ -39,13 +38,7 @@ GREEDY = {"prompt": "The capital of France is", "max_tokens": 24, "temperature":
 
 
 def machine() -> str:
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        flags = []
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return (f"{cpu_name()}, {os.cpu_count()} cores, bf16 flags: {', '.join(bf16) or 'none'}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    return f"{host()}; CPU flags: {cpu_flags()}"
 
 
 def rss_mb() -> float:
