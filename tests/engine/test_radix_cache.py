@@ -371,3 +371,89 @@ def _machine_test(page_size: int) -> type:
 
 
 TestRadixPage1, TestRadixPage2, TestRadixPage4 = (_machine_test(ps) for ps in (1, 2, 4))
+
+
+# ---------------------------------------------------------------- hybrids: side tables and snapshots
+
+N = -1  # NULL_PAGE
+
+
+def make_hybrid(window: int, page_size: int = 2) -> tuple[BlockPool, BlockPool, RadixCache, list[int]]:
+    pool, side = BlockPool(32), BlockPool(32)
+    released: list[int] = []
+    return pool, side, RadixCache(pool, page_size, [side], [window], released.append), released
+
+
+def cache_hybrid(pool: BlockPool, side: BlockPool, tree: RadixCache, tokens: list[int], live_from: int) -> list[int]:
+    """A finished request whose sliding table still holds pages live_from.. (earlier ones left its window)."""
+    n = len(tokens) // tree.page_size
+    pages, sp = pool.allocate(n), side.allocate(n)
+    side.decref(sp[:live_from])
+    tree.insert(tokens, pages, [[N] * live_from + sp[live_from:]])
+    pool.decref(pages)
+    side.decref(sp[live_from:])
+    return sp
+
+
+def assert_idle_hybrid(pool: BlockPool, side: BlockPool, tree: RadixCache) -> None:
+    assert_idle(pool, tree)
+    side.check()
+    assert tree.side_pages_of(0) == {p for p in range(side.capacity) if side.ref(p)}
+
+
+def test_sliding_hit_needs_the_window_before_it():
+    pool, side, tree, _ = make_hybrid(window=5, page_size=2)   # the next token sees the 4 tokens before it
+    tokens = list(range(16))                                     # 8 pages; pages 0-4 left the window
+    sp = cache_hybrid(pool, side, tree, tokens, live_from=5)
+    hit = tree.match(tokens + [99])
+    assert hit.tokens == 16 and hit.side == [[N] * 6 + sp[6:8]]  # tokens 12..15 live on pages 6, 7
+    # a hit at 12 tokens needs tokens 8..11 (pages 4, 5), at 10 tokens pages 3, 4, ...: all reach a tombstone
+    short = tree.match(tokens[:12] + [77])
+    assert short.tokens == 0 and short.node is tree.root
+    assert_idle_hybrid(pool, side, tree)
+
+
+def test_tombstones_refill_and_evict_side():
+    pool, side, tree, _ = make_hybrid(window=3, page_size=2)
+    tokens = list(range(12))
+    cache_hybrid(pool, side, tree, tokens, live_from=5)          # pages 0-4 tombstoned
+    assert tree.match(tokens[:6] + [50]).tokens == 0             # 6 tokens need page 2
+    sp = cache_hybrid(pool, side, tree, tokens[:6], live_from=0)  # a shorter request refills pages 0-2
+    hit = tree.match(tokens[:6] + [50])
+    assert hit.tokens == 6 and hit.side == [[N, N, sp[2]]]       # window 3: tokens 4, 5 -> page 2
+    assert_idle_hybrid(pool, side, tree)
+    freed = tree.evict_side(0, 100)
+    assert freed == 4 and side.num_free == side.capacity and not tree.side_pages_of(0)
+    assert tree.match(tokens).tokens == 0                        # full pages are still there, windows are not
+    assert tree.match_prefix(tokens)[0] != []
+    assert_idle_hybrid(pool, side, tree)
+
+
+def test_snapshots_mark_where_a_hit_may_end():
+    pool = BlockPool(32)
+    released: list[int] = []
+    tree = RadixCache(pool, 2, release_snapshot=released.append)
+    cache(pool, tree, list(range(12)))
+    assert tree.match(list(range(12)), need_snapshot=True).tokens == 0
+    assert tree.set_snapshot(list(range(8)), 7)                  # splits the node at 8 tokens
+    assert not tree.set_snapshot(list(range(8)), 8)              # that point already has one
+    assert not tree.set_snapshot(list(range(14)), 9)             # not cached
+    hit = tree.match(list(range(12)) + [5], need_snapshot=True)
+    assert (hit.tokens, hit.snapshot, len(hit.pages)) == (8, 7, 4)
+    assert tree.match(list(range(12))).tokens == 12              # without the need: the whole prefix
+    tree.match_prefix(list(range(4)) + [40])                     # a split above keeps the snapshot below
+    assert tree.match(list(range(12)), need_snapshot=True).snapshot == 7
+    tree.check_integrity()
+    assert tree.evict_snapshots(5) == 1 and released == [7] and tree.snapshots == 0
+    assert tree.set_snapshot(list(range(12)), 3)
+    tree.evict(100)                                              # evicting the node releases its snapshot
+    assert released == [7, 3] and tree.snapshots == 0
+    assert_idle(pool, tree)
+
+
+def test_reset_releases_side_pages_and_snapshots():
+    pool, side, tree, released = make_hybrid(window=4)
+    cache_hybrid(pool, side, tree, list(range(8)), live_from=1)
+    assert tree.set_snapshot(list(range(8)), 0)
+    tree.reset()
+    assert released == [0] and side.num_free == side.capacity and pool.num_free == pool.capacity
