@@ -168,7 +168,7 @@ DESCRIPTIONS = {
     "kda_mla_3_1": "KDA:MLA 3:1 (NoPE MLA)", "nsa": "native sparse attention", "dsa": "DeepSeek sparse attention (MLA)",
     "msa": "MiniMax sparse attention (GQA)"}
 
-NO_DECODE = {"nsa": "no decode cache yet"}
+NO_DECODE: dict[str, str] = {}  # mechanism -> why it cannot decode through the engine (every one can now)
 
 
 def parse_mechanisms(spec: str) -> list[str]:

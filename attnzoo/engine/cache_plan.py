@@ -10,7 +10,7 @@ import torch
 
 from attnzoo.layers.cache_spec import CacheKind, CacheSpec, SlidingKV
 
-PAGED_KINDS = (CacheKind.KV, CacheKind.LATENT, CacheKind.INDEX_KEYS)
+PAGED_KINDS = (CacheKind.KV, CacheKind.LATENT, CacheKind.INDEX_KEYS, CacheKind.ROWS, CacheKind.COMPRESSED)
 
 
 def check_servable(specs: list[CacheSpec | tuple[CacheSpec, ...]]) -> None:
@@ -39,7 +39,7 @@ def group_specs(specs: list[CacheSpec | tuple[CacheSpec, ...]]) -> list[tuple[Ca
 
 def page_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype) -> int:
     """Bytes one page costs across all layers (each table gets the same number of pages)."""
-    return sum(s.bytes_per_token(torch.finfo(dtype).bits // 8) for _, s in flat_specs(specs)) * page_size
+    return sum(s.bytes_per_page(page_size, torch.finfo(dtype).bits // 8) for _, s in flat_specs(specs))
 
 
 def table_page_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype
@@ -50,14 +50,15 @@ def table_page_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: 
         if s.kind is CacheKind.STATE:
             continue
         w = s.window if isinstance(s, SlidingKV) else None
-        out[w] = out.get(w, 0) + s.bytes_per_token(torch.finfo(dtype).bits // 8) * page_size
+        out[w] = out.get(w, 0) + s.bytes_per_page(page_size, torch.finfo(dtype).bits // 8)
     return out
 
 
 def pages_for(window: int | None, num_tokens: int, page_size: int) -> int:
-    """Pages one sequence of num_tokens tokens holds at most in a table (full context, or a window)."""
+    """Pages one sequence of num_tokens tokens holds at most in a table (full context, or a window: the
+    window before its last page boundary, which the prefix cache may keep, plus the page being filled)."""
     full = -(-num_tokens // page_size)
-    return full if window is None else min(full, -(-(window - 1) // page_size) + 2)
+    return full if window is None else min(full, -(-window // page_size) + 2)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class CachePlan:
     table_bytes: dict[int | None, int]    # bytes of one page of each table
     state_slots: int
     state_bytes: int                      # per slot
+    snapshot_slots: int = 0               # recurrent-state snapshots the prefix cache may keep
 
     def tables(self) -> dict[int | None, int]:
         return {w: self.num_pages if self.window_pages is None or w is None else self.window_pages[w]
@@ -76,7 +78,8 @@ class CachePlan:
 
     @property
     def total_bytes(self) -> int:
-        return sum(n * self.table_bytes[w] for w, n in self.tables().items()) + self.state_slots * self.state_bytes
+        return sum(n * self.table_bytes[w] for w, n in self.tables().items()) + \
+            (self.state_slots + self.snapshot_slots) * self.state_bytes
 
     def max_concurrency(self, num_tokens: int) -> int:
         """Sequences of num_tokens tokens that fit at once."""
@@ -85,13 +88,15 @@ class CachePlan:
 
 
 def plan_cache(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype, budget: int,
-               max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> CachePlan:
-    """Split `budget` bytes: recurrent states of max_num_seqs sequences first; then, for SWA/global hybrids,
+               max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, snapshots: int = 0) -> CachePlan:
+    """Split `budget` bytes: recurrent states of max_num_seqs sequences (and `snapshots` copies of one
+    sequence's states, which the prefix cache keeps at cached prefixes) first; then, for SWA/global hybrids,
     each sliding table gets the pages that as many max_model_len-token sequences as the memory holds can
     use (a window each, plus one step's chunk), and the full-context table gets the rest; never more pages
     than max_num_seqs full-length sequences can use."""
     per_seq_state = state_bytes(specs, dtype)
-    budget -= per_seq_state * max_num_seqs
+    snapshots = snapshots if per_seq_state else 0
+    budget -= per_seq_state * (max_num_seqs + snapshots)
     table_bytes = table_page_bytes(specs, page_size, dtype)
     most = max_num_seqs * -(-max_model_len // page_size) + 1
     window_pages = None
@@ -113,16 +118,17 @@ def plan_cache(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, d
     if num_pages < 1:
         raise ValueError(f"kv_cache_memory of {budget} bytes holds no page ({per_page} bytes each)")
     return CachePlan(page_size, num_pages, window_pages, table_bytes, max_num_seqs if per_seq_state else 0,
-                     per_seq_state)
+                     per_seq_state, snapshots)
 
 
 def sequence_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype,
-                   max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> tuple[int, int]:
+                   max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                   snapshots: int = 0) -> tuple[int, int]:
     """(fixed, per_sequence): `plan_cache` with a budget of fixed + n * per_sequence bytes holds n sequences
     of max_model_len tokens at once (1 <= n <= max_num_seqs). Fixed: the recurrent states of max_num_seqs
-    sequences, one step's chunk in each sliding table and one spare page."""
+    sequences and their `snapshots`, one step's chunk in each sliding table and one spare page."""
     table_bytes = table_page_bytes(specs, page_size, dtype)
-    states = state_bytes(specs, dtype) * max_num_seqs
+    states = state_bytes(specs, dtype) * (max_num_seqs + snapshots)
     if None in table_bytes and len(table_bytes) > 1:  # plan_cache's SWA/global split
         chunk = -(-max_num_batched_tokens // page_size)
         per_seq = sum(b * pages_for(w, max_model_len, page_size) for w, b in table_bytes.items())

@@ -174,14 +174,20 @@ class LLM:
         dtype = self.model.embed_tokens.weight.dtype
         specs = self.model.cache_specs()
         check_servable(specs)
+        # with prefix caching, a model with recurrent layers keeps up to one snapshot of its states per
+        # sequence it can run (docs/engine.md, "Prefix caching for hybrids")
+        snapshots = max_num_seqs if enable_prefix_caching else 0
         fixed, per_seq = sequence_bytes(specs, page_size, dtype, max_num_seqs, max_num_batched_tokens,
-                                        self.max_model_len)
+                                        self.max_model_len, snapshots)
         available = None if kv_cache_memory is not None else available_memory(self.device)
         budget, why = kv_budget(fixed, per_seq, max_num_seqs, self.max_model_len, kv_cache_memory,
                                 kv_cache_fraction, available)
-        plan = plan_cache(specs, page_size, dtype, budget, max_num_seqs, max_num_batched_tokens, self.max_model_len)
+        plan = plan_cache(specs, page_size, dtype, budget, max_num_seqs, max_num_batched_tokens, self.max_model_len,
+                          snapshots)
         self.kv = PagedKVCache(specs, plan.num_pages, page_size, dtype, enable_prefix_caching, self.device,
-                               num_state_slots=plan.state_slots, window_pages=plan.window_pages)
+                               num_state_slots=plan.state_slots, window_pages=plan.window_pages,
+                               num_snapshots=plan.snapshot_slots,
+                               keys_pages=max_num_seqs * -(-self.max_model_len // page_size) + 1)
         log.info("KV cache: %d pages x %d tokens = %d tokens, %s of %s (%s)%s", plan.num_pages, page_size,
                  plan.num_pages * page_size, _gib(plan.total_bytes), str(dtype).removeprefix("torch."), why,
                  "; memory is taken as pages fill" if self.device.type == "cpu" else "")
@@ -230,11 +236,11 @@ class LLM:
             raise ValueError(f"prompt has {len(ids)} tokens; the context (max_model_len) is {self.max_model_len} "
                              f"tokens")
         params.validate(vocab_size=vocab, max_model_len=self.max_model_len, prompt_len=len(ids))
-        need = -(-(len(ids) + params.max_tokens) // self.kv.page_size)
-        if need > self.kv.num_pages:
+        short = self.kv.pages_short(len(ids) + params.max_tokens, self.scheduler.cfg.max_num_batched_tokens)
+        if short:
+            need, have = short
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) needs {need} KV "
-                             f"pages but the cache holds {self.kv.num_pages}; lower max_tokens or raise "
-                             f"kv_cache_memory")
+                             f"pages but the cache holds {have}; lower max_tokens or raise kv_cache_memory")
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self._groups:
             raise ValueError(f"request_id {rid!r} is already in use")

@@ -4,6 +4,12 @@ glue and the integrity check. Groups that attend to the full context share one p
 window has its own; layers that keep a fixed-size state per sequence instead of per-token rows
 (RecurrentState: the delta-rule layers) get one state slot per running sequence.
 
+Prefix caching covers every model (docs/engine.md, "Prefix caching for hybrids"): the radix tree is keyed
+on the full-context table (a bookkeeping one, with no tensors, when every layer slides or keeps a state);
+it also keeps the last window's pages of each sliding table and snapshots of the recurrent states at the
+points where a request may be reused: the end of a prompt, a branch point the tree already reaches, and
+where a sequence ends (windows only: states are snapshotted at page boundaries).
+
 The engine talks to this class only through page tables and token counts; the layers talk to the per-step
 handle built from it (engine/step.py).
 """
@@ -17,12 +23,11 @@ import torch
 
 from attnzoo.engine.block_pool import BlockPool
 from attnzoo.engine.cache_plan import flat_specs, group_specs, pages_for
-from attnzoo.engine.radix_cache import RadixCache
+from attnzoo.engine.radix_cache import NULL_PAGE, RadixCache
 from attnzoo.engine.request import Request
 from attnzoo.layers.cache_spec import CacheKind, CacheSpec, RecurrentState, SlidingKV
 
 log = logging.getLogger("attnzoo.engine")
-NULL_PAGE = -1  # a page released because it left the sliding window (vLLM's null block)
 
 
 @dataclass
@@ -32,13 +37,15 @@ class PageTable:
     pages are released as they leave the window."""
     pool: BlockPool
     window: int | None
+    keys_only: bool = False  # the radix tree's bookkeeping table of a model without full-context layers
 
 
 @dataclass
 class CacheGroup:
     """The layers of one spec and their page tensors, by name: KV has "k" [layers, Hkv, pages, page_size, d]
-    and "v" (head-major: see ops/attention/paged.py); LATENT and INDEX_KEYS have "rows"
-    [layers, pages, page_size, D], one row per token shared by all heads."""
+    and "v" (head-major: see ops/attention/paged.py); LATENT, INDEX_KEYS and ROWS have "rows"
+    [layers, pages, page_size, D], one row per token shared by all heads; COMPRESSED has "rows"
+    [layers, pages, ceil(page_size / stride), D] (see CompressedKV)."""
     spec: CacheSpec
     layer_ids: list[int]
     pool: BlockPool          # its table's pool (shared with the other groups on that table)
@@ -66,6 +73,9 @@ def group_tensors(spec: CacheSpec, layers: int, pages: int, page_size: int, dtyp
         shape = (layers, spec.num_kv_heads, pages, page_size)
         return {"k": torch.empty(*shape, spec.head_dim, dtype=dtype, device=device),
                 "v": torch.empty(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype, device=device)}
+    if spec.kind is CacheKind.COMPRESSED:  # one row per completed block: ceil(page_size / stride) per page
+        return {"rows": torch.empty(layers, pages, spec.rows_per_page(page_size), spec.dim, dtype=dtype,
+                                    device=device)}
     return {"rows": torch.empty(layers, pages, page_size, spec.dim, dtype=dtype, device=device)}
 
 
@@ -96,13 +106,24 @@ class StatePool:
             raise AssertionError(f"state slot {slot} released twice or out of range")
         self.free_slots.append(slot)
 
+    def copy(self, src: int, dst: int, into: StatePool | None = None) -> None:
+        """Copy every layer's states of slot src into slot dst of `into` (default: this pool)."""
+        into = into or self
+        for i in self.conv:
+            into.conv[i][dst].copy_(self.conv[i][src])
+            into.state[i][dst].copy_(self.state[i][src])
+
 
 class PagedKVCache:
     def __init__(self, specs: list[CacheSpec | tuple[CacheSpec, ...]], num_pages: int, page_size: int,
                  dtype: torch.dtype, enable_prefix_caching: bool = True, device: torch.device | str = "cpu",
-                 num_state_slots: int = 0, window_pages: dict[int, int] | None = None):
+                 num_state_slots: int = 0, window_pages: dict[int, int] | None = None, num_snapshots: int = 0,
+                 keys_pages: int = 0):
         """num_pages: pages of the full-context table (of every table when window_pages is None);
-        window_pages: pages of each sliding window's table (they only ever hold the last window)."""
+        window_pages: pages of each sliding window's table (they only ever hold the last window);
+        num_snapshots: slots for recurrent-state snapshots at cached prefixes (0: no prefix caching for a
+        model with recurrent layers); keys_pages: size of the bookkeeping table that keys the radix tree
+        when no layer attends to the full context (0: no prefix caching for such a model)."""
         self.page_size, self.num_pages, self.device = page_size, num_pages, torch.device(device)
         recurrent = {i: s for i, s in flat_specs(specs) if s.kind is CacheKind.STATE}
         if recurrent and num_state_slots < 1:
@@ -115,6 +136,10 @@ class PagedKVCache:
         grouped = group_specs(specs)
         # the full-context table first (index 0: the radix tree's), then one per window
         grouped.sort(key=lambda g: isinstance(g[0], SlidingKV))
+        if enable_prefix_caching and keys_pages and (recurrent or grouped) and (num_snapshots or not recurrent) \
+                and all(isinstance(g[0], SlidingKV) for g in grouped):
+            table_of_window[None] = 0
+            self.tables.append(PageTable(BlockPool(keys_pages), None, keys_only=True))
         for gi, (spec, layers) in enumerate(grouped):
             window = spec.window if isinstance(spec, SlidingKV) else None
             if window not in table_of_window:
@@ -131,18 +156,24 @@ class PagedKVCache:
             if t.pool.capacity:
                 self._zero_pages(ti, [0])  # gather plans pad short page lists with page 0
         self.radix: RadixCache | None = None
+        # a hit on a model with recurrent layers restores each layer's state at the prefix from a snapshot
+        self.snapshots = StatePool(recurrent, num_snapshots, dtype, self.device) if recurrent and num_snapshots \
+            else None
         if enable_prefix_caching:
-            if self.states is not None:
-                # a cached prefix would also need each recurrent layer's state at that token (SGLang keeps
-                # Mamba snapshots at page boundaries); without snapshots a hit would skip the state's update
-                log.info("prefix caching is off: layers %s keep a recurrent state per sequence, which the "
-                         "radix cache cannot restore at a prefix boundary", sorted(recurrent))
-            elif len(self.tables) == 1 and self.tables[0].window is None:
-                self.radix = RadixCache(self.tables[0].pool, page_size)
+            if self.states is not None and self.snapshots is None:
+                log.info("prefix caching is off: layers %s keep a recurrent state per sequence and no memory is "
+                         "planned for snapshots of it", sorted(recurrent))
+            elif not self.tables or self.tables[0].window is not None:
+                log.info("prefix caching is off: no table keys the radix tree (no full-context layer and no "
+                         "bookkeeping table)")
             else:
-                log.info("prefix caching is off: the radix cache covers models whose layers all attend to the "
-                         "full context; this model has sliding windows %s",
-                         [t.window for t in self.tables if t.window is not None])
+                self.radix = RadixCache(self.tables[0].pool, page_size, [t.pool for t in self.tables[1:]],
+                                        [t.window for t in self.tables[1:]], self._release_snapshot)
+
+    @property
+    def hybrid(self) -> bool:
+        """The prefix cache keeps window pages or states at chosen points (see keep_at), not only pages."""
+        return self.radix is not None and (bool(self.radix.side_pools) or self.snapshots is not None)
 
     # ---- page accounting ------------------------------------------------------------------------
     def pages_needed(self, req: Request, num_tokens: int) -> list[int]:
@@ -152,12 +183,21 @@ class PagedKVCache:
         return [max(0, want - len(t)) for t in tables]
 
     def _ensure_free(self, need: list[int]) -> bool:
-        for t, n in zip(self.tables, need):
-            if t.pool.num_free < n and self.radix is not None and t.pool is self.radix.pool:
-                self.radix.evict(n - t.pool.num_free)
+        for ti, (t, n) in enumerate(zip(self.tables, need)):
+            if t.pool.num_free < n and self.radix is not None:
+                if ti == 0:
+                    self.radix.evict(n - t.pool.num_free)
+                else:  # window pages the tree keeps for hits: tombstone the least recently used
+                    self.radix.evict_side(ti - 1, n - t.pool.num_free)
             if t.pool.num_free < n:
                 return False
         return True
+
+    def chunk(self, req: Request, n: int) -> int:
+        """How many of n new tokens req computes this step: a prefill stops at its next keep point, so the
+        window pages and the states there still exist when the step ends and the tree takes them."""
+        later = [p for p in req.keep_at if p > req.num_computed]
+        return min(n, min(later) - req.num_computed) if later else n
 
     def allocate(self, req: Request, num_tokens: int) -> bool:
         """Grow req's page tables to cover num_tokens tokens, evicting cached prefixes if needed.
@@ -190,29 +230,52 @@ class PagedKVCache:
                     t.index_fill_(g.pages_axis, idx, 0)
 
     def match_prefix(self, req: Request) -> None:
-        """Adopt the longest cached prefix of req's tokens (the last token is always computed)."""
+        """Adopt the longest cached prefix of req's tokens that every cache group can serve (the last token
+        is always computed). With recurrent layers the hit ends at a snapshot, copied into req's state slot.
+        Hybrids also choose where req's window pages and states will be kept: where its prompt's last page
+        ends, and where the tree's pages for it end beyond the hit (a branch point others share)."""
         if self.radix is None or req.num_computed:
             return
         ids = req.all_ids()[: req.num_tokens - 1]
-        pages, handle = self.radix.match_prefix(ids)
-        if not pages:
+        hit = self.radix.match(ids, need_snapshot=self.snapshots is not None)
+        if self.hybrid:
+            ps = self.page_size
+            req.keep_at = {p for p in (len(ids) // ps * ps, hit.reachable // ps * ps) if p > hit.tokens}
+        if not hit.tokens:
             return
-        self.radix.lock(handle)
-        self.tables[0].pool.incref(pages)
-        req.page_tables = [list(pages)]
-        req.prefix_handle, req.tree_tokens = handle, len(pages) * self.page_size
-        req.num_computed = req.tree_tokens
+        if self.states is not None:
+            if req.state_slot is None:
+                req.state_slot = self.states.take()
+                if req.state_slot is None:  # no state slot free now: allocate() will refuse it anyway
+                    return
+            assert hit.snapshot is not None and self.snapshots is not None
+            self.snapshots.copy(hit.snapshot, req.state_slot, into=self.states)
+        self.radix.lock(hit.node)
+        self.tables[0].pool.incref(hit.pages)
+        for t, pages in zip(self.tables[1:], hit.side):
+            t.pool.incref([p for p in pages if p != NULL_PAGE])
+        req.page_tables = [list(hit.pages), *(list(s) for s in hit.side)]
+        req.prefix_handle, req.tree_tokens = hit.node, hit.tokens
+        req.num_computed = hit.tokens
 
-    def cache_prefix(self, req: Request) -> None:
+    def cache_prefix(self, req: Request, final: bool = False) -> None:
         """Insert req's computed, page-aligned tokens into the radix tree; pages the tree already had are
-        swapped for the tree's (ours are released), and the lock moves to the new, deeper node."""
+        swapped for the tree's (ours are released), and the lock moves to the new, deeper node. At a keep
+        point (and when req ends: `final`) the tree also takes the last window's pages of each sliding table
+        and, at a keep point, a snapshot of req's recurrent states."""
         if self.radix is None:
             return
-        n = (min(req.num_computed, req.num_tokens - 1) // self.page_size) * self.page_size
+        ps = self.page_size
+        n = (min(req.num_computed, req.num_tokens - 1) // ps) * ps
         if n <= req.tree_tokens:
             return
         ids, table = req.all_ids()[:n], req.page_tables[0]
-        already = self.radix.insert(ids, table[: n // self.page_size])
+        keep = n == req.num_computed and n in req.keep_at
+        side = []
+        for t, pages in zip(self.tables[1:], req.page_tables[1:]):
+            first = max(0, n - t.window + 1) // ps if keep or final else n // ps  # type: ignore[operator]
+            side.append([NULL_PAGE] * first + pages[first: n // ps])
+        already = self.radix.insert(ids, table[: n // ps], side)
         pool = self.tables[0].pool
         if already > req.tree_tokens:  # another request cached this range first: use its pages
             tree_pages, _ = self.radix.match_prefix(ids[:already])
@@ -227,13 +290,34 @@ class PagedKVCache:
         if req.prefix_handle is not None:
             self.radix.unlock(req.prefix_handle)
         req.prefix_handle, req.tree_tokens = handle, n
+        if keep and self.snapshots is not None:
+            self._snapshot(req, ids)
+
+    def _snapshot(self, req: Request, ids: list[int]) -> None:
+        """Keep req's recurrent states after `ids` (its computed tokens, just cached) at that tree node."""
+        assert self.snapshots is not None and self.states is not None and self.radix is not None
+        if not self.snapshots.free_slots:
+            self.radix.evict_snapshots(1)
+        slot = self.snapshots.take()
+        if slot is None:
+            return
+        self.states.copy(req.state_slot, slot, into=self.snapshots)
+        if not self.radix.set_snapshot(ids, slot):  # another request snapshotted this point first
+            self.snapshots.give_back(slot)
+
+    def _release_snapshot(self, slot: int) -> None:
+        assert self.snapshots is not None
+        self.snapshots.give_back(slot)
 
     def release_window(self, req: Request) -> None:
         """Sliding groups: free pages whose every position is before the next query's window."""
+        # with a prefix cache, keep the window before the last page boundary: cache_prefix(final=True) gives
+        # it to the tree when req ends (pages_for counts that page)
+        end = req.num_computed // self.page_size * self.page_size if self.radix is not None else req.num_computed
         for t, table in zip(self.tables, req.page_tables):
             if t.window is None:
                 continue
-            first_visible = req.num_computed - t.window + 1
+            first_visible = end - t.window + 1
             for i in range(min(len(table), max(0, first_visible) // self.page_size)):
                 if table[i] != NULL_PAGE:
                     t.pool.decref([table[i]])
@@ -242,7 +326,7 @@ class PagedKVCache:
     def free(self, req: Request) -> None:
         """Drop every page reference req holds and its prefix lock (finish, abort, preemption)."""
         if self.radix is not None and req.page_tables:
-            self.cache_prefix(req)  # keep its KV for future hits
+            self.cache_prefix(req, final=True)  # keep its KV for future hits
         for t, table in zip(self.tables, req.page_tables):
             t.pool.decref([p for p in table if p != NULL_PAGE])
         if req.prefix_handle is not None:
@@ -250,10 +334,23 @@ class PagedKVCache:
         if req.state_slot is not None:
             self.states.give_back(req.state_slot)
         req.page_tables, req.prefix_handle, req.tree_tokens, req.state_slot = [], None, 0, None
+        req.keep_at = set()
+
+    def pages_short(self, num_tokens: int, chunk: int = 0) -> tuple[int, int] | None:
+        """(pages needed, pages held) of the first table too small for one sequence of num_tokens tokens
+        prefilled in chunks of `chunk` tokens (a sliding table holds its window plus a chunk), or None."""
+        for t in self.tables:
+            need = pages_for(t.window, num_tokens, self.page_size)
+            if t.window is not None:
+                need = min(-(-num_tokens // self.page_size), need + -(-chunk // self.page_size))
+            if need > t.pool.capacity:
+                return need, t.pool.capacity
+        return None
 
     def max_concurrency(self, num_tokens: int) -> int:
         """How many sequences of num_tokens tokens fit at once (pages and state slots)."""
-        fits = [t.pool.capacity // max(1, pages_for(t.window, num_tokens, self.page_size)) for t in self.tables]
+        fits = [t.pool.capacity // max(1, pages_for(t.window, num_tokens, self.page_size)) for t in self.tables
+                if not t.keys_only]
         if self.states is not None:
             fits.append(self.states.num_slots)
         return min(fits) if fits else 0
@@ -262,19 +359,24 @@ class PagedKVCache:
         """One line per page table (and the state pool) for the start-up log."""
         lines = []
         for t in self.tables:
+            if t.keys_only:
+                lines.append(f"prefix-cache keys (no tensors): {t.pool.capacity} pages x {self.page_size} tokens")
+                continue
             layers = sorted({i for g in self.groups if g.pool is t.pool for i in g.layer_ids})
             kind = "full context" if t.window is None else f"sliding window {t.window}"
             lines.append(f"{kind} (layers {_ranges(layers)}): {t.pool.capacity} pages x {self.page_size} tokens = "
                          f"{t.pool.capacity * self.page_size} tokens")
         if self.states is not None:
-            lines.append(f"recurrent state (layers {_ranges(sorted(self.states.conv))}): {self.states.num_slots} slots")
+            lines.append(f"recurrent state (layers {_ranges(sorted(self.states.conv))}): {self.states.num_slots} slots"
+                         + (f", {self.snapshots.num_slots} prefix-cache snapshots" if self.snapshots else ""))
         return lines
 
     @property
     def usage(self) -> float:
-        used = sum(t.pool.capacity - t.pool.num_free for t in self.tables)
-        total = sum(t.pool.capacity for t in self.tables)
-        if self.radix is not None:
+        tables = [t for t in self.tables if not t.keys_only]
+        used = sum(t.pool.capacity - t.pool.num_free for t in tables)
+        total = sum(t.pool.capacity for t in tables)
+        if self.radix is not None and not self.tables[0].keys_only:
             used -= self.radix.evictable_pages
         if self.states is not None:  # a state slot counts as one unit of memory, like a page
             used += self.states.num_slots - len(self.states.free_slots)
@@ -283,21 +385,29 @@ class PagedKVCache:
 
     def check_integrity(self, running: list[Request]) -> None:
         """Every page reference is accounted for: free + evictable + protected + request-private == capacity,
-        and each page's ref count equals the references the tree and the running requests hold. Every state
-        slot is free or held by exactly one running request."""
+        and each page's ref count equals the references the tree and the running requests hold (window pages
+        included). Every state slot is free or held by exactly one running request; every snapshot slot is
+        free or owned by exactly one tree node."""
         if self.states is not None:
             held = [r.state_slot for r in running if r.state_slot is not None]
             if len(set(held)) != len(held) or set(held) & set(self.states.free_slots) or \
                     len(held) + len(self.states.free_slots) != self.states.num_slots:
                 raise AssertionError(f"state slots: held {sorted(held)}, free {sorted(self.states.free_slots)}, "
                                      f"capacity {self.states.num_slots}")
+        if self.snapshots is not None:
+            tree = self.radix.snapshots if self.radix is not None else 0
+            free = self.snapshots.free_slots
+            if len(set(free)) != len(free) or tree + len(free) != self.snapshots.num_slots:
+                raise AssertionError(f"snapshots: {tree} in the tree, {len(free)} free, "
+                                     f"capacity {self.snapshots.num_slots}")
+        if self.radix is not None:
+            self.radix.check_integrity()
         for gi, g in enumerate(self.tables):
             g.pool.check()
             expected = [0] * g.pool.capacity
             tree_pages = set()
-            if self.radix is not None and gi == 0:
-                self.radix.check_integrity()
-                tree_pages = self.radix.pages_of()
+            if self.radix is not None:
+                tree_pages = self.radix.pages_of() if gi == 0 else self.radix.side_pages_of(gi - 1)
                 for p in tree_pages:
                     expected[p] += 1
             for r in running:

@@ -58,6 +58,7 @@ class Hit:
     side: list[list[int]]
     node: Node
     snapshot: int | None
+    reachable: int = 0  # tokens the full-context pages cover along this prefix (>= tokens): a branch point
 
 
 class RadixCache:
@@ -187,7 +188,7 @@ class RadixCache:
         else:
             k = 0
         if k == 0:
-            return Hit(0, [], [[] for _ in self.side_pools], self.root, None)
+            return Hit(0, [], [[] for _ in self.side_pools], self.root, None, matched)
         target = ends.get(k)
         if target is None:  # the hit ends inside a node: split there
             start = max(e for e in ends if e < k)
@@ -196,7 +197,7 @@ class RadixCache:
         for i, w in enumerate(self.windows):
             first = max(0, k * ps - w + 1) // ps
             out_side.append([NULL_PAGE] * first + side[i][first:k])
-        return Hit(k * ps, pages[:k], out_side, target, target.snapshot)
+        return Hit(k * ps, pages[:k], out_side, target, target.snapshot, matched)
 
     def _aligned(self, tokens: Sequence[int]) -> tuple[int, ...]:
         n = len(tokens) // self.page_size * self.page_size

@@ -35,6 +35,7 @@ class Request:
     prefix_handle: Any = None           # locked radix node covering the shared prefix
     tree_tokens: int = 0                # tokens of this request that the radix tree holds
     state_slot: int | None = None       # its slot in the recurrent-state pool (delta-rule layers)
+    keep_at: set[int] = field(default_factory=set)  # hybrids: token counts whose window pages / states the tree keeps
     cached_tokens: int = 0              # prompt tokens served from the prefix cache (first admission)
     num_preemptions: int = 0
     finish_reason: str | None = None    # stop | length | abort

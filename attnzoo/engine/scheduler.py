@@ -61,7 +61,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = self.kv.chunk(req, min(req.num_tokens - req.num_computed, budget))
             while not self.kv.allocate(req, req.num_computed + n):
                 victim = self.running[-1]          # the newest
                 self._preempt(victim)
@@ -93,7 +93,7 @@ class Scheduler:
                     deferred.append(self.waiting.popleft())
                     continue
                 first_pages.add(head)
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = self.kv.chunk(req, min(req.num_tokens - req.num_computed, budget))
             if not self.kv.allocate(req, req.num_computed + n):
                 if not self.running and not plan.requests:
                     raise RuntimeError(f"request {req.request_id} cannot fit even alone: the KV cache is too small")

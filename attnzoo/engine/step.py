@@ -12,7 +12,7 @@ import torch
 from attnzoo.engine.paged_cache import PagedKVCache
 from attnzoo.engine.request import Request
 from attnzoo.layers.batch import Batch, Context, Span
-from attnzoo.layers.cache_spec import CacheKind, CacheSpec, RecurrentState
+from attnzoo.layers.cache_spec import CacheKind, CacheSpec, CompressedKV, RecurrentState
 from attnzoo.ops.attention.paged import PagedPlan, paged_attention_planned, plan_paged
 
 
@@ -22,6 +22,7 @@ def build_step(cache: PagedKVCache, reqs: list[Request], num_new: list[int]) -> 
     cu[1:] = torch.tensor(num_new).cumsum(0)
     seq_lens = torch.tensor([r.num_computed + n for r, n in zip(reqs, num_new)])
     plans, slot_maps = [], []
+    pos = torch.cat([torch.arange(r.num_computed, r.num_computed + n) for r, n in zip(reqs, num_new)])
     for gi, g in enumerate(cache.tables):
         width = max(len(r.page_tables[gi]) for r in reqs)
         table = torch.full((B, width), 0, dtype=torch.long)
@@ -30,14 +31,13 @@ def build_step(cache: PagedKVCache, reqs: list[Request], num_new: list[int]) -> 
             table[b, : len(t)] = t.clamp(min=0)  # released pages are never gathered
         left = g.window - 1 if g.window is not None else -1
         plans.append(plan_paged(table, cu, seq_lens, cache.page_size, left).to(cache.device))
-        pos = torch.cat([torch.arange(r.num_computed, r.num_computed + n) for r, n in zip(reqs, num_new)])
         rows = torch.repeat_interleave(torch.arange(B), torch.tensor(num_new))
         slots = table[rows, pos // cache.page_size] * cache.page_size + pos % cache.page_size
         slot_maps.append(slots.to(cache.device, non_blocking=True))
     state_slots = None
     if cache.states is not None:
         state_slots = torch.tensor([r.state_slot for r in reqs], dtype=torch.long, device=cache.device)
-    return PagedStep(cache, plans, slot_maps, state_slots)
+    return PagedStep(cache, plans, slot_maps, pos.to(cache.device), state_slots)
 
 
 @dataclass
@@ -46,6 +46,7 @@ class PagedStep:
     cache: PagedKVCache
     plans: list[PagedPlan]          # per page table
     slot_maps: list[torch.Tensor]   # per page table: the pool slot of each new token
+    positions: torch.Tensor         # [N] each new token's position in its sequence
     state_slots: torch.Tensor | None = None   # [B] each sequence's slot in the state pool
     _spans: dict[int, list[Span]] = field(default_factory=dict)   # per page table, built on first use
 
@@ -66,6 +67,8 @@ class PagedStep:
         return kc, vc, g.table
 
     def store(self, layer_idx: int, spec: CacheSpec, *new: torch.Tensor) -> Context:
+        if spec.kind is CacheKind.COMPRESSED:
+            return self._store_compressed(layer_idx, spec, new[0])
         if spec.kind is CacheKind.KV:
             kc, vc, table = self._write_kv(layer_idx, *new)
             return Context(self.spans(table), k=kc.flatten(1, 2), v=vc.flatten(1, 2))
@@ -75,6 +78,24 @@ class PagedStep:
         flat = pages.view(-1, pages.shape[-1])
         flat[self.slot_maps[g.table]] = new[0].to(pages.dtype)
         return Context(self.spans(g.table), rows=flat, pages=pages)
+
+    def _store_compressed(self, layer_idx: int, spec: CompressedKV, new: torch.Tensor) -> Context:
+        """new [N, D]: a row per new token, kept where the token completes a compression block. The spans
+        list, per sequence, the slots of its completed blocks in block order (CompressedKV's layout)."""
+        gi, j = self.cache.layer_group[(layer_idx, spec.kind)]
+        g = self.cache.groups[gi]
+        pages = g.tensors["rows"][j]                               # [pages, rows_per_page, D]
+        flat = pages.view(-1, pages.shape[-1])
+        ps, rpp, first, d = self.cache.page_size, pages.shape[1], spec.block_len - 1, spec.stride
+
+        def slot(token_slots: torch.Tensor) -> torch.Tensor:
+            return token_slots // ps * rpp + token_slots % ps // d
+
+        done = (self.positions >= first) & ((self.positions - first) % d == 0)
+        flat[slot(self.slot_maps[g.table][done])] = new[done].to(flat.dtype)
+        spans = [Span(s.rows, slot(s.keys[:, first::d]), None if s.valid is None else s.valid[:, first::d])
+                 for s in self.spans(g.table)]
+        return Context(spans, rows=flat)
 
     def spans(self, table: int) -> list[Span]:
         """The table's spans: decode rows batched over their whole block tables (padding masked; the block

@@ -68,7 +68,8 @@ class Span:
 @dataclass
 class Context:
     """What one layer reads for one spec this step: its stored tokens and the spans its queries attend
-    over. Row kinds (LATENT, INDEX_KEYS) fill `rows`; KV fills `k`/`v` (head-major, the paged pool's
+    over. Row kinds (LATENT, INDEX_KEYS, ROWS, COMPRESSED) fill `rows` (COMPRESSED: the spans name each
+    sequence's completed compression blocks in order); KV fills `k`/`v` (head-major, the paged pool's
     layout: a view, no copy)."""
     spans: list[Span]
     rows: torch.Tensor | None = None    # [S, D] one row per stored token
@@ -250,4 +251,7 @@ class ContiguousKVCache:
         if spec.kind is CacheKind.KV:
             k, v = (self._put(bufs, layer_idx, t) for bufs, t in ((self.keys, new[0]), (self.values, new[1])))
             return Context([span], k=k.flatten(0, 1).transpose(0, 1), v=v.flatten(0, 1).transpose(0, 1))
-        return Context([span], rows=self._put(self.rows, (layer_idx, spec.kind), new[0]).flatten(0, 1))
+        rows = self._put(self.rows, (layer_idx, spec.kind), new[0]).flatten(0, 1)
+        if spec.kind is CacheKind.COMPRESSED:  # a row per token here; the span names the completed blocks'
+            span = Span(span.rows, span.keys[:, spec.block_len - 1::spec.stride])
+        return Context([span], rows=rows)

@@ -13,6 +13,8 @@ class CacheKind(Enum):
     KV = "kv"                  # K and V per KV head per token (FullKV, SlidingKV)
     LATENT = "latent"          # one MLA latent row per token, shared by all heads
     INDEX_KEYS = "index_keys"  # one indexer key row per token (DSA, MSA, IndexShare)
+    ROWS = "rows"              # one row per token holding a mechanism's raw K/V sets (NSA)
+    COMPRESSED = "compressed"  # one row per completed compression block (NSA), ceil(page/stride) per page
     STATE = "state"            # a fixed-size state per sequence (delta rule), nothing per token
     UNSERVED = "unserved"      # a mechanism that has no decode cache: trains, but no cache can hold it
 
@@ -24,6 +26,10 @@ class CacheSpec:
     def bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes one token costs in this cache (0 for fixed-size per-sequence state)."""
         raise NotImplementedError
+
+    def bytes_per_page(self, page_size: int, dtype_bytes: int) -> int:
+        """Bytes one page of page_size tokens costs (what the engine allocates)."""
+        return self.bytes_per_token(dtype_bytes) * page_size
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,39 @@ class IndexerKeys(CacheSpec):
 
     def bytes_per_token(self, dtype_bytes: int) -> int:
         return self.dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class RowKV(CacheSpec):
+    """NSA: the raw keys and values of every K/V set of a layer (compression, selection, window; one when
+    shared), flattened into one row per token: the selection branch may read any block."""
+    kind: ClassVar[CacheKind] = CacheKind.ROWS
+    dim: int
+
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        return self.dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class CompressedKV(CacheSpec):
+    """NSA's compressed keys and values: one row (K and V of every KV head) per completed compression
+    block, block j = tokens [j*stride, j*stride + block_len). The row lives in the page of the token that
+    completes the block (j*stride + block_len - 1), at index (that token % page_size) // stride: a page of
+    page_size tokens holds ceil(page_size / stride) rows, so the rows share the token page table (and the
+    prefix cache) at 1/stride of the cost."""
+    kind: ClassVar[CacheKind] = CacheKind.COMPRESSED
+    dim: int
+    block_len: int
+    stride: int
+
+    def rows_per_page(self, page_size: int) -> int:
+        return -(-page_size // self.stride)
+
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        return self.dim * dtype_bytes // self.stride
+
+    def bytes_per_page(self, page_size: int, dtype_bytes: int) -> int:
+        return self.rows_per_page(page_size) * self.dim * dtype_bytes
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Native Sparse Attention layer (DeepSeek, arXiv 2502.11089; docs/mechanisms/sparse.md §2). Training path only."""
+"""Native Sparse Attention layer (DeepSeek, arXiv 2502.11089; docs/mechanisms/sparse.md §2): one pass over packed
+sequences (training, scoring) and a cached path (the engine, the reference generator)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from attnzoo.layers.batch import Batch
-from attnzoo.layers.cache_spec import Unserved
+from attnzoo.layers.cache_spec import CompressedKV, RowKV
 from attnzoo.layers.norm import RMSNorm
 from attnzoo.ops.nsa import nsa, nsa_compress_keys
 from attnzoo.ops.rope import apply_rope
@@ -27,15 +28,14 @@ class NativeSparseAttention(nn.Module):
     RoPE (when given) rotates q and every branch's raw keys; the compressor sees rotated keys (as fla's
     mean pooling does). Block boundaries count from each sequence's first token.
 
-    Cache cost per token per layer (elements; `dk = dv = head_dim`), what a decode path would keep:
-      * selection branch: raw K/V of every token (any block may be selected): 2 * Hkv * head_dim;
-      * compression branch: the compressed K/V, 2 * Hkv * head_dim / stride per token, plus the raw K/V of
-        the block being filled (a constant per sequence);
-      * window branch (separate K/V): 2 * Hkv * head_dim, but only for the last `window` tokens.
-    Shared K/V (fla): 2 * Hkv * head_dim * (1 + 1 / stride). Paper config (Hkv=4, dk=192, dv=128, d=16):
-    1280 + 80 = 1360 shared, plus up to 1280 * window for the separate window K/V. No cache holds these
-    yet: `cache_spec` says so (Unserved, costed at the raw-K/V part for cost models), so a cache refuses
-    the layer and the engine refuses the model.
+    Decode cache (`cache_spec`), per token per layer, elements (`dk = dv = head_dim`):
+      * RowKV: the raw K/V of every set, 2 * Hkv * head_dim each: the selection branch may read any
+        block, the window branch its last `window` tokens, and a compression block's raw K/V are read
+        once, when the block completes (the window set is kept for every token: one page table serves
+        all three; a separate sliding table would save (T - window) rows of it);
+      * CompressedKV: one compressed K/V row, 2 * Hkv * head_dim, per completed block (1/stride per token),
+        computed once when its last token arrives.
+    Shared K/V (fla): 2 * Hkv * head_dim * (1 + 1 / stride).
     """
 
     def __init__(self, layer_idx: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
@@ -71,20 +71,24 @@ class NativeSparseAttention(nn.Module):
         gh = gate_hidden or max(16, hidden_size // 4)
         self.gate = nn.Sequential(nn.Linear(hidden_size, gh), nn.SiLU(), nn.Linear(gh, 3 * num_heads))
 
-    def cache_spec(self) -> Unserved:
-        """No decode cache yet; the raw K/V per token (the selection branch may read any block) is what
-        one would keep at least: see the class docstring."""
-        return Unserved("NSA", "decode through the engine is not implemented; use it for training (the arena)",
-                        2 * self.num_kv_heads * self.head_dim)
+    def cache_spec(self) -> tuple[RowKV, CompressedKV]:
+        """The raw K/V sets per token and the compressed K/V per completed block (class docstring)."""
+        width = 2 * self.num_kv_heads * self.head_dim
+        return RowKV(self.kv_sets * width), CompressedKV(width, self.block_len, self.stride)
+
+    def _compress_blocks(self, kb: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw blocks [..., Hkv, block_len, d] -> one key/value each [..., Hkv, d]."""
+        if self.compress == "mean":
+            return kb.mean(-2), vb.mean(-2)
+        return self.k_compress((kb + self.k_pos).flatten(-2)), self.v_compress((vb + self.v_pos).flatten(-2))
 
     def _compressed(self, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed keys/values packed per sequence: [total_cmp, Hkv, head_dim]."""
         l, d = self.block_len, self.stride
         if self.compress == "mean":
             return nsa_compress_keys(k, l, d, "mean", cu), nsa_compress_keys(v, l, d, "mean", cu)
-        kb = nsa_compress_keys(k, l, d, "blocks", cu)  # [Nc, Hkv, l, dk]
-        vb = nsa_compress_keys(v, l, d, "blocks", cu)
-        return self.k_compress((kb + self.k_pos).flatten(-2)), self.v_compress((vb + self.v_pos).flatten(-2))
+        return self._compress_blocks(nsa_compress_keys(k, l, d, "blocks", cu),  # [Nc, Hkv, l, dk]
+                                     nsa_compress_keys(v, l, d, "blocks", cu))
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -108,13 +112,55 @@ class NativeSparseAttention(nn.Module):
         return q, kvs
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
-        batch.store(self.layer_idx, self.cache_spec())  # nothing to keep in one pass; a cache refuses it
         n, H = x.shape[0], self.num_heads
         q, kvs = self.project(x, rope)
-        (k_c, v_c), (k_s, v_s), (k_w, v_w) = kvs if not self.shared_kv else kvs * 3
-        k_cmp, v_cmp = self._compressed(k_c, v_c, batch.cu_seqlens)
         g = torch.sigmoid(self.gate(x)).view(n, H, 3)
-        o = nsa(q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, g[..., 0], g[..., 1], g[..., 2], l=self.block_len,
-                d=self.stride, l_sel=self.select_block, n=self.num_selected, window=self.window,
-                cu_seqlens=batch.cu_seqlens, reduce="sum")
+        if batch.cache is not None:
+            o = self._cached(q, kvs, g, batch)
+        else:  # one pass over packed sequences: nothing to keep
+            (k_c, v_c), (k_s, v_s), (k_w, v_w) = kvs if not self.shared_kv else kvs * 3
+            k_cmp, v_cmp = self._compressed(k_c, v_c, batch.cu_seqlens)
+            o = nsa(q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, g[..., 0], g[..., 1], g[..., 2], l=self.block_len,
+                    d=self.stride, l_sel=self.select_block, n=self.num_selected, window=self.window,
+                    cu_seqlens=batch.cu_seqlens, reduce="sum")
         return self.o_proj(o.reshape(n, H * self.head_dim))
+
+    def _cached(self, q: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]], g: torch.Tensor,
+                batch: Batch) -> torch.Tensor:
+        """Store the new tokens' raw K/V, compress the blocks they complete (reading the block's raw
+        compression K/V back from the cache), store those, then run the three branches per sequence over
+        its stored tokens (queries are the last positions: bottom-right)."""
+        n, H, Hkv, d, l = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.block_len
+        rows_spec, cmp_spec = self.cache_spec()
+        raw = torch.cat([t.reshape(n, Hkv * d) for kv in kvs for t in kv], -1)  # set by set: k, v
+        ctx = batch.store(self.layer_idx, rows_spec, raw)
+        pos = batch.positions
+        done = (pos >= l - 1) & ((pos - (l - 1)) % self.stride == 0)   # the token completes a block
+        new_cmp = raw.new_zeros(n, 2 * Hkv * d)
+        if bool(done.any()):
+            for s in ctx.spans:
+                m = done[s.rows]
+                if not bool(m.any()):
+                    continue
+                r, t = m.nonzero(as_tuple=True)
+                cols = pos[s.rows[r, t]][:, None] - (l - 1) + torch.arange(l, device=pos.device)   # [M, l]
+                blk = ctx.rows[s.keys[r[:, None], cols]]                     # [M, l, D]: positions = columns
+                kb = blk[..., : Hkv * d].unflatten(-1, (Hkv, d)).transpose(1, 2)          # [M, Hkv, l, d]
+                vb = blk[..., Hkv * d: 2 * Hkv * d].unflatten(-1, (Hkv, d)).transpose(1, 2)
+                kc, vc = self._compress_blocks(kb.to(q.dtype), vb.to(q.dtype))
+                new_cmp[s.rows[r, t]] = torch.cat([kc.flatten(1), vc.flatten(1)], -1).to(new_cmp.dtype)
+        cctx = batch.store(self.layer_idx, cmp_spec, new_cmp)
+        out = q.new_empty(n, H, d)
+        sets = 1 if self.shared_kv else 3
+        for s, cs in zip(ctx.spans, cctx.spans):
+            for one, cone in zip(s.per_sequence(), cs.per_sequence()):
+                rows = one.rows[0]
+                kv = ctx.rows[one.keys[0]].to(q.dtype).unflatten(-1, (2 * sets, Hkv, d))[None]  # [1, L, 2s, Hkv, d]
+                cm = cctx.rows[cone.keys[0]].to(q.dtype).unflatten(-1, (2, Hkv, d))[None]        # [1, Nc, 2, Hkv, d]
+                parts = [(kv[:, :, 2 * i], kv[:, :, 2 * i + 1]) for i in range(sets)]
+                (_, _), (k_s, v_s), (k_w, v_w) = parts if sets == 3 else parts * 3
+                gg = g[rows][None]
+                out[rows] = nsa(q[rows][None], cm[:, :, 0], cm[:, :, 1], k_s, v_s, k_w, v_w, gg[..., 0],
+                                gg[..., 1], gg[..., 2], l=l, d=self.stride, l_sel=self.select_block,
+                                n=self.num_selected, window=self.window, reduce="sum")[0]
+        return out

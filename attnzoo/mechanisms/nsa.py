@@ -1,5 +1,5 @@
-"""Native Sparse Attention: compressed, selected and sliding-window branches mixed by gates. Training path
-only (no decode cache yet), and no transformers checkpoint carries it."""
+"""Native Sparse Attention: compressed, selected and sliding-window branches mixed by gates. Trains in one
+pass and decodes from its cache (raw K/V rows + compressed rows); no transformers checkpoint carries it."""
 
 from __future__ import annotations
 

@@ -218,14 +218,16 @@ def nsa_selected_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tenso
 
 def _nsa_dense(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, l, d, l_sel, n, window,
                scale, reduce, impl):
-    Hkv = k_slc.shape[2]
+    Hkv, T, Tk = k_slc.shape[2], q.shape[1], k_slc.shape[1]
     G = q.shape[2] // Hkv
-    o_cmp, p_cmp = nsa_compressed_attention(q, k_cmp, v_cmp, l=l, d=d, scale=scale)
+    # queries are the last T of the Tk positions (T == Tk in one pass; a cache's new tokens otherwise)
+    t = torch.arange(Tk - T, Tk, device=q.device)
+    o_cmp, p_cmp = nsa_compressed_attention(q, k_cmp, v_cmp, l=l, d=d, scale=scale, t=t)
     with torch.no_grad():  # the selection is discrete: no gradient through the scores (as in the paper)
         scores = nsa_block_scores(p_cmp.detach(), G=G, l=l, d=d, l_sel=l_sel, reduce=reduce,
                                   num_blocks=-(-k_slc.shape[1] // l_sel))
         # block 0, the own block and the previous one are forced (they count toward n)
-        idx = nsa_select_blocks(scores, n, block_size=l_sel, initial_blocks=1, local_blocks=2)
+        idx = nsa_select_blocks(scores, n, block_size=l_sel, kv_len=Tk, initial_blocks=1, local_blocks=2)
     o_slc = nsa_selected_attention(q, k_slc, v_slc, idx, l_sel, scale, impl=impl)
     o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc
     if window:
@@ -243,8 +245,9 @@ def nsa(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k
 
     q [B, T, H, dk]; k_cmp/v_cmp [B, Nc, Hkv, dk/dv] the compressed keys/values (block i = tokens
     [i*d, i*d + l), e.g. from `nsa_compress_keys` or a learned compressor); k_slc/v_slc and k_win/v_win
-    [B, T, Hkv, dk/dv] the raw keys/values of the selection and window branches (pass the same tensors
-    for fla's shared-K/V form); gates [B, T, H]. window: keys per query including itself; None or 0 drops
+    [B, Tk, Hkv, dk/dv] the raw keys/values of the selection and window branches (pass the same tensors
+    for fla's shared-K/V form), Tk >= T: the queries are the last T positions (bottom-right, as a cache's
+    new tokens); gates [B, T, H]. window: keys per query including itself; None or 0 drops
     the window branch (fla's window_size=0). reduce: "sum" (paper) or "mean" (fla) over the group.
     Packed sequences: q, k_slc, ... [total, ...] (or [1, total, ...]) with cu_seqlens [N+1], and
     k_cmp/v_cmp packed by `compressed_cu_seqlens(cu_seqlens, l, d)`.

@@ -37,15 +37,16 @@ def test_engine_matches_transformers(case, prefix_caching, chunk, caplog) -> Non
     want_group = LatentKV(16 + 8) if name == "kimi_linear" else FullKV(2, 16)
     assert [g.spec for g in llm.kv.groups] == [want_group]  # the delta-rule layers hold no pages
     assert llm.kv.states is not None and llm.kv.states.num_slots == 8
-    # prefix caching is refused for hybrids, with the reason logged; outputs are the same either way
-    assert llm.kv.radix is None
-    if prefix_caching:
-        assert "prefix caching is off" in caplog.text and "recurrent state" in caplog.text
+    # prefix caching keeps state snapshots at cached prefixes; outputs are the same either way
+    assert (llm.kv.radix is not None) == prefix_caching
     outs = llm.generate(prompts + prompts[1:2], GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == refs + refs[1:2]
     llm.check_integrity()
     assert len(llm.kv.states.free_slots) == 8
+    llm.clear_prefix_cache()
+    llm.check_integrity()
     assert all(g.pool.num_free == llm.kv.num_pages for g in llm.kv.groups)
+    assert llm.kv.snapshots is None or len(llm.kv.snapshots.free_slots) == 8
 
 
 def test_chunked_prefill_equals_one_pass(case) -> None:
@@ -68,8 +69,9 @@ def test_preemption_and_abort_release_slots(case) -> None:
     aborted request gives its slot back; the survivors still match transformers."""
     _, ours, prompts, refs = case
     specs, dtype = ours.cache_specs(), ours.embed_tokens.weight.dtype
-    # room for 3 sequences' states and 30 pages of 4 tokens: the running requests outgrow the pages
-    memory = 3 * state_bytes(specs, dtype) + 30 * page_bytes(specs, 4, dtype)
+    # room for 3 sequences' states (and 3 prefix-cache snapshots) and 30 pages of 4 tokens: the running
+    # requests outgrow the pages
+    memory = 6 * state_bytes(specs, dtype) + 30 * page_bytes(specs, 4, dtype)
     llm = LLM(ours, kv_cache_memory=memory, page_size=4, max_num_seqs=3, max_num_batched_tokens=2048)
     assert llm.kv.num_pages == 30
     for p in prompts:

@@ -43,8 +43,9 @@ def test_engine_matches_transformers(case, chunk) -> None:
     llm = LLM(ours, kv_cache_memory=4 << 20, page_size=4, max_num_batched_tokens=chunk, max_num_seqs=8)
     assert {g.spec for g in llm.kv.groups} == {LatentKV(16), IndexerKeys(32)}
     assert len(llm.kv.tables) == 1 and llm.kv.states is not None
-    assert llm.kv.radix is None   # KDA states cannot be restored at a prefix boundary
+    assert llm.kv.radix is not None and llm.kv.snapshots is not None  # KDA states restored from snapshots
     outs = llm.generate(prompts + prompts[1:2], GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == refs + refs[1:2]
     llm.check_integrity()
+    llm.clear_prefix_cache()
     assert all(g.pool.num_free == llm.kv.num_pages for g in llm.kv.groups)

@@ -190,11 +190,13 @@ def test_pages_are_allocated_untouched():
     assert rss() - before < 48 << 20  # two short requests touch a few pages
 
 
-def test_a_mechanism_without_a_decode_cache_is_refused_at_construction():
-    """NSA declares that no cache can hold it (CacheKind.UNSERVED), instead of a FullKV spec the layer would
+def test_a_mechanism_without_a_decode_cache_is_refused_at_construction(monkeypatch):
+    """A layer that declares no cache can hold it (CacheKind.UNSERVED), instead of a spec the layer would
     then refuse mid-step: the engine says so before planning any memory, naming the mechanism."""
-    model = DecoderLM(mechanisms.nsa(mechanisms.Shape(vocab_size=101, hidden=32, layers=2, heads=4, head_dim=8,
+    from attnzoo.layers.cache_spec import Unserved
+    model = DecoderLM(mechanisms.gqa(mechanisms.Shape(vocab_size=101, hidden=32, layers=2, heads=4, head_dim=8,
                                                       intermediate=64, max_positions=256))).eval()
-    assert model(torch.randint(0, 101, (1, 32))).shape == (1, 32, 101)  # one full pass still runs
-    with pytest.raises(NotImplementedError, match=r"layer 0 cannot be served: NSA decode .* not implemented"):
+    monkeypatch.setattr(type(model.layers[0].attn), "cache_spec",
+                        lambda self: Unserved("XSA", "decode is not implemented", 16))
+    with pytest.raises(NotImplementedError, match=r"layer 0 cannot be served: XSA decode is not implemented"):
         LLM(model, kv_cache_memory=1 << 20)

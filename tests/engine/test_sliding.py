@@ -30,7 +30,7 @@ def test_sliding_engine_matches_reference_and_frees_pages():
     prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (3, 17, 40, 9)]
     refs = [generate(model, p, GenerationConfig(max_tokens=60)) for p in prompts]
     llm = LLM(model, kv_cache_memory=1 << 20, page_size=4, max_num_batched_tokens=16)
-    assert llm.kv.radix is None  # prefix caching covers full-attention groups only (logged)
+    assert llm.kv.radix is not None and llm.kv.tables[0].keys_only  # a bookkeeping table keys the tree
     pool = llm.kv.groups[0].pool
     for p in prompts:
         llm.add_request(p, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
@@ -40,10 +40,13 @@ def test_sliding_engine_matches_reference_and_frees_pages():
             if o.finished:
                 outs[o.request_id] = o
         llm.check_integrity()
+        t, held = llm.kv.groups[0].table, set()
         for r in llm.scheduler.running:  # each sequence holds at most the pages its window can touch
-            live = [q for q in r.page_tables[0] if q >= 0]
-            assert len(live) <= -(-8 // 4) + 2, (r.request_id, r.num_computed, r.page_tables[0])
-        peak = max(peak, pool.capacity - pool.num_free)
+            live = [q for q in r.page_tables[t] if q >= 0]   # (from the window's last page boundary)
+            assert len(live) <= -(-8 // 4) + 2, (r.request_id, r.num_computed, r.page_tables[t])
+            held.update(live)
+        peak = max(peak, len(held))
     assert [outs[str(i)].token_ids for i in range(4)] == refs
     assert peak <= 4 * (-(-8 // 4) + 2) + 4  # bounded by the window, not by the 100-token sequences
+    llm.clear_prefix_cache()  # the tree kept each finished sequence's last window
     assert pool.num_free == pool.capacity
