@@ -233,6 +233,17 @@ class LLM:
         weakref.finalize(self, self.tp.close)   # no worker outlives an engine that is garbage-collected
         return self.tp.model
 
+    def health_error(self) -> str | None:
+        """Why the engine cannot step (a tensor-parallel worker died), or None; cheap enough for /health."""
+        if self.tp is None:
+            return None
+        if self.tp.dead is not None:
+            return self.tp.dead
+        for rank, p in enumerate(self.tp.procs, 1):
+            if not p.is_alive():
+                return f"tensor-parallel rank {rank} (pid {p.pid}) died (exit code {p.exitcode})"
+        return None
+
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do in one process); the engine cannot step after."""
         if self.tp is not None:

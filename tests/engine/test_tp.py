@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-
 pytest.importorskip("transformers")
 
 from attnzoo.engine import LLM, EngineDeadError, SamplingParams  # noqa: E402
+from attnzoo.models import load_model  # noqa: E402
 from attnzoo.models.hf_loader import config_from_hf  # noqa: E402
 from attnzoo.models.sharding import check_tensor_parallel  # noqa: E402
 
@@ -78,4 +77,42 @@ def test_greedy_tokens_match_one_process(family: str, tmp_path: Path) -> None:
         assert [o.token_ids for o in outs] == want + want[:1]
         two.check_integrity()
         procs = two.tp.procs
+        # rank 0 holds half of the query heads (and of the KV heads where there are enough to split)
+        assert two.model.local_config.num_heads == two.model.config.num_heads // 2
     assert all(not p.is_alive() for p in procs)   # close() reaped the worker
+
+
+def test_killed_worker_fails_the_engine_cleanly(tmp_path: Path) -> None:
+    path = _llama(tmp_path / "llama")
+    llm = _engine(path, 2)
+    worker = llm.tp.procs[0]
+    for p in random_prompts(128, (7, 11)):
+        llm.add_request(p, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    os.kill(worker.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError):
+        for _ in range(200):   # the step in flight (or the next) notices: no hang
+            llm.step()
+    assert time.monotonic() - start < 30
+    assert not llm.has_unfinished()          # pending requests ended
+    with pytest.raises(EngineDeadError):
+        llm.step()                           # and the engine stays dead
+    worker.join(5)
+    assert all(not p.is_alive() for p in llm.tp.procs)
+    llm.close()
+
+
+def test_sizes_that_do_not_divide_are_refused_with_the_allowed_ones(tmp_path: Path) -> None:
+    raw = __import__("json").loads((_llama(tmp_path / "llama") / "config.json").read_text())
+    cfg = config_from_hf(raw)      # 4 query heads, 2 KV heads, intermediate 96
+    check_tensor_parallel(cfg, 4)  # 4 ranks: one query head each, KV heads replicated
+    with pytest.raises(ValueError, match=r"must divide num_attention_heads 4.*allowed sizes for it: 1, 2, 4"):
+        check_tensor_parallel(cfg, 3)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        LLM(tmp_path / "llama", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="transformers checkpoint directory"):
+        LLM(tmp_path, tensor_parallel_size=2)          # a directory without config.json
+    with pytest.raises(ValueError, match="not a loaded model"):
+        LLM(load_model(tmp_path / "llama"), tensor_parallel_size=2)
