@@ -98,3 +98,30 @@ def init_group(rank: int, world_size: int, port: int, backend: str = "gloo",
 def destroy_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def context_from_env(backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelContext:
+    """torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): join that group; unset or
+    WORLD_SIZE 1: the one-process context."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return ParallelContext.single()
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    return ParallelContext(dist.get_rank(), dist.get_world_size(), None)
+
+
+def _run_rank(rank: int, fn, world: int, port: int, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        fn(*args)
+    finally:
+        destroy_group()
+
+
+def launch(fn, nproc: int, *args: object) -> None:
+    """Run fn(*args) in nproc spawned processes with torchrun's environment variables set (as `torchrun
+    --nproc-per-node nproc` would); raises if any of them fails. fn must be importable (spawn)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_run_rank, args=(fn, nproc, free_port(), args), nprocs=nproc, join=True)
