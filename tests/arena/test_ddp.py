@@ -50,3 +50,13 @@ def test_two_processes_follow_one_process_loss_curve(tmp_path: Path) -> None:
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
     assert h1.lm[-1] < h1.lm[0]   # it learned something: the comparison is not between two flat lines
+
+
+def test_arena_cli_nproc_2(tmp_path: Path) -> None:
+    from attnzoo.arena.cli import main
+    out = tmp_path / "arena"
+    assert main(["--mechanisms", "gqa", "--steps", "4", "--d-model", "32", "--layers", "2", "--seq-len", "64",
+                 "--batch-size", "2", "--replicates", "0", "--nproc", "2", "--no-decode", "--quiet",
+                 "--out", str(out)]) == 0
+    assert list(json.loads((out / "results.json").read_text())["mechanisms"]) == ["gqa"]
+    assert main(["--mechanisms", "dsa", "--nproc", "2", "--out", str(tmp_path / "x")]) == 2   # refused, no hang
