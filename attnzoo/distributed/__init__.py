@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,6 +20,27 @@ import torch.distributed as dist
 # How long a rank waits for its peers inside one collective before the group gives up (seconds). A worker
 # that dies is noticed sooner: its sockets close (gloo raises at once) and the engine checks its process.
 DEFAULT_TIMEOUT_S = float(os.environ.get("ATTNZOO_DIST_TIMEOUT", "300"))
+
+
+@dataclass
+class CommTimer:
+    """Seconds this process spent inside the layers' collectives (all-reduce, all-gather), when enabled
+    (bench/tp.py: the all-reduce share of a step)."""
+    enabled: bool = False
+    seconds: float = 0.0
+    calls: int = 0
+
+
+COMM = CommTimer()
+
+
+def _timed(op, *args, **kw) -> None:
+    if not COMM.enabled:
+        return op(*args, **kw)
+    t0 = time.perf_counter()
+    op(*args, **kw)
+    COMM.seconds += time.perf_counter() - t0
+    COMM.calls += 1
 
 
 @dataclass(frozen=True)
@@ -45,7 +67,7 @@ class ParallelContext:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns x."""
         if self.is_parallel:
-            dist.all_reduce(x, group=self.group)
+            _timed(dist.all_reduce, x, group=self.group)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +75,7 @@ class ParallelContext:
         if not self.is_parallel:
             return x
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        _timed(dist.all_gather, parts, x.contiguous(), group=self.group)
         return torch.cat(parts, -1)
 
     def broadcast_object(self, obj: object = None, src: int = 0) -> object:
