@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
     p.add_argument("--workers", type=int, help="mechanisms trained at once, one process each (default: 2 on a CPU "
                                                "with >= 2 cores, 1 on a GPU)")
+    p.add_argument("--nproc", type=int, default=1, help="train each mechanism with N data-parallel processes "
+                                                      "(DistributedDataParallel, gloo on the CPU / nccl on GPUs); "
+                                                      "under torchrun its WORLD_SIZE decides (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-speed measurement")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md and the plots from results.json")
@@ -150,10 +153,56 @@ def run(args: argparse.Namespace) -> Path:
     names = parse_mechanisms(args.mechanisms)
     s = settings_from(args)
     depth_for(names, s["layers"])
-    workers = args.workers or (1 if s["device"] == "cuda" else min(2, os.cpu_count() or 1))
+    global _DP
+    _DP = dp = data_parallel(args, s["device"])
+    if dp.is_parallel:
+        bad = sorted({"dsa", "msa"} & set(names))
+        if bad:
+            raise ValueError(f"--nproc > 1 cannot train {', '.join(bad)} (their index-branch distillation runs on one "
+                             f"process); leave them out or use --nproc 1")
+        if args.workers not in (None, 1):
+            raise ValueError("--nproc > 1 trains one mechanism at a time over all processes: drop --workers")
+    workers = 1 if dp.is_parallel else args.workers or (1 if s["device"] == "cuda" else min(2, os.cpu_count() or 1))
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (workers * dp.world_size))
+    if dp.rank != 0:   # a data-parallel helper: train what rank 0 trains, write nothing
+        torch.set_num_threads(threads)
+        jobs = dp.broadcast_object()
+        if jobs is None:
+            raise ValueError("rank 0 refused the run (its message above)")
+        for job in jobs:
+            job_run(job)
+        return out
+    try:
+        results, jobs = _plan(args, s, names, out, res_path, workers, threads)
+    except BaseException:
+        dp.broadcast_object(None)   # the other ranks must not wait for jobs that never come
+        raise
+    dp.broadcast_object(jobs)    # data parallel: the other ranks train the same runs in the same order
+
+    def finished(name: str, entry: dict) -> None:
+        results["mechanisms"][name] = entry
+        results["mechanisms"] = ordered(results["mechanisms"])
+        e = entry["eval"]
+        tqdm.write(f"{name}: val loss {e['val_loss']:.3f}, MQAR {' '.join(f'{v:.2f}' for v in e['mqar'].values())}, "
+                   f"{entry['train_tok_s']:.0f} train tok/s, {entry['seconds'] / 60:.1f} min", file=sys.stderr)
+        _write(res_path, results)
+        write_report(out, with_plots=False)
+
+    if workers == 1:
+        for job in jobs:
+            finished(job["run_name"], job_run(job))
+    else:
+        _pool(jobs, workers, finished)
+    path = write_report(out)
+    print(table(results))
+    return path
+
+
+def _plan(args: argparse.Namespace, s: dict, names: list[str], out: Path, res_path: Path, workers: int,
+          threads: int) -> tuple[dict, list[dict]]:
+    """Rank 0 (or the one process): check --resume, write the initial results.json, list the runs to do."""
     if res_path.exists() and not args.resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it, or --out for a new one")
     if res_path.exists():
@@ -181,24 +230,7 @@ def run(args: argparse.Namespace) -> Path:
     jobs = [dict(run_name=r, mech=m, seed=sd, s=s, out=str(out), resume=args.resume, progress=not args.quiet,
                  no_decode=args.no_decode, threads=threads) for r, m, sd in todo]
     jobs.sort(key=lambda j: -RELATIVE_COST.get(j["mech"], 1.0))  # longest first: the workers finish together
-
-    def finished(name: str, entry: dict) -> None:
-        results["mechanisms"][name] = entry
-        results["mechanisms"] = ordered(results["mechanisms"])
-        e = entry["eval"]
-        tqdm.write(f"{name}: val loss {e['val_loss']:.3f}, MQAR {' '.join(f'{v:.2f}' for v in e['mqar'].values())}, "
-                   f"{entry['train_tok_s']:.0f} train tok/s, {entry['seconds'] / 60:.1f} min", file=sys.stderr)
-        _write(res_path, results)
-        write_report(out, with_plots=False)
-
-    if workers == 1:
-        for job in jobs:
-            finished(job["run_name"], job_run(job))
-    else:
-        _pool(jobs, workers, finished)
-    path = write_report(out)
-    print(table(results))
-    return path
+    return results, jobs
 
 
 def _pool(jobs: list[dict], workers: int, finished) -> None:
@@ -223,6 +255,17 @@ def _pool(jobs: list[dict], workers: int, finished) -> None:
 
 
 _SLOT, _STOP = 0, None
+_DP = None   # this process's data-parallel context (set by run)
+
+
+def data_parallel(args: argparse.Namespace, device: str):
+    """The data-parallel context: torchrun's environment (or `launch`'s) when WORLD_SIZE > 1, else one process."""
+    from attnzoo import distributed
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) != args.nproc:
+        raise ValueError(f"--nproc {args.nproc} but WORLD_SIZE is {os.environ.get('WORLD_SIZE', 'unset')}")
+    return distributed.context_from_env(distributed.backend_for(device))
 
 
 def _init_worker(slots, stop) -> None:
@@ -271,7 +314,10 @@ def job_run(job: dict) -> dict:
     cfg = MECHANISMS[mech](shape_of(s))
     run_dir = Path(job["out"]) / run_name
     model, hist = train(run_name, cfg, train_config(s, job["seed"]), corpus, val, run_dir, resume=job["resume"],
-                        progress=job["progress"], position=_SLOT, stop=_STOP.is_set if _STOP is not None else None)
+                        progress=job["progress"], position=_SLOT, stop=_STOP.is_set if _STOP is not None else None,
+                        dp=_DP)
+    if _DP is not None and _DP.rank != 0:
+        return {}
     export_model(model, run_dir)
     model = load_model(run_dir).to(s["device"])  # what `attnzoo chat --model` will load
     ev = evaluate(mech, model, val=val, mqar_sets=mqar_sets, needles=needles, decode_prompt=prompt,
@@ -287,6 +333,15 @@ def job_run(job: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:   # start the ranks ourselves, as torchrun would
+        from attnzoo import distributed
+        try:
+            distributed.launch(_rank_main, args.nproc, list(sys.argv[1:] if argv is None else argv))
+        except Exception as e:  # noqa: BLE001 - a rank failed; its own message went to stderr
+            print(f"attnzoo arena: error: a data-parallel process failed: {str(e).strip().splitlines()[-1]}",
+                  file=sys.stderr)
+            return 2
+        return 0
     try:
         path = run(args)
     except ValueError as e:
@@ -295,8 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; `attnzoo arena --resume --out {args.out}` (same options) continues", file=sys.stderr)
         return 130
-    print(f"report: {path}", file=sys.stderr)
+    if _DP is None or _DP.rank == 0:
+        print(f"report: {path}", file=sys.stderr)
     return 0
+
+
+def _rank_main(argv: list[str]) -> None:
+    code = main(argv)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from attnzoo.arena.data import IGNORE, Corpus, kv_pairs, lm_batch, mqar, rng
 from attnzoo.arena.distill import IndexerDistillation
+from attnzoo.distributed import ParallelContext
 from attnzoo.layers.batch import Batch
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
@@ -125,10 +126,33 @@ def step_batch(corpus: Corpus, tc: TrainConfig, step: int) -> tuple[torch.Tensor
     return torch.cat(ids), torch.cat(labels), cu, tc.batch_size * tc.seq_len
 
 
-def packed_logits(model: DecoderLM, ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+def packed_logits(model: DecoderLM | nn.Module, ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     lens = (cu[1:] - cu[:-1]).tolist()
     pos = torch.cat([torch.arange(n) for n in lens]).to(ids.device)
-    return model.forward_batch(ids, Batch(positions=pos, cu_seqlens=cu.to(ids.device)))
+    if isinstance(model, DecoderLM):
+        return model.forward_batch(ids, Batch(positions=pos, cu_seqlens=cu.to(ids.device)))
+    return model(ids, pos, cu.to(ids.device))   # DistributedDataParallel(Packed(model))
+
+
+class Packed(nn.Module):
+    """forward_batch as a forward, so DistributedDataParallel (which hooks `forward`) can wrap it."""
+
+    def __init__(self, model: DecoderLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_batch(ids, Batch(positions=positions, cu_seqlens=cu))
+
+
+def shard_step(ids: torch.Tensor, labels: torch.Tensor, cu: torch.Tensor, lm_mask: torch.Tensor,
+               ctx: ParallelContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Data parallelism: this rank's sequences of the step (sequence i goes to rank i % N), as a packed batch."""
+    seqs = list(range(ctx.rank, cu.numel() - 1, ctx.world_size))
+    rows = torch.cat([torch.arange(int(cu[i]), int(cu[i + 1])) for i in seqs])
+    lens = torch.tensor([int(cu[i + 1] - cu[i]) for i in seqs])
+    local_cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)])
+    return ids[rows], labels[rows], local_cu, lm_mask[rows]
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -171,10 +195,16 @@ def _save(path: Path, obj: dict) -> None:
 
 def train(name: str, cfg: ModelConfig, tc: TrainConfig, corpus: Corpus, val: torch.Tensor, run_dir: Path, *,
           resume: bool = False, progress: bool = True, stop_at: int | None = None, position: int = 0,
-          stop: Callable[[], bool] | None = None) -> tuple[DecoderLM, History]:
+          stop: Callable[[], bool] | None = None, dp: ParallelContext | None = None) -> tuple[DecoderLM, History]:
     """Train (or resume) one contestant; checkpoints go to run_dir/checkpoint.pt. stop_at: leave after that
     many steps with a checkpoint (tests of resume). Ctrl-C, or `stop()` turning true before a step (worker
-    processes), checkpoints and raises KeyboardInterrupt."""
+    processes), checkpoints and raises KeyboardInterrupt.
+
+    dp: data parallelism over an initialised process group (DistributedDataParallel). Every rank builds the
+    same step and trains on its share of the sequences; each rank's loss is its sum of token losses over the
+    step's token counts (times N, which DDP's gradient averaging divides out), so the gradients, updates and
+    logged losses are one process's up to the order of the reductions. Rank 0 evaluates and checkpoints."""
+    dp = dp or ParallelContext.single()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint.pt"
     dev = torch.device(tc.device)
@@ -193,14 +223,24 @@ def train(name: str, cfg: ModelConfig, tc: TrainConfig, corpus: Corpus, val: tor
         opt.load_state_dict(state["optim"])
         hist, start = History(**state["history"]), state["step"]
     distill = IndexerDistillation(model, tc.aux_sequences)
+    if dp.is_parallel and distill:
+        raise ValueError("data-parallel training has no index-branch distillation yet (DSA, MSA): its KL is taken "
+                         "on a step's first sequences, which live on one rank; train these with one process")
+    net: nn.Module = model
+    if dp.is_parallel:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(Packed(model), find_unused_parameters=True)
+    lead = dp.rank == 0
 
     def checkpoint(step: int) -> None:
+        if not lead:
+            return
         _save(ckpt, {"step": step, "model": model.state_dict(), "optim": opt.state_dict(), "history": asdict(hist),
                      "train_config": asdict(tc), "model_config": asdict(cfg)})
 
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
     bar = tqdm(range(start, end), initial=start, total=tc.steps, desc=f"{name:>15}", unit="step",
-               disable=not progress, leave=position == 0, position=position, dynamic_ncols=True)
+               disable=not progress or not lead, leave=position == 0, position=position, dynamic_ncols=True)
     completed = start
     try:
         for step in bar:
@@ -212,14 +252,20 @@ def train(name: str, cfg: ModelConfig, tc: TrainConfig, corpus: Corpus, val: tor
             lr = tc.lr_at(step)
             for gr in opt.param_groups:
                 gr["lr"] = lr
-            logits = packed_logits(model, ids, cu).float()
-            ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
             lm_mask = torch.zeros_like(labels, dtype=torch.bool)
             lm_mask[:n_lm] = True
+            n_ans = int(((labels != IGNORE) & ~lm_mask).sum())           # the whole step's counts
+            step_tokens = int(ids.numel())
+            if dp.is_parallel:
+                ids, labels, cu, lm_mask = shard_step(ids, labels, cu, lm_mask, dp)
+            logits = packed_logits(net, ids, cu).float()
+            ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
             ans = (labels != IGNORE) & ~lm_mask
-            lm = ce[lm_mask].mean()
-            mq = ce[ans].mean() if ans.any() else lm.new_zeros(())
-            loss = lm + tc.mqar_weight * mq
+            lm = ce[lm_mask].sum() / n_lm
+            mq = ce[ans].sum() / n_ans if n_ans else lm.new_zeros(())
+            loss = (lm + tc.mqar_weight * mq) * dp.world_size
+            if dp.is_parallel:                                   # the logged values: the whole step's means
+                lm, mq = dp.all_reduce(torch.stack([lm.detach(), mq.detach()]))
             aux = distill.loss() if distill else None
             if aux is not None:
                 loss = loss + tc.aux_weight * aux
@@ -232,14 +278,14 @@ def train(name: str, cfg: ModelConfig, tc: TrainConfig, corpus: Corpus, val: tor
                 torch.cuda.synchronize()
             if step >= start + 2 or start + 2 >= end:  # the first steps pay one-time costs
                 hist.train_seconds += time.perf_counter() - t0
-                hist.train_tokens += int(ids.numel())
+                hist.train_tokens += step_tokens
             hist.steps.append(step)
             hist.lm.append(lm.item())
             hist.mqar.append(mq.item())
             hist.aux.append(aux.item() if aux is not None else 0.0)
             hist.lr.append(lr)
             done = completed
-            if done % tc.eval_every == 0 or done == tc.steps:
+            if lead and (done % tc.eval_every == 0 or done == tc.steps):
                 hist.val_steps.append(done)
                 hist.val.append(val_loss(model, val))
             if done % tc.ckpt_every == 0 or done == end:

@@ -2,8 +2,9 @@
 generator it is tested against."""
 
 from attnzoo.engine.llm import LLM, CompletionOutput, RequestOutput
+from attnzoo.engine.tp import EngineDeadError
 from attnzoo.engine.sampling import SamplingParams
 from attnzoo.engine.simple import GenerationConfig, generate, stream_generate
 
-__all__ = ["LLM", "CompletionOutput", "GenerationConfig", "RequestOutput", "SamplingParams", "generate",
+__all__ = ["LLM", "CompletionOutput", "EngineDeadError", "GenerationConfig", "RequestOutput", "SamplingParams", "generate",
            "stream_generate"]

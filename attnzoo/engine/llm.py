@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -21,8 +22,9 @@ from attnzoo.engine.model_runner import ModelRunner
 from attnzoo.engine.request import Request
 from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from attnzoo.engine.scheduler import Scheduler, SchedulerConfig
+from attnzoo.engine.tp import CacheArgs, EngineDeadError, TensorParallelGroup
 from attnzoo.models.decoder import DecoderLM
-from attnzoo.models.registry import DEFAULT_MODEL, default_device, load_model
+from attnzoo.models.registry import DEFAULT_MODEL, default_device, load_model, resolve, resolve_dtype
 from attnzoo.ops.attention.invariant import KEY_BLOCK
 from attnzoo.ops.batch_invariant import check_gemm_invariance
 
@@ -144,13 +146,16 @@ class LLM:
                  page_size: int = 16, kv_cache_memory: int | None = None, kv_cache_fraction: float | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, seed: int = 0, device: str | torch.device | None = None,
-                 deterministic: bool = False):
+                 deterministic: bool = False, tensor_parallel_size: int = 1):
         """kv_cache_memory (bytes) or kv_cache_fraction (of the memory available at start-up) sets the KV
         budget; by default it is what max_num_seqs sequences of max_model_len tokens need, capped at
         DEFAULT_KV_CACHE_FRACTION of the available memory and never less than one such sequence.
         max_model_len caps the context the engine serves (default and maximum: the model's).
         deterministic=True: every request gets the same tokens whatever runs beside it (batch-invariant
-        matmuls and attention, docs/deterministic.md); CPU only, softmax-attention models only, slower."""
+        matmuls and attention, docs/deterministic.md); CPU only, softmax-attention models only, slower.
+        tensor_parallel_size=N > 1: N processes (this one and N-1 workers) each hold 1/N of the heads, MLP
+        channels, vocabulary and KV cache (engine/tp.py, the rules in models/sharding.py); the model must be a
+        transformers checkpoint directory; `close()` stops the workers."""
         for name, value, lo in (("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
                                 ("max_num_batched_tokens", max_num_batched_tokens, 1)):
             _check_count(name, value, lo)
@@ -165,7 +170,12 @@ class LLM:
         # kernel there), else the CPU. dtype ("auto" decided for that device) applies when loading by name
         # or path; a passed-in model keeps its own
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = (model if isinstance(model, DecoderLM) else load_model(model, dtype, self.device)).to(self.device)
+        self.tp: TensorParallelGroup | None = None
+        _check_count("tensor_parallel_size", tensor_parallel_size, 1)
+        if tensor_parallel_size > 1:
+            self.model = self._start_tensor_parallel(model, dtype, tensor_parallel_size, deterministic)
+        else:
+            self.model = (model if isinstance(model, DecoderLM) else load_model(model, dtype, self.device)).to(self.device)
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config
         if max_model_len is not None:  # longer than the model's own would run RoPE past what it was built for
@@ -176,7 +186,8 @@ class LLM:
         check_servable(specs)
         # with prefix caching, a model with recurrent layers keeps up to one snapshot of its states per
         # sequence it can run (docs/engine.md, "Prefix caching for hybrids")
-        snapshots = max_num_seqs if enable_prefix_caching else 0
+        # (one process only: under tensor parallelism the workers' state shards would need the same copies)
+        snapshots = max_num_seqs if enable_prefix_caching and tensor_parallel_size == 1 else 0
         fixed, per_seq = sequence_bytes(specs, page_size, dtype, max_num_seqs, max_num_batched_tokens,
                                         self.max_model_len, snapshots)
         available = None if kv_cache_memory is not None else available_memory(self.device)
@@ -204,10 +215,52 @@ class LLM:
         if deterministic:
             check_deterministic(self.model, self.device, page_size)
         self.runner = ModelRunner(self.model, self.kv, deterministic)
+        if self.tp is not None:   # the workers build their shards of the cache with this plan
+            self.kv.fresh = ([], [])
+            self.tp.start_caches(CacheArgs(plan.num_pages, page_size, plan.state_slots, plan.window_pages))
         self.sampler = Sampler(torch.Generator().manual_seed(seed))
         self.eos_token_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else list(cfg.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
+
+    def _start_tensor_parallel(self, model: str | os.PathLike | DecoderLM, dtype: str | torch.dtype, size: int,
+                               deterministic: bool) -> DecoderLM:
+        if isinstance(model, DecoderLM):
+            raise ValueError("tensor_parallel_size > 1 loads each rank's shard from the checkpoint: pass the path "
+                             "of a transformers directory, not a loaded model")
+        if deterministic:
+            raise ValueError("deterministic mode runs in one process: it does not combine with tensor_parallel_size "
+                             "> 1")
+        path = resolve(model)
+        if not (path.is_dir() and (path / "config.json").exists()):
+            raise ValueError(f"tensor_parallel_size > 1 needs a transformers checkpoint directory (config.json + "
+                             f"safetensors); {path} is not one")
+        self.tp = TensorParallelGroup(path, size, resolve_dtype(dtype, self.device), self.device)
+        self.device = self.tp.device
+        weakref.finalize(self, self.tp.close)   # no worker outlives an engine that is garbage-collected
+        return self.tp.model
+
+    def health_error(self) -> str | None:
+        """Why the engine cannot step (a tensor-parallel worker died), or None; cheap enough for /health."""
+        if self.tp is None:
+            return None
+        if self.tp.dead is not None:
+            return self.tp.dead
+        for rank, p in enumerate(self.tp.procs, 1):
+            if not p.is_alive():
+                return f"tensor-parallel rank {rank} (pid {p.pid}) died (exit code {p.exitcode})"
+        return None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do in one process); the engine cannot step after."""
+        if self.tp is not None:
+            self.tp.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def max_concurrent_sequences(self, num_tokens: int) -> int:
         """How many sequences of num_tokens tokens (prompt + output) can run at once in this cache."""
@@ -263,6 +316,13 @@ class LLM:
             if not r.finished:
                 self.scheduler.finish(r, "abort")
 
+    def _abort_all(self) -> None:
+        for group in list(self._groups.values()):
+            for r in group.children:
+                if not r.finished:
+                    self.scheduler.finish(r, "abort")
+        self._groups.clear()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -270,10 +330,20 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, sample, check stops. Returns snapshots of the request groups that
         changed (finished groups are then forgotten)."""
+        if self.tp is not None and self.tp.dead is not None:
+            raise EngineDeadError(self.tp.dead)
         plan = self.scheduler.schedule()
         if plan.empty:
             return self._collect(set())
-        logits, sampling = self.runner.run(plan)
+        if self.tp is None:
+            logits, sampling = self.runner.run(plan)
+        else:
+            inputs, sampling = self.runner.prepare(plan)
+            try:
+                logits = self.tp.run(self.runner, inputs)
+            except EngineDeadError:
+                self._abort_all()   # pending requests end; their pages go back before the error propagates
+                raise
         now = time.monotonic()
         for req, n in zip(plan.requests, plan.num_new):
             req.num_computed += n

@@ -125,6 +125,9 @@ class PagedKVCache:
         model with recurrent layers); keys_pages: size of the bookkeeping table that keys the radix tree
         when no layer attends to the full context (0: no prefix caching for such a model)."""
         self.page_size, self.num_pages, self.device = page_size, num_pages, torch.device(device)
+        # under tensor parallelism rank 0 records the pages and state slots it zeroes, so that the workers,
+        # whose caches hold the other head shards, zero the same ones before the step (None: not recorded)
+        self.fresh: tuple[list[tuple[int, list[int]]], list[int]] | None = None
         recurrent = {i: s for i, s in flat_specs(specs) if s.kind is CacheKind.STATE}
         if recurrent and num_state_slots < 1:
             raise ValueError("this model has recurrent-state layers: give the cache num_state_slots >= 1")
@@ -215,6 +218,8 @@ class PagedKVCache:
             table.extend(pages)
         if self.states is not None and req.state_slot is None:
             req.state_slot = self.states.take()
+            if self.fresh is not None:
+                self.fresh[1].append(req.state_slot)
         return True
 
     def _zero_pages(self, table: int, pages: list[int]) -> None:
@@ -223,11 +228,28 @@ class PagedKVCache:
         a sequence can read may hold uninitialised memory or another sequence's NaN."""
         if not pages:
             return
+        if self.fresh is not None:
+            self.fresh[0].append((table, list(pages)))
         idx = torch.tensor(pages, dtype=torch.long, device=self.device)
         for g in self.groups:
             if g.table == table:
                 for t in g.tensors.values():
                     t.index_fill_(g.pages_axis, idx, 0)
+
+    def drain_fresh(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        """(pages per table, state slots) zeroed since the last call (empty unless recording)."""
+        if self.fresh is None:
+            return [], []
+        out, self.fresh = self.fresh, ([], [])
+        return out
+
+    def zero_fresh(self, pages: list[tuple[int, list[int]]], slots: list[int]) -> None:
+        """A tensor-parallel worker's cache: zero what rank 0 zeroed when it handed these out."""
+        for table, ps in pages:
+            self._zero_pages(table, ps)
+        for slot in slots:
+            for t in (*self.states.conv.values(), *self.states.state.values()):
+                t[slot].zero_()
 
     def match_prefix(self, req: Request) -> None:
         """Adopt the longest cached prefix of req's tokens that every cache group can serve (the last token

@@ -51,6 +51,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="each request gets the same tokens whatever runs beside it (batch-invariant kernels, CPU, "
                         "softmax-attention models; slower: docs/deterministic.md)")
+    p.add_argument("--tensor-parallel-size", type=cli_args.positive_int, default=1, metavar="N",
+                   help="split the model over N processes (gloo on the CPU, nccl over N GPUs): each holds 1/N of "
+                        "the heads, MLP channels, vocabulary and KV cache; needs a transformers checkpoint "
+                        "directory (default 1)")
     ServerLimits.add_args(p.add_argument_group("request limits (400, 413 or 429 beyond)"))
 
 
@@ -90,7 +94,8 @@ def serve(args: argparse.Namespace) -> None:
     bound_kernel_caches()
     llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
               kv_cache_fraction=args.kv_cache_fraction, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, deterministic=args.deterministic)
+              max_num_seqs=args.max_num_seqs, deterministic=args.deterministic,
+              tensor_parallel_size=args.tensor_parallel_size)
     name = args.served_model_name or args.model
     app = build_app(llm, name, model_aliases={args.model}, api_key=args.api_key,
                     limits=limits)
@@ -102,3 +107,5 @@ def serve(args: argparse.Namespace) -> None:
             uvicorn.Server(config).run(sockets=[sock])
         except KeyboardInterrupt:  # Ctrl-C is how a server stops; uvicorn has shut down cleanly by now
             pass
+        finally:
+            llm.close()  # tensor-parallel workers stop with the server

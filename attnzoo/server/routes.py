@@ -48,6 +48,8 @@ async def health(request: Request) -> Response:
     eng = _state(request).engine
     if not eng.alive:
         return error_response(503, f"engine is not running: {eng.error!r}", code="engine_dead")
+    if (why := eng.llm.health_error()) is not None:   # a dead worker is reported before the next step meets it
+        return error_response(503, f"engine is not running: {why}", code="engine_dead")
     stalled = time.monotonic() - eng.last_step_time
     if eng.busy and stalled > _state(request).stall_timeout_s:
         return error_response(503, f"engine has not completed a step for {stalled:.0f} s", code="engine_stalled")

@@ -1,0 +1,118 @@
+"""Tensor parallelism on the CPU (gloo, 2 processes): greedy tokens of tensor_parallel_size=2 equal those of one
+process (fp32) for each family the sharding rules split; a killed worker fails the engine cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+pytest.importorskip("transformers")
+
+from attnzoo.engine import LLM, EngineDeadError, SamplingParams  # noqa: E402
+from attnzoo.models import load_model  # noqa: E402
+from attnzoo.models.hf_loader import config_from_hf  # noqa: E402
+from attnzoo.models.sharding import check_tensor_parallel  # noqa: E402
+
+from tests.hf_oracle import random_prompts  # noqa: E402
+
+NEW = 12
+GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+
+
+def _llama(path: Path) -> Path:
+    from tests.models.test_hf_conformance import make_hf, save
+    # MQA-free GQA: 4 query heads, 2 KV heads (one per rank); vocabulary 128 splits evenly
+    return save(make_hf("llama", dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                      mlp_bias=True)), path)
+
+
+def _qwen3(path: Path) -> Path:
+    from tests.models.test_hf_conformance import make_hf, save
+    # one KV head: replicated on both ranks; a vocabulary of 127 leaves the last rank's slice padded
+    return save(make_hf("qwen3", dict(num_key_value_heads=1, vocab_size=127, tie_word_embeddings=True)), path)
+
+
+def _deepseek_v3(path: Path) -> Path:
+    from tests.models.test_deepseek_v3 import make_hf
+    hf = make_hf({"first_k_dense_replace": 1, "n_routed_experts": 8, "n_group": 2, "topk_group": 2,
+                  "n_shared_experts": 2})
+    hf.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _qwen3_next(path: Path) -> Path:
+    from tests.models.test_delta_models import make_hf
+    make_hf("qwen3_next").save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _deepseek_v32(path: Path) -> Path:
+    from tests.models.test_dsa_models import make_hf
+    make_hf("deepseek_v32").save_pretrained(path, safe_serialization=True)
+    return path
+
+
+FAMILIES = {"llama": _llama, "qwen3": _qwen3, "deepseek_v3": _deepseek_v3, "qwen3_next": _qwen3_next,
+            "deepseek_v32": _deepseek_v32}
+
+
+def _engine(path: Path, tp: int, **kw) -> LLM:
+    return LLM(path, dtype="float32", device="cpu", tensor_parallel_size=tp, kv_cache_memory=4 << 20, page_size=4,
+               max_num_seqs=8, **kw)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_tokens_match_one_process(family: str, tmp_path: Path) -> None:
+    path = FAMILIES[family](tmp_path / family)
+    vocab = config_from_hf(__import__("json").loads((path / "config.json").read_text())).vocab_size
+    prompts = random_prompts(vocab, (5, 23, 9))
+    one = _engine(path, 1, max_num_batched_tokens=16)     # chunked prefill, so decode and prefill share steps
+    want = [o.token_ids for o in one.generate(prompts, GREEDY, use_tqdm=False)]
+    with _engine(path, 2, max_num_batched_tokens=16) as two:
+        # each rank holds half the heads: the cache's per-token bytes halve unless the cache is replicated
+        outs = two.generate(prompts + prompts[:1], GREEDY, use_tqdm=False)
+        assert [o.token_ids for o in outs] == want + want[:1]
+        two.check_integrity()
+        procs = two.tp.procs
+        # rank 0 holds half of the query heads (and of the KV heads where there are enough to split)
+        assert two.model.local_config.num_heads == two.model.config.num_heads // 2
+    assert all(not p.is_alive() for p in procs)   # close() reaped the worker
+
+
+def test_killed_worker_fails_the_engine_cleanly(tmp_path: Path) -> None:
+    path = _llama(tmp_path / "llama")
+    llm = _engine(path, 2)
+    worker = llm.tp.procs[0]
+    for p in random_prompts(128, (7, 11)):
+        llm.add_request(p, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    os.kill(worker.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError):
+        for _ in range(200):   # the step in flight (or the next) notices: no hang
+            llm.step()
+    assert time.monotonic() - start < 30
+    assert not llm.has_unfinished()          # pending requests ended
+    with pytest.raises(EngineDeadError):
+        llm.step()                           # and the engine stays dead
+    worker.join(5)
+    assert all(not p.is_alive() for p in llm.tp.procs)
+    llm.close()
+
+
+def test_sizes_that_do_not_divide_are_refused_with_the_allowed_ones(tmp_path: Path) -> None:
+    raw = __import__("json").loads((_llama(tmp_path / "llama") / "config.json").read_text())
+    cfg = config_from_hf(raw)      # 4 query heads, 2 KV heads, intermediate 96
+    check_tensor_parallel(cfg, 4)  # 4 ranks: one query head each, KV heads replicated
+    with pytest.raises(ValueError, match=r"must divide num_attention_heads 4.*allowed sizes for it: 1, 2, 4"):
+        check_tensor_parallel(cfg, 3)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        LLM(tmp_path / "llama", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="transformers checkpoint directory"):
+        LLM(tmp_path, tensor_parallel_size=2)          # a directory without config.json
+    with pytest.raises(ValueError, match="not a loaded model"):
+        LLM(load_model(tmp_path / "llama"), tensor_parallel_size=2)
