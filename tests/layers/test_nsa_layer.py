@@ -125,13 +125,18 @@ def test_selection_of_every_block_is_dense_causal_attention(mode: str) -> None:
     assert diff > 1e-3, f"3 of {T // l_sel} blocks should not give dense attention (max diff {diff:.2e})"
 
 
-def test_cache_raises_and_cache_spec() -> None:
+def test_cached_path_equals_one_pass() -> None:
+    """Through a cache (raw K/V rows + one compressed row per completed block) a prefill chunk and then
+    token-by-token steps give the one-pass outputs, past several compression and selection blocks."""
     layer = _layer(4)
-    spec = layer.cache_spec()  # no decode cache: said so, not a FullKV that no cache could serve
-    assert spec.kind is CacheKind.UNSERVED and spec.mechanism == "NSA"
-    assert spec.bytes_per_token(2) == 2 * HKV * D * 2  # costed as its raw K/V
-    b = Batch.dense(1, 4, cache=ContiguousKVCache(batch_size=1, max_len=8))
-    with pytest.raises(NotImplementedError, match="NSA decode through the engine is not implemented"):
-        layer(torch.randn(4, HID, dtype=F64), None, b)
-    # rope may be None (training path)
-    assert layer(torch.randn(20, HID, dtype=F64), None, Batch.dense(1, 20)).shape == (20, HID)
+    rows, cmp = layer.cache_spec()
+    assert (rows.kind, cmp.kind) == (CacheKind.ROWS, CacheKind.COMPRESSED)
+    assert rows.dim == 3 * 2 * HKV * D and (cmp.dim, cmp.block_len, cmp.stride) == (2 * HKV * D, 8, 4)
+    x = torch.randn(40, HID, dtype=F64)
+    full = layer(x, None, Batch.dense(1, 40))   # rope may be None (no positions rotated)
+    cache = ContiguousKVCache(batch_size=1, max_len=40)
+    outs = [layer(x[:7], None, Batch.dense(1, 7, cache=cache))]
+    for t in range(7, 40):
+        cache.length = t
+        outs.append(layer(x[t:t + 1], None, Batch.dense(1, 1, start=t, cache=cache)))
+    torch.testing.assert_close(torch.cat(outs), full, rtol=1e-10, atol=1e-10)
