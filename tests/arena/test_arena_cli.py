@@ -12,7 +12,7 @@ from attnzoo.arena.cli import main as arena_main
 from attnzoo.arena.report import PLOTS, claims
 from attnzoo.cli import main
 
-TINY = ["--mechanisms", "gdn,gqa", "--steps", "16", "--d-model", "32", "--layers", "4", "--seq-len", "64",
+TINY = ["--track", "lm", "--mechanisms", "gdn,gqa", "--steps", "16", "--d-model", "32", "--layers", "4", "--seq-len", "64",
         "--batch-size", "2", "--replicates", "0", "--workers", "1", "--threads", "1", "--quiet"]
 
 
@@ -57,12 +57,25 @@ def test_tiny_arena_run_report_plots_and_reproducibility(tmp_path, capsys):
     assert arena_main(["--out", str(a), "--report-only"]) == 0
 
 
+def test_recall_track_through_the_cli(tmp_path):
+    out = tmp_path / "r"
+    assert main(["arena", "--track", "recall", "--mechanisms", "gqa,swa_hybrid_5_1", "--recall-steps", "10",
+                 "--recall-seeds", "2", "--workers", "1", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    res = _results(out)
+    assert list(res["recall"]) == ["gqa_seed0", "gqa_seed1"] and res["mechanisms"] == {}
+    assert "swa_hybrid_5_1" in res["recall_skipped"]
+    report = (out / "report.md").read_text()
+    assert "## Recall track" in report and "| gqa | 2 |" in report and "does not tile 4 layers" in report
+    assert (out / "recall_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--mechanisms", "gqa,flash"], "unknown mechanism flash; allowed: all, mha, mqa, gqa, swa"),
     (["--mechanisms", "swa_hybrid_5_1", "--layers", "4"], "multiple of 6"),
     (["--d-model", "30", "--heads", "4"], "multiple of --heads"),
     (["--seq-len", "100"], "multiple of 16"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--recall-seeds", "0"], "--recall-seeds must be >= 1"),
     (["--report-only", "--out", "/nonexistent/arena"], "nothing to report"),
 ])
 def test_bad_options_one_sentence(argv, message, capsys, tmp_path):
