@@ -14,7 +14,7 @@ import torch
 
 from attnzoo.arena.costs import attention_flops_per_token, kv_read_bytes_per_token
 from attnzoo.arena.mechanisms import DESCRIPTIONS, MECHANISMS
-from attnzoo.arena.noise import Interval, bootstrap, over_seeds, verdict
+from attnzoo.arena.noise import Interval, over_seeds, verdict
 from attnzoo.models.config import ModelConfig
 
 PLOTS = ("loss_curves.png", "accuracy_vs_length.png", "cost_vs_context.png")
