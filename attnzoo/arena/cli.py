@@ -37,7 +37,7 @@ PRESETS: dict[str, dict] = {
                 needle_depths=[0.1, 0.3, 0.5, 0.7, 0.9], needle_per_depth=2, decode_context=4096, decode_tokens=32,
                 cost_contexts=[32768, 1 << 20], max_positions=8192, replicates=1,
                 # the recall track: what 2 shared cores train for 12 mechanisms x 2 seeds in ~12 minutes
-                recall=dict(seq_len=16, kv_pairs=2, vocab=8, noise="pad", hidden=64, layers=4, heads=4, steps=250,
+                recall=dict(seq_len=16, kv_pairs=2, vocab=8, noise="pad", with_replacement=True, hidden=64, layers=4, heads=4, steps=250,
                             batch_size=32, lr=3e-3, eval_every=25, eval_examples=256, curve_examples=128,
                             eval_lengths=[16, 32, 64], seeds=2)),
     "gpu": dict(hidden=256, layers=12, heads=8, head_dim=32, intermediate=768, seq_len=1024, batch_size=32,
@@ -47,7 +47,7 @@ PRESETS: dict[str, dict] = {
                 decode_context=4096, decode_tokens=64, cost_contexts=[32768, 1 << 20], max_positions=16384,
                 replicates=1,
                 # sizes only: never run on a GPU yet (see the README)
-                recall=dict(seq_len=128, kv_pairs=16, vocab=64, noise="values", hidden=128, layers=4, heads=4,
+                recall=dict(seq_len=128, kv_pairs=16, vocab=64, noise="values", with_replacement=True, hidden=128, layers=4, heads=4,
                             steps=2000, batch_size=128, lr=3e-3, eval_every=100, eval_examples=512,
                             curve_examples=256, eval_lengths=[128, 256, 512], seeds=2)),
 }

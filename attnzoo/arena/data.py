@@ -121,14 +121,17 @@ def val_windows(tokens: np.ndarray, seq_len: int, count: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- MQAR
 
 def mqar(num_examples: int, seq_len: int, num_kv_pairs: int, generator: np.random.Generator, *,
-         vocab: int = MQAR_KEYS, noise: str = "values") -> tuple[torch.Tensor, torch.Tensor]:
+         vocab: int = MQAR_KEYS, noise: str = "values", with_replacement: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-query associative recall. Returns (inputs [N, T], labels [N, T]); labels are IGNORE except at
     the query positions, where they hold the value the model must predict next.
 
     Layout: k1 v1 k2 v2 ... kD vD | the rest: D queries (each key once, in random order) at random even
     offsets, each followed by its value; the other positions hold random value tokens (noise="values") or
     <|pad|> (noise="pad": the recall track's easier, scaled-down setting). Keys and values are drawn from the
-    first `vocab` ids of their ranges."""
+    first `vocab` ids of their ranges. with_replacement: each query asks a random key (repeats allowed) instead
+    of every key once, which closes a shortcut: asking every key once lets a model answer the last query by
+    elimination (with 2 pairs, 0.75 accuracy without any recall)."""
     T, D = seq_len, num_kv_pairs
     if T % 2 or D < 1 or 4 * D > T:
         raise ValueError(f"MQAR needs an even seq_len >= 4 * num_kv_pairs >= 4; got seq_len {T}, pairs {D}")
@@ -146,7 +149,8 @@ def mqar(num_examples: int, seq_len: int, num_kv_pairs: int, generator: np.rando
     x[:, 0:2 * D:2], x[:, 1:2 * D:2] = keys, values
     slots = (T - 2 * D) // 2                                        # query slots: even offsets after the pairs
     pick = np.argsort(g.random((num_examples, slots)), axis=1)[:, :D]     # D distinct slots per example
-    order = np.argsort(g.random((num_examples, D)), axis=1)               # which pair each slot asks
+    order = (g.integers(0, D, size=(num_examples, D)) if with_replacement     # which pair each slot asks
+             else np.argsort(g.random((num_examples, D)), axis=1))
     pos = 2 * D + 2 * pick
     rows = np.arange(num_examples)[:, None]
     x[rows, pos] = np.take_along_axis(keys, order, 1)

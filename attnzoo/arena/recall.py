@@ -33,6 +33,7 @@ class RecallConfig:
     kv_pairs: int = 4                        # at the training length; longer tests keep the density
     vocab: int = 16                          # distinct keys (and values): chance is 1 / vocab
     noise: str = "pad"                       # filler between queries: <|pad|> (or random values: harder)
+    with_replacement: bool = True            # queries ask random keys: no answering by elimination (data.mqar)
     hidden: int = 128
     layers: int = 4                          # 3:1 hybrids tile 4 layers; the 5:1 one needs 6
     heads: int = 4
@@ -50,7 +51,11 @@ class RecallConfig:
             raise ValueError(f"the recall track's eval lengths {self.eval_lengths} must include its training "
                              f"length {self.seq_len}")
         for n in self.eval_lengths:
-            data.mqar(1, n, self.pairs(n), data.rng(0), vocab=self.vocab, noise=self.noise)  # raises if impossible
+            data.mqar(1, n, self.pairs(n), data.rng(0), **self.task)  # raises if impossible
+
+    @property
+    def task(self) -> dict:
+        return dict(vocab=self.vocab, noise=self.noise, with_replacement=self.with_replacement)
 
     def pairs(self, length: int) -> int:
         return max(1, self.kv_pairs * length // self.seq_len)
@@ -67,7 +72,7 @@ class RecallConfig:
 
 def recall_test_sets(rc: RecallConfig) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Fixed test sets, one per length; seed stream 5 is never trained on and the same for every seed."""
-    return {n: data.mqar(rc.eval_examples, n, rc.pairs(n), data.rng(0, 5, n), vocab=rc.vocab, noise=rc.noise)
+    return {n: data.mqar(rc.eval_examples, n, rc.pairs(n), data.rng(0, 5, n), **rc.task)
             for n in rc.eval_lengths}
 
 
@@ -111,8 +116,7 @@ def train_recall(mech: str, rc: RecallConfig, seed: int, *, stop: Callable[[], b
         for step in range(rc.steps):
             if stop is not None and stop():
                 raise KeyboardInterrupt
-            x, y = data.mqar(rc.batch_size, rc.seq_len, rc.kv_pairs, data.rng(seed, 6, step), vocab=rc.vocab,
-                             noise=rc.noise)
+            x, y = data.mqar(rc.batch_size, rc.seq_len, rc.kv_pairs, data.rng(seed, 6, step), **rc.task)
             x, y = x.to(dev), y.to(dev)
             s0 = time.perf_counter()
             for g in opt.param_groups:

@@ -8,16 +8,16 @@ import pytest
 from attnzoo.arena.recall import RecallConfig, recall_mechanisms, recall_test_sets, train_recall
 from attnzoo.arena.report import claims_table, recall_intervals, recall_table
 
-TINY = RecallConfig(seq_len=16, kv_pairs=2, vocab=8, hidden=64, layers=2, heads=4, steps=120, batch_size=32,
+TINY = RecallConfig(seq_len=16, kv_pairs=2, vocab=8, hidden=64, layers=2, heads=4, steps=200, batch_size=32,
                     lr=3e-3, eval_every=40, eval_examples=128, curve_examples=64, eval_lengths=(16, 32))
 
 
 def test_gqa_learns_recall_on_a_tiny_setting():
     r = train_recall("gqa", TINY, seed=0)
     acc = r["acc"]["16"]
-    assert acc["mean"] >= 3 * TINY.chance, acc                      # chance: 1 / 8
-    assert acc["lo"] > 2 * TINY.chance                             # and its whole interval above it
-    assert r["curve"]["steps"] == [40, 80, 120] and r["curve"]["acc"][-1] > r["curve"]["acc"][0] - 0.05
+    # chance is 1 / 8; "one of the 2 values in context" (what a model without recall learns) is 0.5
+    assert acc["mean"] >= 0.7 and acc["lo"] > 0.6, acc
+    assert r["curve"]["steps"] == [40, 80, 120, 160, 200] and r["curve"]["acc"][-1] > r["curve"]["acc"][0] + 0.2
     assert r["curve"]["loss"][-1] < r["curve"]["loss"][0]
     assert set(r["acc"]) == {"16", "32"} and len(r["per_sequence"]["32"]) == 128
     again = train_recall("gqa", TINY, seed=0)
