@@ -57,4 +57,4 @@ def test_report_intervals_and_verdicts_on_known_runs():
     assert lines["MQAR @16"].rstrip().endswith("| supported |")             # 0.35 vs 0.925: apart
     assert lines["MQAR @32"].rstrip().endswith("| not distinguishable |")   # overlapping at twice the length
     table = recall_table(res)
-    assert "| gqa | 2 |" in table and "0.925 [0.860, 0.980]" in table and "10 / 10" not in table
+    assert "| gqa | 2 |" in table and "0.925 [0.860, 0.980]" in table and "| 20 / 20 |" in table and "| — / — |" in table
