@@ -30,7 +30,8 @@ from attnzoo.arena.mechanisms import MECHANISMS, Shape, depth_for, parse_mechani
 from attnzoo.arena.report import machine, ordered, table, write_report
 
 PRESETS: dict[str, dict] = {
-    # ~20 minutes for all 13 mechanisms + one seed replicate on 2 cores (2 workers); see the README's arena section
+    # on 2 cores (2 workers): the LM track ~20 minutes (13 mechanisms + a GQA replicate, quiet machine, before the
+    # init change), the recall track ~12 (shared machine): together over the 25; see the README
     "cpu": dict(hidden=64, layers=12, heads=4, head_dim=16, intermediate=192, seq_len=256, batch_size=8, steps=250,
                 lr=3e-3, mqar_tokens=1024, mqar_lengths=[64, 128, 256], eval_every=50, eval_windows=32,
                 mqar_eval_lengths=[64, 128, 256, 512], mqar_eval_examples=16, needle_contexts=[512, 1024],
@@ -67,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-steps", type=int, help="training steps per recall-track run")
     p.add_argument("--recall-seeds", type=int, help="seeds per mechanism in the recall track (preset: 2)")
     p.add_argument("--mechanisms", default="all", help="all, or a comma-separated list (default all)")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="sizes and lengths (default cpu: < 30 min "
-                                                                           "on 2 cores; gpu: larger)")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="sizes and lengths (default cpu: ~30 min "
+                                                                           "on 2 cores for both tracks; gpu: larger)")
     p.add_argument("--steps", type=int, help="training steps per mechanism")
     p.add_argument("--d-model", type=int, dest="hidden", metavar="D",
                    help="hidden size (head_dim follows: d_model / heads)")
