@@ -5,6 +5,8 @@ data.py        byte-level corpus (the CPython standard library), MQAR, the needl
 train.py       AdamW + cosine, one seed for init and data order, checkpoints and resume, tokens/s
 distill.py     KL training of the index branches the LM loss cannot reach (DSA, MSA)
 evaluate.py    validation loss, MQAR and needle accuracy, decode tokens/s through the engine
+recall.py      the recall track: small models trained on MQAR alone, accuracy curves and intervals
+noise.py       bootstrap intervals, seed envelopes, "not distinguishable" verdicts
 costs.py       FLOPs and KV bytes per token over all layers (each layer priced by its mechanism family)
 export.py      trained model -> a directory the engine loads (native checkpoint + byte-level tokenizer)
 report.py      results.json -> report.md + PNG plots

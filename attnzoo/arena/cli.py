@@ -30,18 +30,27 @@ from attnzoo.arena.mechanisms import MECHANISMS, Shape, depth_for, parse_mechani
 from attnzoo.arena.report import machine, ordered, table, write_report
 
 PRESETS: dict[str, dict] = {
-    # ~20 minutes for all 13 mechanisms + one seed replicate on 2 cores (2 workers); see the README's arena section
+    # on 2 cores (2 workers): the LM track ~20 minutes (13 mechanisms + a GQA replicate, quiet machine, before the
+    # init change), the recall track ~12 (shared machine): together over the issue's 25; see the README
     "cpu": dict(hidden=64, layers=12, heads=4, head_dim=16, intermediate=192, seq_len=256, batch_size=8, steps=250,
                 lr=3e-3, mqar_tokens=1024, mqar_lengths=[64, 128, 256], eval_every=50, eval_windows=32,
                 mqar_eval_lengths=[64, 128, 256, 512], mqar_eval_examples=16, needle_contexts=[512, 1024],
                 needle_depths=[0.1, 0.3, 0.5, 0.7, 0.9], needle_per_depth=2, decode_context=4096, decode_tokens=32,
-                cost_contexts=[32768, 1 << 20], max_positions=8192, replicates=1),
+                cost_contexts=[32768, 1 << 20], max_positions=8192, replicates=1,
+                # the recall track: what 2 shared cores train for 12 mechanisms x 2 seeds in ~12 minutes
+                recall=dict(seq_len=16, kv_pairs=2, vocab=8, noise="pad", with_replacement=True, hidden=64, layers=4, heads=4, steps=250,
+                            batch_size=32, lr=3e-3, eval_every=25, eval_examples=256, curve_examples=128,
+                            eval_lengths=[16, 32, 64], seeds=2)),
     "gpu": dict(hidden=256, layers=12, heads=8, head_dim=32, intermediate=768, seq_len=1024, batch_size=32,
                 steps=3000, lr=1.5e-3, mqar_tokens=8192, mqar_lengths=[128, 256, 512, 1024], eval_every=250,
                 eval_windows=128, mqar_eval_lengths=[128, 256, 512, 1024, 2048], mqar_eval_examples=64,
                 needle_contexts=[2048, 4096, 8192], needle_depths=[0.1, 0.3, 0.5, 0.7, 0.9], needle_per_depth=4,
                 decode_context=4096, decode_tokens=64, cost_contexts=[32768, 1 << 20], max_positions=16384,
-                replicates=1),
+                replicates=1,
+                # sizes only: never run on a GPU yet (see the README)
+                recall=dict(seq_len=128, kv_pairs=16, vocab=64, noise="values", with_replacement=True, hidden=128, layers=4, heads=4,
+                            steps=2000, batch_size=128, lr=3e-3, eval_every=100, eval_examples=512,
+                            curve_examples=256, eval_lengths=[128, 256, 512], seeds=2)),
 }
 
 # training step time relative to GQA (measured on 2 CPU cores at the cpu preset): the pool starts the long ones first
@@ -53,9 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train the same small decoder with each attention mechanism on the same "
                                             "data, evaluate them, and write a report (results.json, report.md, PNGs).",
                                 epilog=f"mechanisms: {', '.join(MECHANISMS)}\n\n" + (__doc__ or ""))
+    p.add_argument("--track", default="all", choices=["all", "lm", "recall"],
+                   help="lm: language modelling (+ the needle); recall: small models trained on MQAR alone "
+                        "(default all: both)")
+    p.add_argument("--recall-steps", type=int, help="training steps per recall-track run")
+    p.add_argument("--recall-seeds", type=int, help="seeds per mechanism in the recall track (preset: 2)")
     p.add_argument("--mechanisms", default="all", help="all, or a comma-separated list (default all)")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="sizes and lengths (default cpu: < 30 min "
-                                                                           "on 2 cores; gpu: larger)")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="sizes and lengths (default cpu: ~30 min "
+                                                                           "on 2 cores for both tracks; gpu: larger)")
     p.add_argument("--steps", type=int, help="training steps per mechanism")
     p.add_argument("--d-model", type=int, dest="hidden", metavar="D",
                    help="hidden size (head_dim follows: d_model / heads)")
@@ -107,6 +121,13 @@ def settings_from(args: argparse.Namespace) -> dict:
     s["mqar_lengths"] = [t for t in s["mqar_lengths"] if t <= s["seq_len"]] or [s["seq_len"]]
     s["max_positions"] = max(s["max_positions"], s["decode_context"] + s["decode_tokens"],
                              max(s["needle_contexts"]), max(s["mqar_eval_lengths"]))
+    s["recall"] = dict(s["recall"])
+    for key, arg in (("steps", "recall_steps"), ("seeds", "recall_seeds")):
+        if getattr(args, arg, None) is not None:
+            if getattr(args, arg) < 1:
+                raise ValueError(f"--{arg.replace('_', '-')} must be >= 1, got {getattr(args, arg)}")
+            s["recall"][key] = getattr(args, arg)
+    recall_config(s)  # raises on impossible recall settings before any training
     s["seed"] = args.seed
     s["device"] = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if s["device"] == "cuda" and not torch.cuda.is_available():
@@ -118,6 +139,20 @@ def shape_of(s: dict) -> Shape:
     return Shape(vocab_size=data.VOCAB_SIZE, hidden=s["hidden"], layers=s["layers"], heads=s["heads"],
                  head_dim=s["head_dim"], intermediate=s["intermediate"], seq_len=s["seq_len"],
                  max_positions=s["max_positions"])
+
+
+def recall_config(s: dict):
+    from attnzoo.arena.recall import RecallConfig
+    r = {k: v for k, v in s["recall"].items() if k != "seeds"}
+    return RecallConfig(**{**r, "eval_lengths": tuple(r["eval_lengths"])})
+
+
+def recall_runs(names: list[str], s: dict) -> tuple[list[tuple[str, str, int]], dict[str, str]]:
+    """(run name, mechanism, seed) of the recall track: every mechanism whose pattern tiles its depth, with
+    `seeds` consecutive seeds; and the mechanisms left out, with the reason."""
+    from attnzoo.arena.recall import recall_mechanisms
+    keep, skipped = recall_mechanisms(names, recall_config(s))
+    return [(f"{n}_seed{s['seed'] + k}", n, s["seed"] + k) for n in keep for k in range(s["recall"]["seeds"])], skipped
 
 
 def train_config(s: dict, seed: int):
@@ -172,7 +207,8 @@ def run(args: argparse.Namespace) -> Path:
         if jobs is None:
             raise ValueError("rank 0 refused the run (its message above)")
         for job in jobs:
-            job_run(job)
+            if not job.get("recall"):   # recall runs are small: rank 0 trains them alone
+                job_run(job)
         return out
     try:
         results, jobs = _plan(args, s, names, out, res_path, workers, threads)
@@ -182,6 +218,13 @@ def run(args: argparse.Namespace) -> Path:
     dp.broadcast_object(jobs)    # data parallel: the other ranks train the same runs in the same order
 
     def finished(name: str, entry: dict) -> None:
+        if entry.get("track") == "recall":
+            results["recall"][name] = entry
+            acc = " ".join(f"{a['mean']:.2f}" for a in entry["acc"].values())
+            tqdm.write(f"{name} (recall): MQAR {acc}, {entry['seconds'] / 60:.1f} min", file=sys.stderr)
+            _write(res_path, results)
+            write_report(out, with_plots=False)
+            return
         results["mechanisms"][name] = entry
         results["mechanisms"] = ordered(results["mechanisms"])
         e = entry["eval"]
@@ -192,7 +235,7 @@ def run(args: argparse.Namespace) -> Path:
 
     if workers == 1:
         for job in jobs:
-            finished(job["run_name"], job_run(job))
+            finished(job["run_name"], any_job(job))
     else:
         _pool(jobs, workers, finished)
     path = write_report(out)
@@ -213,6 +256,7 @@ def _plan(args: argparse.Namespace, s: dict, names: list[str], out: Path, res_pa
                              f"options, or use another --out")
     else:
         results = {"version": 1, "preset": args.preset, "settings": s, "mechanisms": {}}
+    results.setdefault("recall", {})
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     if s["device"] == "cuda":
@@ -222,14 +266,20 @@ def _plan(args: argparse.Namespace, s: dict, names: list[str], out: Path, res_pa
     results["corpus"] = {"python": platform.python_version(), "describe": corpus.describe(),
                          "fingerprint": corpus.fingerprint}
     _write(res_path, results)
-    todo = [c for c in contestants(names, s) if not results["mechanisms"].get(c[0], {}).get("eval")]
-    kept = [c[0] for c in contestants(names, s) if c not in todo]
-    print(f"arena: {len(todo)} runs on {s['device']} ({workers} at a time, {threads} threads each) -> {out}"
+    lm_runs = contestants(names, s) if args.track in ("all", "lm") else []
+    rc_runs, skipped = recall_runs(names, s) if args.track in ("all", "recall") else ([], {})
+    results["recall_skipped"] = skipped
+    todo = [c for c in lm_runs if not results["mechanisms"].get(c[0], {}).get("eval")]
+    kept = [c[0] for c in lm_runs if c not in todo] + [c[0] for c in rc_runs if c[0] in results["recall"]]
+    rc_todo = [c for c in rc_runs if c[0] not in results["recall"]]
+    print(f"arena: {len(todo)} LM + {len(rc_todo)} recall runs on {s['device']} ({workers} at a time, {threads} threads each) -> {out}"
           + (f"; kept from before: {', '.join(kept)}" if kept else "")
           + f"\nmachine: {machine()}\ncorpus: {corpus.describe()}", file=sys.stderr)
     jobs = [dict(run_name=r, mech=m, seed=sd, s=s, out=str(out), resume=args.resume, progress=not args.quiet,
                  no_decode=args.no_decode, threads=threads) for r, m, sd in todo]
-    jobs.sort(key=lambda j: -RELATIVE_COST.get(j["mech"], 1.0))  # longest first: the workers finish together
+    jobs += [dict(run_name=r, mech=m, seed=sd, s=s, threads=threads, recall=True) for r, m, sd in rc_todo]
+    # longest first, so the workers finish together (a recall run costs about a tenth of an LM run)
+    jobs.sort(key=lambda j: -RELATIVE_COST.get(j["mech"], 1.0) * (0.1 if j.get("recall") else 1.0))
     return results, jobs
 
 
@@ -242,7 +292,7 @@ def _pool(jobs: list[dict], workers: int, finished) -> None:
     ctx = mp.get_context("spawn")
     slots, stop = ctx.Value("i", 0), ctx.Event()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(slots, stop)) as ex:
-        pending = {ex.submit(job_run, j): j["run_name"] for j in jobs}
+        pending = {ex.submit(any_job, j): j["run_name"] for j in jobs}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -299,6 +349,19 @@ def inputs(s: dict, no_decode: bool):
     """(corpus, validation windows, MQAR test sets, needle sets, decode prompt): deterministic, built once
     per process."""
     return _inputs(json.dumps(s, sort_keys=True), no_decode)
+
+
+def any_job(job: dict) -> dict:
+    return recall_job(job) if job.get("recall") else job_run(job)
+
+
+def recall_job(job: dict) -> dict:
+    """Train and test one recall-track run; returns its results entry."""
+    from attnzoo.arena.recall import train_recall
+    torch.set_num_threads(job["threads"])
+    entry = train_recall(job["mech"], recall_config(job["s"]), job["seed"], device=job["s"]["device"],
+                         stop=_STOP.is_set if _STOP is not None else None)
+    return {**entry, "track": "recall", "threads": job["threads"]}
 
 
 def job_run(job: dict) -> dict:

@@ -120,27 +120,37 @@ def val_windows(tokens: np.ndarray, seq_len: int, count: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------- MQAR
 
-def mqar(num_examples: int, seq_len: int, num_kv_pairs: int, generator: np.random.Generator
+def mqar(num_examples: int, seq_len: int, num_kv_pairs: int, generator: np.random.Generator, *,
+         vocab: int = MQAR_KEYS, noise: str = "values", with_replacement: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-query associative recall. Returns (inputs [N, T], labels [N, T]); labels are IGNORE except at
     the query positions, where they hold the value the model must predict next.
 
     Layout: k1 v1 k2 v2 ... kD vD | the rest: D queries (each key once, in random order) at random even
-    offsets, each followed by its value; the other positions hold random value tokens (noise)."""
+    offsets, each followed by its value; the other positions hold random value tokens (noise="values") or
+    <|pad|> (noise="pad": the recall track's easier, scaled-down setting). Keys and values are drawn from the
+    first `vocab` ids of their ranges. with_replacement: each query asks a random key (repeats allowed) instead
+    of every key once, which closes a shortcut: asking every key once lets a model answer the last query by
+    elimination (with 2 pairs, 0.75 accuracy without any recall)."""
     T, D = seq_len, num_kv_pairs
     if T % 2 or D < 1 or 4 * D > T:
         raise ValueError(f"MQAR needs an even seq_len >= 4 * num_kv_pairs >= 4; got seq_len {T}, pairs {D}")
-    if D > min(MQAR_KEYS, MQAR_VALUES):
-        raise ValueError(f"MQAR has {MQAR_KEYS} keys; {D} pairs do not fit")
+    if not 1 <= vocab <= min(MQAR_KEYS, MQAR_VALUES) or D > vocab:
+        raise ValueError(f"MQAR draws from {vocab} keys (at most {MQAR_KEYS}); {D} pairs do not fit")
+    if noise not in ("values", "pad"):
+        raise ValueError(f"MQAR noise must be 'values' or 'pad', got {noise!r}")
     g = generator
-    keys = np.argsort(g.random((num_examples, MQAR_KEYS)), axis=1)[:, :D] + KEY_BASE
-    values = np.argsort(g.random((num_examples, MQAR_VALUES)), axis=1)[:, :D] + VALUE_BASE
-    x = g.integers(VALUE_BASE, VALUE_BASE + MQAR_VALUES, size=(num_examples, T))
+    keys = np.argsort(g.random((num_examples, vocab)), axis=1)[:, :D] + KEY_BASE
+    values = np.argsort(g.random((num_examples, vocab)), axis=1)[:, :D] + VALUE_BASE
+    x = g.integers(VALUE_BASE, VALUE_BASE + vocab, size=(num_examples, T))
+    if noise == "pad":
+        x[:] = PAD
     y = np.full((num_examples, T), IGNORE, dtype=np.int64)
     x[:, 0:2 * D:2], x[:, 1:2 * D:2] = keys, values
     slots = (T - 2 * D) // 2                                        # query slots: even offsets after the pairs
     pick = np.argsort(g.random((num_examples, slots)), axis=1)[:, :D]     # D distinct slots per example
-    order = np.argsort(g.random((num_examples, D)), axis=1)               # which pair each slot asks
+    order = (g.integers(0, D, size=(num_examples, D)) if with_replacement     # which pair each slot asks
+             else np.argsort(g.random((num_examples, D)), axis=1))
     pos = 2 * D + 2 * pick
     rows = np.arange(num_examples)[:, None]
     x[rows, pos] = np.take_along_axis(keys, order, 1)

@@ -12,7 +12,7 @@ import torch
 from attnzoo.arena.costs import attention_flops_per_token, kv_bytes_per_token
 from attnzoo.arena.data import IGNORE, NeedleSet
 from attnzoo.arena.mechanisms import NO_DECODE
-from attnzoo.arena.train import val_loss
+from attnzoo.arena.noise import bootstrap
 from attnzoo.models.decoder import DecoderLM
 
 
@@ -74,11 +74,27 @@ def _cache_budget(model: DecoderLM, tokens: int) -> int:
     return 2 * (per_token * (tokens + 64) + state) + (1 << 20)
 
 
+@torch.no_grad()
+def window_losses(model: DecoderLM, windows: torch.Tensor, batch: int = 8) -> list[float]:
+    """Mean next-byte cross-entropy (nats) of each validation window [n, T + 1]: the bootstrap's units."""
+    out: list[float] = []
+    dev = _device(model)
+    for i in range(0, len(windows), batch):
+        w = windows[i:i + batch].to(dev)
+        logits = model(w[:, :-1]).float()
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none")
+        out += ce.mean(1).cpu().tolist()
+    return out
+
+
 def evaluate(name: str, model: DecoderLM, *, val: torch.Tensor, mqar_sets, needles: list[NeedleSet],
              decode_prompt: list[int] | None, decode_tokens: int, cost_contexts: tuple[int, ...]) -> dict:
     model.eval()
-    loss = val_loss(model, val)
-    res: dict = {"val_loss": loss, "val_ppl": math.exp(loss),
+    per_window = window_losses(model, val)
+    loss = sum(per_window) / len(per_window)   # equal windows: the same as the loss over all bytes
+    iv = bootstrap(per_window)
+    res: dict = {"val_loss": loss, "val_ppl": math.exp(loss), "val_interval": [iv.lo, iv.hi],
+                 "val_windows": [round(v, 5) for v in per_window],
                  "mqar": {str(k): v for k, v in mqar_accuracy(model, mqar_sets).items()},
                  "needle": {str(k): v for k, v in needle_accuracy(model, needles).items()}}
     if decode_prompt is None:

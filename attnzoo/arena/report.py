@@ -14,9 +14,11 @@ import torch
 
 from attnzoo.arena.costs import attention_flops_per_token, kv_read_bytes_per_token
 from attnzoo.arena.mechanisms import DESCRIPTIONS, MECHANISMS
+from attnzoo.arena.noise import Interval, over_seeds, verdict
 from attnzoo.models.config import ModelConfig
 
 PLOTS = ("loss_curves.png", "accuracy_vs_length.png", "cost_vs_context.png")
+RECALL_PLOT = "recall_curves.png"
 
 
 def machine() -> str:
@@ -30,8 +32,21 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    return (f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"python {platform.python_version()}")
+
+
+# the CPU flags that decide training speed here (bench/common.py prints the same list beside its figures;
+# the package cannot import bench/)
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> str:
+    try:
+        have = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return "flags unknown"
+    return ", ".join(f for f in FLAGS if f in have) or "none of " + "/".join(FLAGS)
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -71,7 +86,7 @@ def table(results: dict) -> str:
     costs = list(first["attn_flops_per_token"])
     kv_ctx = list(first["kv_bytes_per_token"])[0]
     decode_ctx = _ctx(results["settings"]["decode_context"])
-    head = (["mechanism", "params", "val loss", "val ppl"] + [f"MQAR {_ctx(t)}" for t in mq]
+    head = (["mechanism", "params", "val loss [95 %]", "val ppl"] + [f"MQAR {_ctx(t)}" for t in mq]
             + [f"needle {_ctx(c)}" for c in nd] + ["train tok/s", f"decode tok/s @{decode_ctx}",
                                                    f"KV B/token @{_ctx(kv_ctx)}"]
             + [f"attn FLOPs/token @{_ctx(c)}" for c in costs])
@@ -79,7 +94,8 @@ def table(results: dict) -> str:
     for name, r in rows.items():
         e = r["eval"]
         dec = _si(e["decode_tok_s"]) if e.get("decode_tok_s") else f"n/a: {e.get('decode_note') or 'not run'}"
-        cells = ([name, _si(r["params"]), f"{e['val_loss']:.3f}", f"{e['val_ppl']:.2f}"]
+        iv = f" [{e['val_interval'][0]:.3f}, {e['val_interval'][1]:.3f}]" if e.get("val_interval") else ""
+        cells = ([name, _si(r["params"]), f"{e['val_loss']:.3f}{iv}", f"{e['val_ppl']:.2f}"]
                  + [f"{e['mqar'][t]:.2f}" for t in mq] + [f"{e['needle'][c]:.2f}" for c in nd]
                  + [_si(r["train_tok_s"]), dec, f"{e['kv_bytes_per_token'][kv_ctx]:.4g}"]
                  + [_si(e["attn_flops_per_token"][c]) for c in costs])
@@ -87,79 +103,95 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------- claims
+# ---------------------------------------------------------------------------------------- recall track
 
-def noise(results: dict) -> float | None:
-    """The spread of validation loss between seeds of one mechanism (the replicate runs), or None."""
-    rows = _done(results)
-    groups: dict[str, list[float]] = {}
-    for name, r in rows.items():
-        groups.setdefault(r.get("replicate_of", name), []).append(r["eval"]["val_loss"])
-    spreads = [max(v) - min(v) for v in groups.values() if len(v) > 1]
-    return max(spreads) if spreads else None
+def recall_intervals(results: dict) -> dict[str, dict[str, Interval]]:
+    """Per mechanism and test length: its seeds' bootstrap intervals joined (noise.over_seeds)."""
+    runs: dict[str, list[dict]] = {}
+    for r in results.get("recall", {}).values():
+        runs.setdefault(r["mechanism"], []).append(r)
+    order = {n: i for i, n in enumerate(MECHANISMS)}
+    out = {}
+    for mech in sorted(runs, key=lambda m: order.get(m, len(order))):
+        lengths = list(runs[mech][0]["acc"])
+        out[mech] = {n: over_seeds([Interval(r["acc"][n]["mean"], r["acc"][n]["lo"], r["acc"][n]["hi"])
+                                    for r in runs[mech]]) for n in lengths}
+    return out
 
 
-def claims(results: dict, tolerance: float | None = None) -> str:
-    """The thread's four claims against this run: the numbers, and a verdict with the tolerance used (the
-    seed-to-seed spread when the run has replicates, else 0.02 nats)."""
-    rows = _done(results)
-    loss = {n: r["eval"]["val_loss"] for n, r in rows.items()}
-    mq = {n: float(np.mean(list(r["eval"]["mqar"].values()))) for n, r in rows.items()}
-    flops = {n: r["eval"]["attn_flops_per_token"] for n, r in rows.items()}
-    spread = noise(results)
-    tol = tolerance if tolerance is not None else max(spread or 0.0, 0.02)
-    src = f"seed-to-seed spread {spread:.3f}" if spread is not None else "no replicate run: a fixed 0.02"
-    out = [f"Tolerance: {tol:.3f} nats/byte of validation loss ({src}). Single training run per mechanism; "
-           "Δ = mechanism − baseline (lower loss is better).", ""]
+def recall_table(results: dict) -> str:
+    iv = recall_intervals(results)
+    if not iv:
+        return "(no finished recall run yet)\n"
+    runs = results["recall"]
+    train_len = str(results["settings"]["recall"]["seq_len"])
+    lengths = list(next(iter(iv.values())))
+    head = (["mechanism", "seeds", "params"] + [f"MQAR {n}" + (" (train)" if n == train_len else "") for n in lengths]
+            + ["first step ≥ 0.9", "train tok/s"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mech, by_len in iv.items():
+        mine = [r for r in runs.values() if r["mechanism"] == mech]
+        firsts = [next((st for st, a in zip(r["curve"]["steps"], r["curve"]["acc"]) if a >= 0.9), None) for r in mine]
+        first = " / ".join("—" if f is None else str(f) for f in firsts)
+        tok_s = float(np.mean([r["train_tok_s"] for r in mine]))
+        lines.append("| " + " | ".join([mech, str(len(mine)), _si(mine[0]["params"])]
+                                       + [str(by_len[n]) for n in lengths] + [first, _si(tok_s)]) + " |")
+    return "\n".join(lines) + "\n"
 
-    def d(a: str, b: str) -> float:
-        return loss[a] - loss[b]
 
-    def verdict(ok: bool) -> str:
-        return "supported" if ok else "not supported"
+def lm_intervals(results: dict) -> dict[str, Interval]:
+    """Validation loss per mechanism: each run's bootstrap over windows, joined over its seed replicates."""
+    runs: dict[str, list[Interval]] = {}
+    for name, r in _done(results).items():
+        e = r["eval"]
+        lo, hi = e.get("val_interval") or (e["val_loss"], e["val_loss"])
+        runs.setdefault(r.get("replicate_of", name), []).append(Interval(e["val_loss"], lo, hi))
+    return {m: over_seeds(v) for m, v in runs.items()}
 
-    if {"mha", "mqa", "gqa"} <= loss.keys():
-        ok = d("mqa", "mha") <= tol and d("gqa", "mha") <= tol
-        out.append(f"- **MQA and GQA nearly match MHA**: Δ MQA {d('mqa', 'mha'):+.3f}, Δ GQA {d('gqa', 'mha'):+.3f} "
-                   f"(MQAR mean accuracy MHA {mq['mha']:.2f}, GQA {mq['gqa']:.2f}, MQA {mq['mqa']:.2f}) — "
-                   f"{verdict(ok)}.")
-    if {"mla", "gqa"} <= loss.keys():
-        ok = d("mla", "gqa") <= tol
-        out.append(f"- **MLA matches or beats GQA**: Δ MLA vs GQA {d('mla', 'gqa'):+.3f} (MQAR {mq['mla']:.2f} vs "
-                   f"{mq['gqa']:.2f}) — {verdict(ok)}.")
-    pairs = [(h, p, b) for h, p, b in (("gdn_hybrid_3_1", "gdn", "gqa"), ("kda_mla_3_1", None, "mla"))
-             if h in loss and b in loss]
-    if pairs:
-        parts, oks = [], []
-        for h, p, b in pairs:
-            gap_h = d(h, b)
-            txt = f"{h} vs {b} {gap_h:+.3f}"
-            if p in loss:
-                txt += f" (pure {p} {d(p, b):+.3f})"
-            txt += f", MQAR {mq[h]:.2f} vs {mq[b]:.2f}"
-            parts.append(txt)
-            oks.append(gap_h <= tol)
-        out.append(f"- **Linear attention closes the gap in hybrids**: {'; '.join(parts)} — {verdict(all(oks))}.")
-    sparse = [(s, b) for s, b in (("nsa", "gqa"), ("dsa", "mla"), ("msa", "gqa")) if s in loss and b in loss]
-    if sparse:
-        parts, oks = [], []
-        for s, b in sparse:
-            big = max(flops[s], key=int)
-            ratio = flops[b][big] / flops[s][big]
-            parts.append(f"{s} vs {b} {d(s, b):+.3f} at {ratio:.1f}x fewer attention FLOPs/token @{_ctx(big)}")
-            oks.append(d(s, b) <= tol)
-        out.append(f"- **Sparse attention matches dense at a fraction of the cost**: {'; '.join(parts)} — "
-                   f"{verdict(all(oks))}.")
-    if len(out) == 2:
-        out.append("(the run has none of the mechanism pairs the claims compare)")
-    accs = [a for r in rows.values() for a in (*r["eval"]["mqar"].values(), *r["eval"]["needle"].values())]
-    if accs and max(accs) < 4 / 128:
-        out += ["", "Retrieval did not form in this run: every MQAR and needle accuracy is at chance (1/128 = 0.008 "
-                    "for a random value token). The recall circuit (an induction head) takes thousands of steps to "
-                    "appear; the MQAR and needle columns say nothing about the mechanisms at this budget (the gpu "
-                    "preset trains about 160 times the tokens)."]
-    return "\n".join(out) + "\n"
 
+# (claim, track, a, b, what the claim says of a against b) — the thread's claims, each where this run can test it
+CLAIMS = [
+    ("MQA nearly matches MHA", "lm", "mqa", "mha", "match"),
+    ("GQA nearly matches MHA", "lm", "gqa", "mha", "match"),
+    ("MLA matches or beats GQA", "lm", "mla", "gqa", "match"),
+    ("a GDN:attention 3:1 hybrid matches full attention", "lm", "gdn_hybrid_3_1", "gqa", "match"),
+    ("KDA:MLA 3:1 matches MLA", "lm", "kda_mla_3_1", "mla", "match"),
+    ("NSA matches dense attention", "lm", "nsa", "gqa", "match"),
+    ("DSA matches MLA", "lm", "dsa", "mla", "match"),
+    ("MSA matches GQA", "lm", "msa", "gqa", "match"),
+    ("MQA keeps MHA's recall", "recall", "mqa", "mha", "match"),
+    ("GQA keeps MHA's recall", "recall", "gqa", "mha", "match"),
+    ("MLA keeps GQA's recall", "recall", "mla", "gqa", "match"),
+    ("linear attention (GDN) recalls worse than softmax attention", "recall", "gdn", "gqa", "worse"),
+    ("sliding-window attention recalls worse than full attention", "recall", "swa", "gqa", "worse"),
+    ("a GDN:attention hybrid restores recall (vs pure GDN)", "recall", "gdn_hybrid_3_1", "gdn", "better"),
+    ("a GDN:attention hybrid matches full attention's recall", "recall", "gdn_hybrid_3_1", "gqa", "match"),
+    ("an SWA:global hybrid restores recall (vs pure SWA)", "recall", "swa_hybrid_3_1", "swa", "better"),
+    ("KDA:MLA 3:1 matches MLA's recall", "recall", "kda_mla_3_1", "mla", "match"),
+    ("NSA keeps dense attention's recall", "recall", "nsa", "gqa", "match"),
+    ("DSA keeps MLA's recall", "recall", "dsa", "mla", "match"),
+    ("MSA keeps GQA's recall", "recall", "msa", "gqa", "match"),
+]
+
+
+def claims_table(results: dict) -> str:
+    """Each claim -> supported / contradicted / not distinguishable, with the intervals behind it. LM: validation
+    loss (lower is better); recall: MQAR accuracy at the training length and at the longest test length."""
+    lm, rc = lm_intervals(results), recall_intervals(results)
+    rows = ["| claim | track | figures (mean [95 % interval]) | verdict |", "|---|---|---|---|"]
+    for text, track, a, b, says in CLAIMS:
+        if track == "lm" and a in lm and b in lm:
+            v = verdict(lm[a], lm[b], says, higher_is_better=False)
+            rows.append(f"| {text} | LM loss | {a} {lm[a]} vs {b} {lm[b]} | {v} |")
+        elif track == "recall" and a in rc and b in rc:
+            lens = list(rc[a])
+            picks = [results["settings"]["recall"]["seq_len"], lens[-1]]
+            for n in dict.fromkeys(str(p) for p in picks):
+                v = verdict(rc[a][n], rc[b][n], says)
+                rows.append(f"| {text} | MQAR @{n} | {a} {rc[a][n]} vs {b} {rc[b][n]} | {v} |")
+    if len(rows) == 2:
+        return "(the run has none of the mechanism pairs the claims compare)\n"
+    return "\n".join(rows) + "\n"
 
 # ----------------------------------------------------------------------------------------------- plots
 
@@ -176,12 +208,52 @@ def _style(i: int) -> dict:
     return dict(color=plt.get_cmap("tab20")(i % 20), linestyle=("-", "--", ":", "-.")[(i // 10) % 4])
 
 
+def recall_plot(results: dict, out: Path) -> Path | None:
+    """MQAR accuracy at the training length against the step (line: mean over seeds; band: the seeds' range),
+    and the final accuracy against the test length with its interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs, iv = results.get("recall", {}), recall_intervals(results)
+    if not iv:
+        return None
+    rs = results["settings"]["recall"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for i, mech in enumerate(iv):
+        mine = [r for r in runs.values() if r["mechanism"] == mech]
+        steps = mine[0]["curve"]["steps"]
+        accs = np.array([r["curve"]["acc"] for r in mine])
+        st = _style(i)
+        a1.plot(steps, accs.mean(0), label=mech, **st)
+        a1.fill_between(steps, accs.min(0), accs.max(0), color=st["color"], alpha=0.15)
+        lens = [int(n) for n in iv[mech]]
+        mid = [iv[mech][str(n)].mean for n in lens]
+        err = [[m - iv[mech][str(n)].lo for n, m in zip(lens, mid)], [iv[mech][str(n)].hi - m for n, m in zip(lens, mid)]]
+        a2.errorbar(lens, mid, yerr=err, marker="o", capsize=3, label=mech, **st)
+    chance = 1 / rs["vocab"]
+    for a in (a1, a2):
+        a.axhline(chance, color="grey", linewidth=0.8, linestyle=":")
+        a.set(ylabel="MQAR accuracy", ylim=(-0.03, 1.03))
+    a1.axhline(1 / rs["kv_pairs"], color="grey", linewidth=0.8, linestyle="--")  # "one of the values in context"
+    a1.set(xlabel="training step", title=f"recall track: accuracy at the training length {rs['seq_len']} "
+                                         f"({rs['kv_pairs']} pairs)")
+    a2.set_xscale("log", base=2)
+    a2.axvline(rs["seq_len"], color="grey", linewidth=0.8, linestyle=":")
+    a2.set(xlabel="test length (pairs scale with it)", title="final accuracy, 95 % interval over sequences and seeds")
+    a1.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out / RECALL_PLOT
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(results: dict, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = _done(results)
-    paths = []
+    paths = [p for p in (recall_plot(results, out),) if p is not None]
     if not rows:
         return paths
     # loss curves
@@ -247,31 +319,53 @@ def write_report(out: Path, with_plots: bool = True) -> Path:
         plots(results, out)
     s = results["settings"]
     rows = _done(results)
-    lines = [
-        "# attnzoo arena", "",
-        f"Machine: {results['machine']}  ",
-        f"Preset `{results['preset']}`: {s['layers']} layers, d_model {s['hidden']}, {s['heads']} heads of "
-        f"{s['head_dim']}, SwiGLU {s['intermediate']}, {s['steps']} steps × ({s['batch_size']} × {s['seq_len']} "
-        f"corpus bytes + "
-        f"~{s['mqar_tokens']} MQAR tokens), AdamW lr {s['lr']} cosine, seed {s['seed']}, device {s['device']}.  ",
-        f"Corpus: CPython {results['corpus']['python']} standard library sources, {results['corpus']['describe']}.  ",
-        f"Finished: {len(rows)} of {len(results['mechanisms'])} runs; total time "
-        f"{sum(r.get('seconds', 0) for r in rows.values()) / 60:.1f} min.", "",
-        table(results),
-        "Columns: validation loss in nats per byte on held-out stdlib files; MQAR accuracy on fixed test sets "
-        "(length / 16 key-value pairs; lengths above the training length test extrapolation); needle accuracy "
-        "(a key-value pair hidden in held-out text longer than the training length, asked at the end); "
-        "tokens/s in training (LM + MQAR tokens, forward + backward + optimizer); decode tokens/s through the "
-        "engine after a prompt of the given length; KV cache bytes stored per token (bf16; sliding windows and "
-        "recurrent states amortised over the context); attention FLOPs per decoded token summed over layers "
-        "(core + projections, FFN excluded) from the cost model.", "",
-        "![loss curves](loss_curves.png)", "", "![accuracy vs length](accuracy_vs_length.png)", "",
-        "![cost vs context](cost_vs_context.png)", "",
-        "## The claims at this scale", "", claims(results),
-    ]
+    rs = s.get("recall")
+    lines = ["# attnzoo arena", "", f"Machine: {results['machine']}  ",
+             f"Corpus: CPython {results['corpus']['python']} standard library sources, "
+             f"{results['corpus']['describe']}.", ""]
+    if results.get("recall"):
+        runs = results["recall"]
+        lines += [
+            "## Recall track", "",
+            f"Small models trained on MQAR alone: {rs['layers']} layers, d_model {rs['hidden']}, {rs['heads']} heads, "
+            f"{rs['steps']} steps × {rs['batch_size']} sequences of {rs['seq_len']} tokens with {rs['kv_pairs']} "
+            f"key-value pairs (keys and values from {rs['vocab']} each: chance {1 / rs['vocab']:.3f}; filler: "
+            f"{rs['noise']}), loss on the answers only, AdamW lr {rs['lr']} cosine, seeds "
+            f"{', '.join(str(x) for x in sorted({r['seed'] for r in runs.values()}))}. Tests: {rs['eval_examples']} "
+            f"fixed sequences per length, the same for every run; longer lengths keep the pair density. "
+            f"Intervals: 95 % bootstrap over test sequences, joined over seeds (their envelope). "
+            f"{len(runs)} runs, {sum(r['seconds'] for r in runs.values()) / 60:.1f} min of worker time.", "",
+            recall_table(results)]
+        if results.get("recall_skipped"):
+            lines += ["Not in this track: " + "; ".join(f"{k} ({v})" for k, v in results["recall_skipped"].items())
+                      + ".", ""]
+        lines += [f"![recall curves]({RECALL_PLOT})", ""]
+    if rows:
+        lines += [
+            "## Language-modelling track", "",
+            f"Preset `{results['preset']}`: {s['layers']} layers, d_model {s['hidden']}, {s['heads']} heads of "
+            f"{s['head_dim']}, SwiGLU {s['intermediate']}, {s['steps']} steps × ({s['batch_size']} × {s['seq_len']} "
+            f"corpus bytes + ~{s['mqar_tokens']} MQAR tokens), AdamW lr {s['lr']} cosine, seed {s['seed']}, device "
+            f"{s['device']}. Finished: {len(rows)} of {len(results['mechanisms'])} runs; total time "
+            f"{sum(r.get('seconds', 0) for r in rows.values()) / 60:.1f} min.", "",
+            table(results),
+            "Columns: validation loss in nats per byte on held-out stdlib files; MQAR accuracy on fixed test sets "
+            "(length / 16 key-value pairs; lengths above the training length test extrapolation); needle accuracy "
+            "(a key-value pair hidden in held-out text longer than the training length, asked at the end); "
+            "tokens/s in training (LM + MQAR tokens, forward + backward + optimizer); decode tokens/s through the "
+            "engine after a prompt of the given length; KV cache bytes stored per token (bf16; sliding windows and "
+            "recurrent states amortised over the context); attention FLOPs per decoded token summed over layers "
+            "(core + projections, FFN excluded) from the cost model.", "",
+            "![loss curves](loss_curves.png)", "", "![accuracy vs length](accuracy_vs_length.png)", "",
+            "![cost vs context](cost_vs_context.png)", ""]
+    lines += ["## The claims at this scale", "",
+              "Verdicts compare 95 % intervals: overlapping intervals are *not distinguishable*; a claim that one "
+              "mechanism matches another is contradicted only by a distinguishable shortfall.", "",
+              claims_table(results)]
     notes = [f"- {n}: " + (f"{r['replicate_of']} again with seed {r['seed']} (the seed-to-seed yardstick)"
                            if r.get("replicate_of") else DESCRIPTIONS.get(n, "")) for n, r in rows.items()]
-    lines += ["## Mechanisms", ""] + notes + [""]
+    if notes:
+        lines += ["## Mechanisms", ""] + notes + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -9,10 +9,10 @@ import math
 import pytest
 
 from attnzoo.arena.cli import main as arena_main
-from attnzoo.arena.report import PLOTS, claims
+from attnzoo.arena.report import PLOTS, claims_table
 from attnzoo.cli import main
 
-TINY = ["--mechanisms", "gdn,gqa", "--steps", "16", "--d-model", "32", "--layers", "4", "--seq-len", "64",
+TINY = ["--track", "lm", "--mechanisms", "gdn,gqa", "--steps", "16", "--d-model", "32", "--layers", "4", "--seq-len", "64",
         "--batch-size", "2", "--replicates", "0", "--workers", "1", "--threads", "1", "--quiet"]
 
 
@@ -57,12 +57,25 @@ def test_tiny_arena_run_report_plots_and_reproducibility(tmp_path, capsys):
     assert arena_main(["--out", str(a), "--report-only"]) == 0
 
 
+def test_recall_track_through_the_cli(tmp_path):
+    out = tmp_path / "r"
+    assert main(["arena", "--track", "recall", "--mechanisms", "gqa,swa_hybrid_5_1", "--recall-steps", "10",
+                 "--recall-seeds", "2", "--workers", "1", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    res = _results(out)
+    assert list(res["recall"]) == ["gqa_seed0", "gqa_seed1"] and res["mechanisms"] == {}
+    assert "swa_hybrid_5_1" in res["recall_skipped"]
+    report = (out / "report.md").read_text()
+    assert "## Recall track" in report and "| gqa | 2 |" in report and "does not tile 4 layers" in report
+    assert (out / "recall_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--mechanisms", "gqa,flash"], "unknown mechanism flash; allowed: all, mha, mqa, gqa, swa"),
     (["--mechanisms", "swa_hybrid_5_1", "--layers", "4"], "multiple of 6"),
     (["--d-model", "30", "--heads", "4"], "multiple of --heads"),
     (["--seq-len", "100"], "multiple of 16"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--recall-seeds", "0"], "--recall-seeds must be >= 1"),
     (["--report-only", "--out", "/nonexistent/arena"], "nothing to report"),
 ])
 def test_bad_options_one_sentence(argv, message, capsys, tmp_path):
@@ -71,13 +84,15 @@ def test_bad_options_one_sentence(argv, message, capsys, tmp_path):
     assert message in err and "Traceback" not in err
 
 
-def test_claims_are_checked_against_the_numbers():
-    def row(loss, mech=None, **extra):
-        return {"mechanism": mech, "eval": {"val_loss": loss, "mqar": {"64": 0.5}, "needle": {"512": 0.0},
-                                            "attn_flops_per_token": {"1048576": 100.0}}, **extra}
-    res = {"mechanisms": {"mha": row(2.00), "mqa": row(2.01), "gqa": row(2.005), "mla": row(2.10),
-                          "gqa_seed1": row(2.015, "gqa", replicate_of="gqa")}}
-    text = claims(res)
-    assert "seed-to-seed spread 0.010" in text and "Tolerance: 0.020" in text
-    assert "MQA and GQA nearly match MHA**: Δ MQA +0.010, Δ GQA +0.005" in text and "— supported" in text
-    assert "MLA matches or beats GQA**: Δ MLA vs GQA +0.095" in text and "— not supported" in text
+def test_lm_claims_use_intervals_and_replicates():
+    def row(loss, lo, hi, mech=None, **extra):
+        return {"mechanism": mech, "eval": {"val_loss": loss, "val_interval": [lo, hi]}, **extra}
+    res = {"settings": {}, "mechanisms": {
+        "mha": row(2.00, 1.98, 2.02), "mqa": row(2.01, 1.99, 2.03), "gqa": row(2.005, 1.99, 2.02),
+        "mla": row(2.10, 2.08, 2.12), "gqa_seed1": row(2.03, 2.01, 2.05, "gqa", replicate_of="gqa")}}
+    text = claims_table(res)
+    assert "| MQA nearly matches MHA | LM loss | mqa 2.010 [1.990, 2.030] vs mha 2.000 [1.980, 2.020] | " \
+           "not distinguishable |" in text
+    assert "gqa 2.018 [1.990, 2.050]" in text                        # two seeds: the envelope of both
+    assert "| MLA matches or beats GQA | LM loss | mla 2.100 [2.080, 2.120] vs gqa 2.018 [1.990, 2.050] | " \
+           "contradicted |" in text

@@ -40,6 +40,18 @@ def test_mqar_is_a_function_of_its_generator_and_checks_its_arguments():
     assert {T: (x.shape, data.kv_pairs(T)) for T, (x, _) in sets.items()} == {64: ((8, 64), 4), 128: ((8, 128), 8)}
 
 
+def test_mqar_with_replacement_asks_random_keys():
+    x, y = data.mqar(200, 16, 2, data.rng(0, 1), vocab=8, noise="pad", with_replacement=True)
+    repeats = 0
+    for xi, yi in zip(x.tolist(), y.tolist()):
+        labels = {p: v for p, v in enumerate(yi) if v != IGNORE}
+        assert labels == data.parse_mqar(xi, 2) and len(labels) == 2
+        asked = [xi[p] for p in labels]
+        repeats += asked[0] == asked[1]
+        assert set(xi[4:]) <= {data.PAD, *xi[0:4]}                 # pad filler; only the pairs' tokens
+    assert 70 < repeats < 130                                        # half the sequences ask one key twice
+
+
 def test_needle_probe_builds_what_it_claims():
     hay = np.arange(1000, dtype=np.uint16) % 256
     key, value = KEY_BASE + 5, VALUE_BASE + 9
