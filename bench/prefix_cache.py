@@ -32,18 +32,18 @@ from attnzoo.models import DecoderLM
 from attnzoo.models.hf_loader import config_from_hf
 from attnzoo.models.weights import model_class
 
-SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-6,
+SMALL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-6,
              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 HYBRIDS = {
     "llama-shaped (full attention)": dict(SMALL, model_type="llama"),
     "qwen3_next-shaped (GDN 3:1)": dict(SMALL, model_type="qwen3_next", full_attention_interval=4, num_experts=0,
-                                        mlp_only_layers=list(range(8)), linear_num_key_heads=4,
-                                        linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
+                                        mlp_only_layers=list(range(12)), linear_num_key_heads=4,
+                                        linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
                                         linear_conv_kernel_dim=4),
     "cohere2-shaped (SWA 3:1, window 256)": dict(SMALL, model_type="cohere2", sliding_window=256, logit_scale=1.0,
                                                  layer_types=["sliding_attention", "sliding_attention",
-                                                              "sliding_attention", "full_attention"] * 2),
+                                                              "sliding_attention", "full_attention"] * 3),
 }
 
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = {name: compare(small_model(raw, dtype), prompts, args.output_len) for name, raw in HYBRIDS.items()}
         print(f"\n{args.groups} groups x {args.prompts_per_group} prompts, shared system prompt {args.system_len} "
               f"tokens + {args.question_len}-token question, {args.output_len} output tokens, all at once, {dtype}; "
-              f"models: hidden 256, 8 layers, 8 heads (2 KV) of 32\n")
+              f"models: hidden 512, 12 layers, 8 heads (2 KV) of 64\n")
         print("| model | outputs equal | mean TTFT off | mean TTFT on | TTFT off/on | hit rate | tok/s off | tok/s on |")
         print("|---|---|---|---|---|---|---|---|")
         for name, (off, on_, same) in rows.items():

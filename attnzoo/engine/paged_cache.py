@@ -7,8 +7,8 @@ window has its own; layers that keep a fixed-size state per sequence instead of 
 Prefix caching covers every model (docs/engine.md, "Prefix caching for hybrids"): the radix tree is keyed
 on the full-context table (a bookkeeping one, with no tensors, when every layer slides or keeps a state);
 it also keeps the last window's pages of each sliding table and snapshots of the recurrent states at the
-points where a request may be reused: the end of a prompt, a branch point the tree already reaches, and
-where a sequence ends (windows only: states are snapshotted at page boundaries).
+points where a request may be reused: the end of a prompt, a branch point the tree already reaches, every
+KEEP_EVERY prompt tokens, and where a sequence ends (windows only: states are snapshotted at keep points).
 
 The engine talks to this class only through page tables and token counts; the layers talk to the per-step
 handle built from it (engine/step.py).
@@ -28,6 +28,11 @@ from attnzoo.engine.request import Request
 from attnzoo.layers.cache_spec import CacheKind, CacheSpec, RecurrentState, SlidingKV
 
 log = logging.getLogger("attnzoo.engine")
+# hybrids: a long prompt also keeps its window pages and states every KEEP_EVERY tokens, so that a prefix
+# other requests will share is found by the first request that computes it (to within KEEP_EVERY tokens),
+# not only by the second (which would stop at the branch point it finds). Cost: one state snapshot and a
+# window of pages per KEEP_EVERY prompt tokens, LRU-evicted like the rest of the tree.
+KEEP_EVERY = 512
 
 
 @dataclass
@@ -255,14 +260,16 @@ class PagedKVCache:
         """Adopt the longest cached prefix of req's tokens that every cache group can serve (the last token
         is always computed). With recurrent layers the hit ends at a snapshot, copied into req's state slot.
         Hybrids also choose where req's window pages and states will be kept: where its prompt's last page
-        ends, and where the tree's pages for it end beyond the hit (a branch point others share)."""
+        ends, where the tree's pages for it end beyond the hit (a branch point others share), and every
+        KEEP_EVERY tokens of the prompt."""
         if self.radix is None or req.num_computed:
             return
         ids = req.all_ids()[: req.num_tokens - 1]
         hit = self.radix.match(ids, need_snapshot=self.snapshots is not None)
         if self.hybrid:
             ps = self.page_size
-            req.keep_at = {p for p in (len(ids) // ps * ps, hit.reachable // ps * ps) if p > hit.tokens}
+            end, every = len(ids) // ps * ps, max(ps, KEEP_EVERY // ps * ps)
+            req.keep_at = {p for p in (end, hit.reachable // ps * ps, *range(every, end, every)) if p > hit.tokens}
         if not hit.tokens:
             return
         if self.states is not None:

@@ -84,6 +84,11 @@ class Scheduler:
                 self.kv.match_prefix(req)
                 if req.first_scheduled_time is None:
                     req.cached_tokens = req.num_computed
+            if self.kv.hybrid and self._prefilled_by_another(req):
+                self.kv.free(req)
+                req.num_computed = 0
+                deferred.append(self.waiting.popleft())
+                continue
             # In-batch prefix sharing (SGLang): a request whose first page starts like one being computed
             # from scratch in this very step waits one step and then hits the cache instead.
             head = tuple(req.token(t) for t in range(min(ps, req.num_tokens)))
@@ -109,6 +114,19 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(deferred))  # they keep their place at the front
         return plan
+
+    def _prefilled_by_another(self, req: Request) -> bool:
+        """Hybrids: does a running request that is still prefilling compute the page after req's hit? Then req
+        waits for it: the tree keeps window pages and states only at keep points, so req would otherwise
+        recompute that prefix itself instead of hitting the point the other leaves (its prompt's end, a
+        KEEP_EVERY point, or the branch point req finds afterwards). Only a heuristic on one page of tokens:
+        a false match delays req, never changes its tokens."""
+        h, ps = req.num_computed, self.kv.page_size
+        if req.num_tokens < h + ps + 1:
+            return False
+        page = [req.token(t) for t in range(h, h + ps)]
+        return any(r.num_computed < len(r.prompt_ids) - 1 and r.num_tokens >= h + ps
+                   and [r.token(t) for t in range(h, h + ps)] == page for r in self.running)
 
     def finish(self, req: Request, reason: str) -> None:
         """Release a request's pages at once (finish or abort); it keeps its output."""
