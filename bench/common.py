@@ -14,6 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from attnzoo.models.registry import cpu_flags  # noqa: E402,F401  (benches print it beside every figure)
+
 
 def cpu_name() -> str:
     try:
@@ -25,17 +27,6 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-# the flags that decide CPU speeds here: bf16 GEMMs (avx512_bf16, AMX) and int8 ones (VNNI, AMX)
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_flags() -> str:
-    """Which of FLAGS this CPU has (benches print it beside every figure: speeds differ with them)."""
-    try:
-        have = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return ", ".join(f for f in FLAGS if f in have) or "none of " + "/".join(FLAGS)
 
 
 def machine() -> str:

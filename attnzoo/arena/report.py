@@ -16,6 +16,7 @@ from attnzoo.arena.costs import attention_flops_per_token, kv_read_bytes_per_tok
 from attnzoo.arena.mechanisms import DESCRIPTIONS, MECHANISMS
 from attnzoo.arena.noise import Interval, over_seeds, verdict
 from attnzoo.models.config import ModelConfig
+from attnzoo.models.registry import cpu_flags
 
 PLOTS = ("loss_curves.png", "accuracy_vs_length.png", "cost_vs_context.png")
 RECALL_PLOT = "recall_curves.png"
@@ -36,17 +37,6 @@ def machine() -> str:
             f"python {platform.python_version()}")
 
 
-# the CPU flags that decide training speed here (bench/common.py prints the same list beside its figures;
-# the package cannot import bench/)
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_flags() -> str:
-    try:
-        have = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return "flags unknown"
-    return ", ".join(f for f in FLAGS if f in have) or "none of " + "/".join(FLAGS)
 
 
 # ------------------------------------------------------------------------------------------ formatting

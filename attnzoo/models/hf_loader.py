@@ -220,6 +220,12 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         name=raw.get("_name_or_path", ""), attention_type="mla" if mla else "softmax", mla=mla, moe=moe, **extra)
 
 
+def checkpoint_files(path: Path) -> list[str]:
+    """The safetensors files of a checkpoint directory (sharded: as its index lists them)."""
+    index = path / "model.safetensors.index.json"
+    return sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+
+
 def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:
     try:
         raw = json.loads((path / "config.json").read_text())
@@ -229,8 +235,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:
         from attnzoo.models.native import load_native
         return load_native(path, dtype, raw)
     cfg = config_from_hf(raw)
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = checkpoint_files(path)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:

@@ -45,14 +45,30 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+# the CPU flags that decide speeds here: bf16 GEMMs (avx512_bf16, AMX) and int8 ones (VNNI, AMX)
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def _cpu_flag_set() -> set[str] | None:
+    try:
+        return set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return None
+
+
+def cpu_flags() -> str:
+    """Which of FLAGS this CPU has (benches and the arena print it beside every figure)."""
+    have = _cpu_flag_set()
+    if have is None:
+        return "flags unknown"
+    return ", ".join(f for f in FLAGS if f in have) or "none of " + "/".join(FLAGS)
+
+
 def native_bf16() -> bool:
     """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN emulates
     bf16 and it is several times slower than fp32, so "auto" keeps fp32 there."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    have = _cpu_flag_set() or set()
+    return "avx512_bf16" in have or "amx_bf16" in have
 
 
 def default_device() -> torch.device:

@@ -201,7 +201,7 @@ def read_slice(st, key: str, name: str, cfg: ModelConfig, ctx: ParallelContext) 
 def load_hf_shard(path: Path, ctx: ParallelContext, dtype: torch.dtype = torch.float32) -> DecoderLM:
     """A transformers checkpoint directory -> this rank's part of the model (each tensor read as its slice).
     `model.config` stays the full model's; `model.local_config` is what the rank's layers were built with."""
-    from attnzoo.models.hf_loader import config_from_hf
+    from attnzoo.models.hf_loader import checkpoint_files, config_from_hf
     from attnzoo.models.weights import build_model
 
     path = Path(path)
@@ -215,8 +215,7 @@ def load_hf_shard(path: Path, ctx: ParallelContext, dtype: torch.dtype = torch.f
     cfg = config_from_hf(raw)
     check_tensor_parallel(cfg, ctx.world_size)
     local = local_config(cfg, ctx)
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = checkpoint_files(path)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
