@@ -35,6 +35,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                         "(a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16), else float32")
     p.add_argument("--max-model-len", type=cli_args.positive_int, default=None, metavar="N",
                    help="cap the context at N tokens (default: the model's); the KV cache holds one such sequence")
+    cli_args.add_quantization_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,7 @@ def _engine(args: argparse.Namespace):
     context (pages are touched only as the conversation fills them)."""
     from attnzoo.engine import LLM
     from attnzoo.models.registry import default_device, load_model
-    model = load_model(args.model, dtype=args.dtype, device=default_device())
+    model = load_model(args.model, dtype=args.dtype, device=default_device(), quantization=args.quantization)
     if model.tokenizer is None:
         raise ModelLoadError(f"{args.model} has no tokenizer attnzoo can build, so it cannot take text")
     return LLM(model, max_num_seqs=1, max_model_len=args.max_model_len)

@@ -95,3 +95,11 @@ def host(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected a host name or IP address such as 127.0.0.1 or 0.0.0.0, "
                                          f"got {text!r}")
     return text
+
+
+def add_quantization_arg(p: argparse.ArgumentParser) -> None:
+    """--quantization, shared by chat, generate and serve."""
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
+                   help="weight-only quantised linears (CPU): auto = keep a GGUF file's 4/8-bit weights quantised "
+                        "on a CPU with native bf16 (AVX512-BF16 or AMX), else float; int4/int8 quantise any model; "
+                        "none = float weights (default auto)")

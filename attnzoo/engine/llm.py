@@ -146,7 +146,7 @@ class LLM:
                  page_size: int = 16, kv_cache_memory: int | None = None, kv_cache_fraction: float | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, seed: int = 0, device: str | torch.device | None = None,
-                 deterministic: bool = False, tensor_parallel_size: int = 1):
+                 deterministic: bool = False, tensor_parallel_size: int = 1, quantization: str = "auto"):
         """kv_cache_memory (bytes) or kv_cache_fraction (of the memory available at start-up) sets the KV
         budget; by default it is what max_num_seqs sequences of max_model_len tokens need, capped at
         DEFAULT_KV_CACHE_FRACTION of the available memory and never less than one such sequence.
@@ -155,7 +155,11 @@ class LLM:
         matmuls and attention, docs/deterministic.md); CPU only, softmax-attention models only, slower.
         tensor_parallel_size=N > 1: N processes (this one and N-1 workers) each hold 1/N of the heads, MLP
         channels, vocabulary and KV cache (engine/tp.py, the rules in models/sharding.py); the model must be a
-        transformers checkpoint directory; `close()` stops the workers."""
+        transformers checkpoint directory; `close()` stops the workers.
+        quantization ("auto", "none", "int4", "int8"; `models.registry.resolve_quantization`): weight-only
+        int4/int8 linears when loading by name or path. "auto" keeps a GGUF file's 4/8-bit weights quantised on
+        a CPU with native bf16 (not under deterministic mode or tensor parallelism); a passed-in model runs as
+        it is."""
         for name, value, lo in (("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
                                 ("max_num_batched_tokens", max_num_batched_tokens, 1)):
             _check_count(name, value, lo)
@@ -173,9 +177,20 @@ class LLM:
         self.tp: TensorParallelGroup | None = None
         _check_count("tensor_parallel_size", tensor_parallel_size, 1)
         if tensor_parallel_size > 1:
+            if quantization in ("int4", "int8"):
+                raise ValueError("tensor parallelism shards float weights: use quantization='none' (or 'auto')")
             self.model = self._start_tensor_parallel(model, dtype, tensor_parallel_size, deterministic)
         else:
-            self.model = (model if isinstance(model, DecoderLM) else load_model(model, dtype, self.device)).to(self.device)
+            if isinstance(model, DecoderLM):
+                if quantization not in ("auto", "none"):
+                    raise ValueError("quantization applies when LLM loads the model; quantise a loaded model with "
+                                     "attnzoo.layers.quant.quantize_model")
+            else:
+                if deterministic and quantization in ("int4", "int8"):
+                    raise ValueError("deterministic mode needs float weights (its batch-invariant matmuls): "
+                                     "use quantization='none'")
+                model = load_model(model, dtype, self.device, "none" if deterministic else quantization)
+            self.model = model.to(self.device)
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config
         if max_model_len is not None:  # longer than the model's own would run RoPE past what it was built for

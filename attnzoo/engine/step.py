@@ -17,21 +17,23 @@ from attnzoo.ops.attention.paged import PagedPlan, paged_attention_planned, plan
 
 
 def build_step(cache: PagedKVCache, reqs: list[Request], num_new: list[int]) -> "PagedStep":
+    """A handful of tensor ops per page table, whatever the batch: no per-request tensors."""
     B = len(reqs)
+    new = torch.tensor(num_new, dtype=torch.long)
     cu = torch.zeros(B + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(num_new).cumsum(0)
-    seq_lens = torch.tensor([r.num_computed + n for r, n in zip(reqs, num_new)])
+    cu[1:] = new.cumsum(0)
+    start = torch.tensor([r.num_computed for r in reqs], dtype=torch.long)
+    seq_lens = start + new
+    rows = torch.repeat_interleave(torch.arange(B), new)
+    pos = start[rows] + torch.arange(len(rows)) - cu[:-1].long()[rows]
     plans, slot_maps = [], []
-    pos = torch.cat([torch.arange(r.num_computed, r.num_computed + n) for r, n in zip(reqs, num_new)])
     for gi, g in enumerate(cache.tables):
-        width = max(len(r.page_tables[gi]) for r in reqs)
-        table = torch.full((B, width), 0, dtype=torch.long)
-        for b, r in enumerate(reqs):
-            t = torch.tensor(r.page_tables[gi], dtype=torch.long)
-            table[b, : len(t)] = t.clamp(min=0)  # released pages are never gathered
+        lists = [r.page_tables[gi] for r in reqs]
+        width = max(len(t) for t in lists)
+        # released pages (-1) are never gathered: 0 stands in for them
+        table = torch.tensor([t + [0] * (width - len(t)) for t in lists], dtype=torch.long).clamp_(min=0)
         left = g.window - 1 if g.window is not None else -1
         plans.append(plan_paged(table, cu, seq_lens, cache.page_size, left).to(cache.device))
-        rows = torch.repeat_interleave(torch.arange(B), torch.tensor(num_new))
         slots = table[rows, pos // cache.page_size] * cache.page_size + pos % cache.page_size
         slot_maps.append(slots.to(cache.device, non_blocking=True))
     state_slots = None

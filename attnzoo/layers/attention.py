@@ -44,18 +44,25 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x [N, hidden] -> q [N, H, d], k, v [N, Hkv, d] (normed, roped) and the output gate (or None)."""
-        n, d = x.shape[0], self.head_dim
-        q_width = self.num_heads * d * (2 if self.output_gate else 1)
-        q, k, v = self.qkv_proj(x).split([q_width, self.num_kv_heads * d, self.num_kv_heads * self.v_head_dim], -1)
+        n, d, H, Hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        q_width = H * d * (2 if self.output_gate else 1)
+        qkv = self.qkv_proj(x)
+        rope = rope if self.use_rope else None
+        v = qkv[:, q_width + Hkv * d:].view(n, Hkv, self.v_head_dim)
+        if rope is not None and not self.output_gate and self.q_norm is None:
+            # q and k are adjacent in the projection: one rotation over both (half a decode step's rope ops)
+            qk = apply_rope(qkv[:, :q_width + Hkv * d].view(n, H + Hkv, d), *rope, interleaved=self.interleaved_rope)
+            q, k = qk.split([H, Hkv], 1)
+            return q, k, v, None
+        q, k = qkv[:, :q_width], qkv[:, q_width:q_width + Hkv * d].view(n, Hkv, d)
         gate = None
         if self.output_gate:
-            q, gate = q.view(n, self.num_heads, 2 * d).split(d, -1)
-        q, k, v = q.reshape(n, self.num_heads, d), k.view(n, self.num_kv_heads, d), v.view(n, self.num_kv_heads, -1)
+            q, gate = q.view(n, H, 2 * d).split(d, -1)
+        q = q.reshape(n, H, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope and rope is not None:
-            q = apply_rope(q, *rope, interleaved=self.interleaved_rope)
-            k = apply_rope(k, *rope, interleaved=self.interleaved_rope)
+        if rope is not None:
+            q, k = apply_rope(torch.cat((q, k), 1), *rope, interleaved=self.interleaved_rope).split([H, Hkv], 1)
         return q, k, v, gate
 
     def output(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:

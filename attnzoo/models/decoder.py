@@ -45,6 +45,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.tokenizer = None  # set by the loaders when the checkpoint carries one
+        self.quantization: str | None = None   # "int4"/"int8" when load_model quantised the linears
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg)

@@ -3,6 +3,7 @@ llama.cpp's Q/K row permutation undone, tokenizer and chat template from the met
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,16 @@ def config_from_gguf(f: dict[str, Any]) -> ModelConfig:
         sliding_window=get("attention.sliding_window"),
         bos_token_id=f.get("tokenizer.ggml.bos_token_id"), eos_token_ids=[] if eos is None else [eos],
         name=f.get("general.name", ""))
+
+
+def linear_weight_type(path: Path) -> str | None:
+    """The storage type most of the file's per-layer matrices use (e.g. "Q4_1"), or None if it has none."""
+    try:
+        reader = _Reader(path)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by load_gguf
+        return None
+    kinds = Counter(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    return kinds.most_common(1)[0][0] if kinds else None
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:

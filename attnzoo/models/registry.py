@@ -92,20 +92,60 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
     return DTYPES[dtype]
 
 
+QUANTIZATION = ("auto", "none", "int4", "int8")
+GGUF_KINDS = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}   # GGUF block type -> the kind kept at run time
+
+
+def resolve_quantization(quantization: str, path: Path | None, device: str | torch.device | None = None
+                         ) -> str | None:
+    """The weight-only kind the linears run in ("int4", "int8") or None (float). "auto" keeps a GGUF file's
+    4-bit (Q4_0/Q4_1 -> int4) or 8-bit (Q8_0 -> int8) linears quantised on a CPU with native bf16, where
+    torch's weight-only kernels are fast (they take bf16 activations); elsewhere it loads float weights.
+    "int4"/"int8" quantise any checkpoint's linears (CPU kernels only)."""
+    if quantization not in QUANTIZATION:
+        raise ValueError(f"unknown quantization {quantization!r}; allowed: {', '.join(QUANTIZATION)}")
+    cpu = torch.device(device or "cpu").type == "cpu"
+    if quantization in ("int4", "int8"):
+        if not cpu:
+            raise ValueError(f"quantization={quantization!r} runs torch's CPU weight-only kernels; on "
+                             f"{torch.device(device).type} use quantization='none'")
+        return quantization
+    if quantization == "none" or not cpu or not native_bf16() or path is None:
+        return None
+    from attnzoo.models.gguf_loader import is_gguf, linear_weight_type
+    if not (path.is_file() and is_gguf(path)):
+        return None
+    return GGUF_KINDS.get(linear_weight_type(path))
+
+
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32,
-               device: str | torch.device | None = None) -> DecoderLM:
+               device: str | torch.device | None = None, quantization: str = "none") -> DecoderLM:
     """A model by name (`smollm2`), a `.gguf` file, or a transformers directory (config.json + safetensors).
 
     Returns a DecoderLM: `model(input_ids[B, T]) -> logits[B, T, V]`, with `.config` and `.tokenizer`, on
     `device` (default the CPU). dtype: float32 (default, the conformance dtype), bfloat16, or "auto"
-    (decided for `device`, see `resolve_dtype`)."""
+    (decided for `device`, see `resolve_dtype`). quantization (see `resolve_quantization`): the linears are
+    quantised from the float32 weights (a Q4_0/Q4_1 file's 4-bit codes are recovered exactly, see
+    tests/models/test_quantized_load.py) and compute in bfloat16, the dtype those kernels are fast in;
+    the lm_head is int8 (layers/quant.py says why)."""
     from attnzoo.models.gguf_loader import is_gguf, load_gguf
     from attnzoo.models.hf_loader import load_hf
 
-    dtype = resolve_dtype(dtype, device)
     path = resolve(name_or_path)
+    kind = resolve_quantization(quantization, path, device)
+    if kind is not None and dtype not in ("auto", "bfloat16", "bf16", torch.bfloat16):
+        raise ValueError(f"quantized weights compute in bfloat16: use dtype 'auto' or 'bfloat16' with "
+                         f"quantization={quantization!r}, or quantization='none' for {dtype}")
+    dtype = torch.float32 if kind is not None else resolve_dtype(dtype, device)
     if path.is_file() and is_gguf(path):
-        return load_gguf(path, dtype).to(device or "cpu")
-    if path.is_dir() and (path / "config.json").exists():
-        return load_hf(path, dtype).to(device or "cpu")
-    raise ModelLoadError(f"{path} is neither a GGUF file nor a transformers directory with config.json")
+        model = load_gguf(path, dtype)
+    elif path.is_dir() and (path / "config.json").exists():
+        model = load_hf(path, dtype)
+    else:
+        raise ModelLoadError(f"{path} is neither a GGUF file nor a transformers directory with config.json")
+    if kind is not None:
+        from attnzoo.layers.quant import quantize_model
+        quantize_model(model, kind, dtype=torch.bfloat16)
+        model = model.to(torch.bfloat16)
+    model.quantization = kind
+    return model.to(device or "cpu")

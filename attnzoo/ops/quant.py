@@ -223,7 +223,8 @@ def quant_linear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tens
     """x [..., K] -> x @ w.T (+ bias) [..., N] in x's dtype, computed in the weight's dtype."""
     if x.shape[-1] != qw.K:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {qw.K}")
-    x2 = x.reshape(-1, qw.K).to(qw.dtype).contiguous()
+    flat = x.dim() == 2 and x.dtype == qw.dtype and x.is_contiguous()   # the decode case: no copies, no casts
+    x2 = x if flat else x.reshape(-1, qw.K).to(qw.dtype).contiguous()
     if not qw.native:
         y = F.linear(x2, dequantize(qw).to(qw.dtype))
     elif qw.kind == "int4":
@@ -232,4 +233,4 @@ def quant_linear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tens
         y = torch._weight_int8pack_mm(x2, qw.packed, qw.scales)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.to(x.dtype).view(*x.shape[:-1], qw.N)
+    return y if flat else y.to(x.dtype).view(*x.shape[:-1], qw.N)

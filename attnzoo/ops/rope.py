@@ -83,12 +83,15 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_fact
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """Rotate x [N, H, d] by cos/sin [N, r/2]; dims past r (partial rotary) pass through unchanged."""
     r = cos.shape[-1] * 2
-    rot, rest = x[..., :r], x[..., r:]
-    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    full = r == x.shape[-1]
+    rot = x if full else x[..., :r]
+    c, s = cos[:, None, :], sin[:, None, :]
+    if c.dtype != x.dtype:        # (the model casts its tables once per step; other callers get it here)
+        c, s = c.to(x.dtype), s.to(x.dtype)
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
     else:
         x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
         out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+    return out if full else torch.cat((out, x[..., r:]), dim=-1)

@@ -46,6 +46,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="most requests in one batch (default 64)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bfloat16 where the device computes it natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16), else float32")
+    cli_args.add_quantization_arg(p)
     p.add_argument("--log-level", default="info", type=str.lower,
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.add_argument("--deterministic", action="store_true",
@@ -95,7 +96,7 @@ def serve(args: argparse.Namespace) -> None:
     llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
               kv_cache_fraction=args.kv_cache_fraction, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, deterministic=args.deterministic,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization)
     name = args.served_model_name or args.model
     app = build_app(llm, name, model_aliases={args.model}, api_key=args.api_key,
                     limits=limits)

@@ -48,6 +48,18 @@ class PagedPlan:
     key_block: int = 0
     prefill_key_start: list[int] = field(default_factory=list)
 
+    _bias: dict = field(default_factory=dict, repr=False)
+
+    def decode_bias(self, heads: int, dtype: torch.dtype) -> Tensor:
+        """The decode rows' mask as an additive bias [heads * Bd, 1, L] (0 visible, -inf not), built once per
+        step for every layer with that many KV heads."""
+        key = (heads, dtype)
+        if key not in self._bias:
+            bias = torch.zeros(self.decode_valid.shape, dtype=dtype, device=self.decode_valid.device)
+            bias.masked_fill_(~self.decode_valid, float("-inf"))
+            self._bias[key] = bias[None, :, None].expand(heads, -1, -1, -1).reshape(heads * bias.shape[0], 1, -1)
+        return self._bias[key]
+
     def to(self, device: torch.device | str) -> "PagedPlan":
         """The plan on the device of the cache, moved once per step rather than once per layer."""
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -74,42 +86,43 @@ def plan_paged(block_table: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor, page
     if key_block and key_block % page_size:
         raise ValueError(f"batch-invariant paged attention needs a page size dividing {key_block}, got {page_size}")
     align = key_block or 1
-    cu = cu_seqlens_q.tolist()
-    lens = seq_lens.tolist()
-    dec_rows, dec_spans, prefill, key_start = [], [], [], []
-    for b, L in enumerate(lens):
-        q0, q1 = cu[b], cu[b + 1]
-        nq = q1 - q0
-        if nq == 0:
-            continue
-        if L < nq:
-            raise ValueError(f"sequence {b} has {nq} new queries but only {L} keys (seq_lens must include them)")
-        first = 0 if window_left < 0 else max(0, L - nq - window_left)
-        if nq == 1:
-            dec_rows.append(q0)
-            dec_spans.append((b, first, L))
-        else:
-            start = first // align * align
-            prefill.append((q0, q1, _slots(block_table[b], start, L, page_size)))
-            key_start.append(start)
-    starts = [f // align * align // page_size for _, f, _ in dec_spans]   # first page each decode row gathers
+    cu_t = cu_seqlens_q.long()
+    nq_t, lens_t = cu_t[1:] - cu_t[:-1], seq_lens.long()
+    first_t = lens_t - nq_t - window_left if window_left >= 0 else torch.zeros_like(lens_t)
+    first_t = first_t.clamp_(min=0)
+    if bool((lens_t < nq_t).any()):
+        b = int((lens_t < nq_t).nonzero()[0])
+        raise ValueError(f"sequence {b} has {int(nq_t[b])} new queries but only {int(lens_t[b])} keys "
+                         "(seq_lens must include them)")
+    # decode rows (one query) are planned with tensor ops, prefill runs one sequence at a time
+    dec_b = (nq_t == 1).nonzero()[:, 0]
+    prefill, key_start = [], []
+    for b in (nq_t > 1).nonzero()[:, 0].tolist():
+        start = int(first_t[b]) // align * align
+        prefill.append((int(cu_t[b]), int(cu_t[b + 1]), _slots(block_table[b], start, int(lens_t[b]), page_size)))
+        key_start.append(start)
+    L, first = lens_t[dec_b], first_t[dec_b]
+    starts = first // align * align // page_size              # first page each decode row gathers
     cascades = []
-    if window_left < 0 and len(dec_spans) > 1 and not key_block:
-        cascades = _shared_prefixes(block_table, dec_spans, page_size, starts)
-    width = max((-(-L // page_size) - p0 for (_, _, L), p0 in zip(dec_spans, starts)), default=0)
+    if window_left < 0 and len(dec_b) > 1 and not key_block:
+        starts_l = starts.tolist()
+        cascades = _shared_prefixes(block_table, list(zip(dec_b.tolist(), first.tolist(), L.tolist())), page_size,
+                                    starts_l)
+        starts = torch.tensor(starts_l, dtype=torch.long)
+    ends = -(-L // page_size)
+    width = int((ends - starts).max()) if len(dec_b) else 0
     if key_block:   # whole key blocks
         per_block = key_block // page_size
         width = -(-width // per_block) * per_block
-    pages = torch.zeros(len(dec_spans), width, dtype=torch.long)
-    valid = torch.zeros(len(dec_spans), width * page_size, dtype=torch.bool)
-    for i, ((b, first, L), p0) in enumerate(zip(dec_spans, starts)):
-        p1 = -(-L // page_size)
-        pages[i, : p1 - p0] = block_table[b, p0:p1].long()
-        valid[i, max(first - p0 * page_size, 0): L - p0 * page_size] = True
-    dec_b = torch.tensor([b for b, _, _ in dec_spans], dtype=torch.long)
-    return PagedPlan(torch.tensor(dec_rows, dtype=torch.long), pages, valid, prefill, int(cu[-1]), cascades,
-                     block_table[dec_b], torch.tensor([L for _, _, L in dec_spans], dtype=torch.int32),
-                     key_block, key_start)
+    table = block_table[dec_b].long()
+    col = starts[:, None] + torch.arange(width)[None]
+    inside = col < ends[:, None]
+    pages = table.gather(1, col.clamp(max=max(table.shape[1] - 1, 0))).masked_fill_(~inside, 0) if width else \
+        torch.zeros(len(dec_b), 0, dtype=torch.long)
+    slot = torch.arange(width * page_size)[None] + (starts * page_size)[:, None]   # absolute key position
+    valid = (slot >= first[:, None]) & (slot < L[:, None])
+    return PagedPlan(cu_t[:-1][dec_b], pages, valid, prefill, int(cu_t[-1]), cascades, block_table[dec_b],
+                     L.to(torch.int32), key_block, key_start)
 
 
 def _shared_prefixes(block_table: Tensor, spans: list[tuple[int, int, int]], page_size: int,
@@ -118,9 +131,12 @@ def _shared_prefixes(block_table: Tensor, spans: list[tuple[int, int, int]], pag
     its rows have in common (full pages strictly before each row's last key). Moves each grouped row's
     `starts` past it."""
     by_head: dict[tuple[int, ...], list[int]] = {}
-    for i, (b, _, L) in enumerate(spans):
+    if block_table.shape[1] < MIN_CASCADE_PAGES:
+        return []
+    heads = block_table[[b for b, _, _ in spans], :MIN_CASCADE_PAGES].tolist()   # one host copy for all rows
+    for i, ((_, _, L), head) in enumerate(zip(spans, heads)):
         if (L - 1) // page_size >= MIN_CASCADE_PAGES:
-            by_head.setdefault(tuple(block_table[b, :MIN_CASCADE_PAGES].tolist()), []).append(i)
+            by_head.setdefault(tuple(head), []).append(i)
     out = []
     for rows in by_head.values():
         if len(rows) < 2:
@@ -156,18 +172,34 @@ def _gather_pages(cache: Tensor, pages: Tensor, rows: int, acc: torch.dtype) -> 
     return out.view(Hkv, rows, -1, d).to(acc)
 
 
+def _decode_only(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: PagedPlan, scale: float) -> Tensor:
+    """A step of single-token queries only (the common case, no cascades or sinks): no row scatter, the scale
+    and the mask in one baddbmm, the softmax in one op."""
+    N, H, d = q.shape
+    Hkv, dv = k_cache.shape[0], v_cache.shape[-1]
+    G = H // Hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # softmax precision
+    qd = q.reshape(N, Hkv, G, d).transpose(0, 1).to(acc).reshape(Hkv * N, G, d)
+    k = _gather_pages(k_cache, plan.decode_pages, N, acc).view(Hkv * N, -1, d)
+    v = _gather_pages(v_cache, plan.decode_pages, N, acc).view(Hkv * N, -1, dv)
+    s = torch.baddbmm(plan.decode_bias(Hkv, acc), qd, k.transpose(1, 2), alpha=scale)
+    o = torch.bmm(s.softmax(-1), v).view(Hkv, N, G, dv)
+    return o.transpose(0, 1).reshape(N, H, dv).to(q.dtype)
+
+
 def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: PagedPlan, *,
                             window_size: tuple[int, int] = (-1, -1), scale: float | None = None,
                             sinks: Tensor | None = None) -> Tensor:
     N, H, d = q.shape
     Hkv, dv = k_cache.shape[0], v_cache.shape[-1]
-    kf, vf = k_cache.reshape(Hkv, -1, d), v_cache.reshape(Hkv, -1, dv)   # [Hkv, slots, d]
-    out = q.new_empty(N, H, dv)
     scale = d ** -0.5 if scale is None else scale
     if plan.key_block:
-        return _planned_invariant(q, k_cache, v_cache, plan, window_size, scale, sinks, out)
-    triton = resolve_backend(None, q) == "triton"
-    if len(plan.decode_rows) and triton and plan.decode_block_table is not None:
+        return _planned_invariant(q, k_cache, v_cache, plan, window_size, scale, sinks, q.new_empty(N, H, dv))
+    triton = resolve_backend(None, q) == "triton" and plan.decode_block_table is not None
+    if len(plan.decode_rows) == N and not triton and not plan.cascades and sinks is None:
+        return _decode_only(q, k_cache, v_cache, plan, scale)
+    out = q.new_empty(N, H, dv)
+    if len(plan.decode_rows) and triton:
         # Flash-decoding kernel: reads each K/V page once per KV head, no gather copies.
         from attnzoo.ops.attention.triton.paged_decode import paged_decode_triton
 
@@ -194,6 +226,7 @@ def paged_attention_planned(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: P
             sink = sinks.to(acc).view(Hkv, 1, G)
             o = o * torch.exp(lse - torch.logaddexp(lse, sink))[..., None]
         out[plan.decode_rows] = o.transpose(0, 1).reshape(-1, H, dv).to(q.dtype)
+    kf, vf = k_cache.reshape(Hkv, -1, d), v_cache.reshape(Hkv, -1, dv)   # [Hkv, slots, d]
     for r0, r1, slots in plan.prefill:
         slots = slots.to(kf.device)  # plans are host-side; no-op on CPU
         k = torch.index_select(kf, 1, slots).transpose(0, 1)[None]          # [1, L, Hkv, d]
