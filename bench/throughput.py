@@ -1,7 +1,7 @@
 """Offline throughput: attnzoo's engine vs transformers' batched `generate`, same GGUF, same run.
 
     python bench/throughput.py [--num-requests 32] [--min-input 64] [--max-input 256] [--output-len 128]
-                               [--dtypes float32,bfloat16] [--quick]
+                               [--dtypes float32,bfloat16] [--llama-bench PATH] [--quick]
     attnzoo bench throughput ...   (the same)
 
 nano-vllm's offline workload scaled to a 2-core CPU: N requests of random token ids with random input
@@ -9,22 +9,28 @@ lengths, a fixed number of output tokens each (EOS ignored), all submitted at on
 transformers runs them as one left-padded batch. Before any speed is printed, greedy tokens of
 attnzoo (fp32) must equal transformers' for one request, and each bf16 model must agree with its fp32
 twin on the next-token argmax of every prompt. Single-stream decode tok/s is measured too.
+
+On a CPU with native bf16 a third attnzoo row keeps the GGUF's 4-bit linears quantised (int4, lm_head
+int8: `quantization="int4"`); its peer is llama.cpp on the same file: with --llama-bench (the path of a
+llama-bench binary built from llama.cpp's source) its single-stream decode (tg) runs in the same sitting.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
+import subprocess
 import time
 
 import torch
-from common import machine
+from common import cpu_flags, machine
 from generate_cpu import hf_generate, hf_stamps
 
 import attnzoo
 from attnzoo.engine import LLM, SamplingParams
-from attnzoo.models.registry import resolve
+from attnzoo.models.registry import native_bf16, resolve
 
 
 def workload(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -72,6 +78,13 @@ def single_stream_hf(hf, prompt: list[int], n: int) -> float:
     return max(rates)
 
 
+def llama_cpp_decode(binary: str, gguf: str, n: int, threads: int) -> float:
+    """llama.cpp's single-stream decode tok/s on the same file (llama-bench's tg test, 3 repetitions)."""
+    out = subprocess.run([binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(n), "-r", "3", "-o", "json"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -81,13 +94,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench binary: its "
+                    "single-stream decode on the same GGUF, in the same run")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
     args = ap.parse_args(argv)
     if args.quick:
         args.num_requests, args.min_input, args.max_input, args.output_len = 4, 8, 24, 8
     from transformers import AutoModelForCausalLM
 
-    print(f"# machine: {machine()}")
+    print(f"# machine: {machine()}; CPU flags: {cpu_flags()}")
     path = resolve(args.model)
     prompts = workload(args.num_requests, args.min_input, args.max_input, args.seed)
     dtypes = [attnzoo.models.registry.resolve_dtype(d) for d in args.dtypes.split(",")]
@@ -105,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval(), prompts[0], n_check)
     if o.token_ids != ref:
         raise SystemExit(f"FAILED: attnzoo fp32 engine tokens {o.token_ids} != transformers {ref}; no speed reported")
+    if native_bf16():    # the int4 kernels take bf16 activations; emulated bf16 would make this row meaningless
+        ours["int4"] = attnzoo.load_model(args.model, dtype="bfloat16", quantization="int4")
     for d, m in ours.items():
         if d is torch.float32:
             continue
@@ -113,18 +130,25 @@ def main(argv: list[str] | None = None) -> None:
                             fp32(torch.tensor([p]), last_only=True)[0, -1].argmax()) for p in prompts)
         if agree < 0.9 * len(prompts):
             raise SystemExit(f"FAILED: {d} next-token argmax agrees with fp32 on only {agree}/{len(prompts)} prompts")
-    print(f"# correctness: attnzoo fp32 engine = transformers for {n_check} greedy tokens; bf16 argmax agrees with fp32")
+    print(f"# correctness: attnzoo fp32 engine = transformers for {n_check} greedy tokens; bf16 (and int4) argmax "
+          f"agrees with fp32 on >= 90 % of the prompts")
 
     pad = fp32.tokenizer.eos_token_ids[0]
     rows = []
-    for d in dtypes:
-        name = str(d).replace("torch.", "")
+    for d in ours:
+        if d not in dtypes and d != "int4":
+            continue
+        # the int4 model's float peer in transformers is its bf16 twin (transformers has no int4 CPU path here)
+        peer = torch.bfloat16 if d == "int4" else d
+        name = "int4 (lm_head int8), vs transformers bf16" if d == "int4" else str(d).replace("torch.", "")
         llm = LLM(ours[d], kv_cache_memory=1 << 30, max_num_seqs=max(64, args.num_requests))
         run_attnzoo(llm, prompts[:2], 4)  # warm-up
         ours_tps = statistics.median(run_attnzoo(llm, prompts, args.output_len) for _ in range(2))
-        hf_tps = run_hf(theirs[d], prompts, args.output_len, pad)
+        if peer not in theirs:
+            theirs[peer] = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=peer).eval()
+        hf_tps = run_hf(theirs[peer], prompts, args.output_len, pad)
         s_ours = single_stream_attnzoo(llm, prompts[0], min(64, 4 * args.output_len))
-        s_hf = single_stream_hf(theirs[d], prompts[0], min(64, 4 * args.output_len))
+        s_hf = single_stream_hf(theirs[peer], prompts[0], min(64, 4 * args.output_len))
         rows.append((name, ours_tps, hf_tps, s_ours, s_hf))
     print(f"\n{args.num_requests} requests, input {args.min_input}-{args.max_input} random tokens, "
           f"{args.output_len} output tokens each (ignore_eos), greedy, all at once\n")
@@ -132,6 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     for name, a, h, sa, sh in rows:
         print(f"| {name} | {a:.0f} | {h:.0f} | {a / h:.2f}x | {sa:.1f} | {sh:.1f} | {sa / sh:.2f}x |")
+    if args.llama_bench:
+        n = min(64, 4 * args.output_len)
+        tg = llama_cpp_decode(args.llama_bench, str(path), n, torch.get_num_threads())
+        mine = next((sa for name, _, _, sa, _ in rows if name.startswith("int4")), None)
+        print(f"\nllama.cpp (llama-bench tg{n}, {torch.get_num_threads()} threads, {path.name} as shipped): "
+              f"{tg:.1f} tok/s single-stream decode" + (f"; attnzoo int4 {mine:.1f} ({mine / tg:.2f}x)" if mine else ""))
 
 
 if __name__ == "__main__":
