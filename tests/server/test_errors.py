@@ -18,8 +18,8 @@ QUEUE = 3       # sequences that may wait; one runs at a time (max_num_seqs=1)
 
 
 @pytest.fixture(scope="module")
-def live(model):
-    with live_server(model, api_key=KEY, limits=ServerLimits(max_queued_sequences=QUEUE), max_num_seqs=1) as s:
+def live():
+    with live_server(api_key=KEY, limits=ServerLimits(max_queued_sequences=QUEUE), max_num_seqs=1) as s:
         yield s
 
 

@@ -18,8 +18,8 @@ RSS_GROWTH_MB = 300   # ~50 MB in practice (allocator high-water, shape caches);
 
 
 @pytest.fixture(scope="module")
-def live(model):
-    with live_server(model) as s:
+def live():
+    with live_server() as s:
         yield s
 
 
