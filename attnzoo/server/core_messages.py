@@ -19,7 +19,7 @@ class EngineConfig:
     model: str
     llm_kwargs: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None       # torch threads in the core; default: every core this process may run on
-    log_level: str = "INFO"
+    log_level: str = "WARNING"
 
 
 @dataclass

@@ -88,7 +88,10 @@ class EngineCore:
     def _drain(self) -> list:
         cmds: list = []
         while self.conn.poll():           # EOF also polls ready: recv then raises EOFError
-            cmds.extend(self.conn.recv())
+            batch = self.conn.recv()
+            cmds.extend(batch)
+            if any(isinstance(c, Shutdown) for c in batch):   # the pipe closes right after it
+                break
         return cmds
 
     def _handle(self, cmd) -> bool:
