@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from multiprocessing.connection import Connection, wait
 
 import torch
@@ -28,6 +29,9 @@ def core_threads(config: EngineConfig) -> int:
 
 def core_main(config: EngineConfig, conn: Connection) -> None:
     """Entry point of the spawned process: load, report `EngineInfo` (or `CoreDead`), then serve steps."""
+    # Ctrl-C reaches the whole process group: the API process shuts down and then stops the core (and a core
+    # whose API process died sees the pipe close), so the core ignores it rather than die mid-step
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     threads = core_threads(config)
     torch.set_num_threads(threads)
