@@ -156,5 +156,6 @@ class EngineCore:
     QUERIES = {
         "health": LLM.health_error,
         "idle": lambda llm: not llm.has_unfinished(),
+        "groups": lambda llm: len(llm._groups),     # requests not yet reported finished
         "pages": _pages,
     }
