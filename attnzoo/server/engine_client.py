@@ -92,7 +92,8 @@ class EngineClient:
         try:
             msg = self._conn.recv()
         except (EOFError, OSError):
-            msg = CoreDead(f"the engine core exited while loading (exit code {self._proc.join(5) or self._proc.exitcode})")
+            self._proc.join(5)
+            msg = CoreDead(f"the engine core exited while loading (exit code {self._proc.exitcode})")
         if isinstance(msg, CoreDead):
             self._finalizer()
             raise (ValueError if msg.bad_input else EngineDead)(msg.reason)
