@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The same load generator (bench/serve.py) against attnzoo's server and, when available, llama.cpp's
+# Served vs offline (LLM.generate) ratios on the issue-20 workloads: bench/serve_engine.py.
 # (llama-cpp-python[server], built from source into its own venv: LLAMA_PY=/path/to/venv/bin/python),
 # on the same GGUF, one after the other on this machine. Prompts are words (llama.cpp's server takes
 # no token-id prompts); llama.cpp ignores `ignore_eos`, so compare output tok/s, not request counts. Results: bench/results/serve-*.json + a table.

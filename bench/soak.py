@@ -41,26 +41,35 @@ def machine() -> str:
     return f"{host()}; CPU flags: {cpu_flags()}"
 
 
-def rss_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def rss_mb(*pids: int) -> float:
+    """This process and `pids` (the engine core when the server runs here)."""
+    total = 0.0
+    for pid in ("self", *pids):
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+                break
+        else:
+            return float("nan")
+    return total
 
 
 # ---- the server, in this process ------------------------------------------------------------------
 class InProcess:
-    """uvicorn in a thread over one LLM, so the bench can look inside the engine afterwards."""
+    """uvicorn in a thread over an engine core process started here, so the bench can ask the engine
+    afterwards (queries over the core's pipe)."""
 
     def __init__(self, args: argparse.Namespace):
         import uvicorn
 
-        from attnzoo.engine import LLM
         from attnzoo.server.app import build_app
+        from attnzoo.server.core_messages import EngineConfig
+        from attnzoo.server.engine_client import EngineClient
         from attnzoo.server.main import bound_kernel_caches
         bound_kernel_caches()      # as `attnzoo serve` does
-        self.llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
-        self.app = build_app(self.llm, "smollm2", model_aliases={args.model})
+        self.engine = EngineClient(EngineConfig(args.model, dict(kv_cache_memory=args.kv_cache_memory,
+                                                                 max_num_seqs=args.max_num_seqs)))
+        self.app = build_app(self.engine, "smollm2", model_aliases={args.model})
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -80,11 +89,12 @@ class InProcess:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+        self.engine.close()
 
     def wait_idle(self, timeout: float) -> bool:
-        eng = self.app.state.server.engine
+        eng = self.engine
         deadline = time.monotonic() + timeout
-        while eng.busy or eng.queued() or self.llm.has_unfinished():
+        while eng.busy or eng.queued() or not eng.query_sync("idle"):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
@@ -93,12 +103,10 @@ class InProcess:
 
     def unfinished(self) -> int:
         """Requests the server accepted that never reached a terminal event."""
-        return len(self.app.state.server.engine._streams) + len(self.llm._groups)
+        return len(self.engine._streams) + self.engine.query_sync("groups")
 
     def pages_leaked(self) -> int:
-        self.llm.check_integrity()
-        self.llm.clear_prefix_cache()
-        return sum(g.pool.capacity - g.pool.num_free for g in self.llm.kv.groups)
+        return sum(capacity - free for free, capacity in self.engine.query_sync("pages"))
 
 
 # ---- load -----------------------------------------------------------------------------------------
@@ -204,12 +212,13 @@ def run(args: argparse.Namespace) -> int:
     local = None if args.base_url else InProcess(args)
     with local or nullcontext():
         base = args.base_url.rstrip("/") if args.base_url else local.url
-        rss_start = rss_mb()
+        pids = [local.engine.pid] if local else []
+        rss_start = rss_mb(*pids)
         before_text = asyncio.run(greedy(base, headers))
         if not args.quick:         # a full-context prefill takes tens of seconds on a small CPU
             asyncio.run(warm_up(base, headers))
         warm = asyncio.run(load(base, args, headers, args.streams // 10, args.fuzz // 10, args.seed + 1))
-        rss0 = rss_mb()
+        rss0 = rss_mb(*pids)
         t0 = time.perf_counter()
         stream_results, fuzzed = asyncio.run(load(base, args, headers, args.streams, args.fuzz, args.seed))
         seconds = time.perf_counter() - t0
@@ -218,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         unfinished = local.unfinished() if local else None
         leaked = local.pages_leaked() if local and idle else None
         after_text = asyncio.run(greedy(base, headers))
-        rss1 = rss_mb()
+        rss1 = rss_mb(*pids)
         health = httpx.get(base + "/health", timeout=30).status_code
 
     kinds = Counter(r.kind for r in stream_results)

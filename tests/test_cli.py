@@ -143,3 +143,13 @@ def test_sizes(text, value):
 def test_bad_sizes(text):
     with pytest.raises(Exception, match="size|at least 1 byte"):
         cli_args.size(text)
+
+
+def test_a_model_the_engine_core_cannot_load_is_one_clear_line(capsys):
+    # the engine core (its own process) loads the model; its ValueError comes back as the same one line
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    free = port.getsockname()[1]
+    port.close()
+    code, err = in_process(capsys, "serve", "--port", str(free), "--model", "no-such-model")
+    assert_one_line_error(code, err, "no-such-model")

@@ -83,3 +83,8 @@ class RequestDetokenizer:
         tail = self.tokenizer.decode(self.ids[self.prefix_offset:])[len(prefix):].rstrip(_REPLACEMENT)
         self.prefix_offset = self.read_offset = len(self.ids)
         return self._advance(tail, final=True)
+
+    def finish(self) -> str:
+        """The sequence ended, whatever ended it: release held-back text (once) and return the whole text."""
+        self.flush()
+        return self.text

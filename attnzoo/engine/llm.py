@@ -146,7 +146,8 @@ class LLM:
                  page_size: int = 16, kv_cache_memory: int | None = None, kv_cache_fraction: float | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, seed: int = 0, device: str | torch.device | None = None,
-                 deterministic: bool = False, tensor_parallel_size: int = 1, quantization: str = "auto"):
+                 deterministic: bool = False, tensor_parallel_size: int = 1, quantization: str = "auto",
+                 detokenize: bool = True):
         """kv_cache_memory (bytes) or kv_cache_fraction (of the memory available at start-up) sets the KV
         budget; by default it is what max_num_seqs sequences of max_model_len tokens need, capped at
         DEFAULT_KV_CACHE_FRACTION of the available memory and never less than one such sequence.
@@ -159,7 +160,9 @@ class LLM:
         quantization ("auto", "none", "int4", "int8"; `models.registry.resolve_quantization`): weight-only
         int4/int8 linears when loading by name or path. "auto" keeps a GGUF file's 4/8-bit weights quantised on
         a CPU with native bf16 (not under deterministic mode or tensor parallelism); a passed-in model runs as
-        it is."""
+        it is.
+        detokenize=False: outputs carry token ids only (text stays "") and stop strings are the caller's to
+        apply (the server's API process does both, and aborts a sequence that meets one)."""
         for name, value, lo in (("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
                                 ("max_num_batched_tokens", max_num_batched_tokens, 1)):
             _check_count(name, value, lo)
@@ -226,7 +229,7 @@ class LLM:
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.kv)
         length = min(8192, self.max_model_len)
         log.info("fits %d concurrent sequences of %d tokens", self.max_concurrent_sequences(length), length)
-        self.deterministic = deterministic
+        self.deterministic, self.detokenize = deterministic, detokenize
         if deterministic:
             check_deterministic(self.model, self.device, page_size)
         self.runner = ModelRunner(self.model, self.kv, deterministic)
@@ -318,17 +321,18 @@ class LLM:
             children.append(Request(f"{rid}#{i}" if params.n > 1 else rid, list(ids), p,
                                     generator=make_generator(p),
                                     detokenizer=RequestDetokenizer(self.tokenizer, p.stop or [], ids)
-                                    if self.tokenizer else None))
+                                    if self.tokenizer and self.detokenize else None))
         self._groups[rid] = _Group(rid, children, [""] * len(children))
         for r in children:
             self.scheduler.add(r)
         return rid
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now and free its pages; unknown or finished ids are ignored."""
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request (or only its completion `index`) now and free its pages; unknown or finished ids
+        are ignored."""
         group = self._groups.get(request_id)
-        for r in group.children if group else []:
-            if not r.finished:
+        for i, r in enumerate(group.children if group else []):
+            if not r.finished and index in (None, i):
                 self.scheduler.finish(r, "abort")
 
     def _abort_all(self) -> None:
@@ -411,9 +415,7 @@ class LLM:
     def _snapshot(self, g: _Group, done: bool) -> RequestOutput:
         comps, delta = [], ""
         for i, r in enumerate(g.children):
-            text = r.detokenizer.text if r.detokenizer else ""
-            if r.finished and r.detokenizer:   # eos, a stop token id or the length: release held-back text
-                text += r.detokenizer.flush()     # (after a stop string, flush gives nothing)
+            text = "" if r.detokenizer is None else r.detokenizer.finish() if r.finished else r.detokenizer.text
             delta += text[len(g.emitted[i]):] if i == 0 else ""
             g.emitted[i] = text
             comps.append(CompletionOutput(i, text, list(r.output_ids), r.finish_reason, r.stop_reason, r.logprobs))

@@ -1,13 +1,13 @@
-"""The FastAPI application around one `LLM` and its engine thread."""
+"""The FastAPI application around one engine core (a separate process, engine_client.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from attnzoo.engine.llm import LLM
-from attnzoo.server.engine_thread import EngineThread
+from attnzoo.server.engine_client import EngineClient
 from attnzoo.server.errors import install_handlers
 from attnzoo.server.limits import ServerLimits
 from attnzoo.server.metrics import ServerMetrics
@@ -16,28 +16,27 @@ from attnzoo.server.routes import router
 from attnzoo.server.state import ServerState
 
 
-def build_app(llm: LLM, model_name: str, *, model_aliases: set[str] | None = None, api_key: str | None = None,
-              limits: ServerLimits | None = None, stall_timeout_s: float = 60.0) -> FastAPI:
-    """The engine thread starts with the app (lifespan) and stops with it. `app.state.llm` is the engine
-    itself, for tests and debugging; only touch it while the server is idle."""
+def build_app(engine: EngineClient, model_name: str, *, model_aliases: set[str] | None = None,
+              api_key: str | None = None, limits: ServerLimits | None = None,
+              stall_timeout_s: float = 60.0) -> FastAPI:
+    """The app reads the core's messages while it runs (lifespan) and stops the core when it stops.
+    `app.state.engine` is the `EngineClient`, for tests and debugging (`query_sync("pages")` etc.)."""
     limits = limits or ServerLimits()
     metrics = ServerMetrics(model_name)
-    engine = EngineThread(llm, metrics)
-    state = ServerState(llm, engine, metrics, model_name, set(model_aliases or ()), api_key, limits,
-                        stall_timeout_s)
+    state = ServerState(engine, metrics, model_name, set(model_aliases or ()), api_key, limits, stall_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        engine.start()
+        engine.attach(asyncio.get_running_loop(), metrics)
         try:
             yield
         finally:
-            engine.stop()
+            engine.close()
             state.close()
 
     app = FastAPI(title="attnzoo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
-    app.state.llm = llm
+    app.state.engine = engine
     install_handlers(app)
     app.include_router(router)
     # outermost first: the size limit runs before auth so a huge unauthenticated body is cut short

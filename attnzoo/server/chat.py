@@ -52,7 +52,7 @@ async def create_chat(body: ChatRequest, request: Request, st: ServerState):
     ids = await st.encode_prompt(render(st, body.messages, body.add_generation_prompt), "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = build_params(body, max_tokens=max_tokens, logprobs=n_top, prompt_len=len(ids),
-                          max_model_len=st.llm.max_model_len, kv_tokens=st.kv_tokens,
+                          max_model_len=st.max_model_len, kv_tokens=st.kv_tokens,
                           vocab_size=st.vocab_size, where="messages")
     rids, queue = await st.submit([ids], [params])
     meta = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": body.model or st.model_name}

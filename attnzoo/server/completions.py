@@ -47,7 +47,7 @@ async def create_completion(body: CompletionRequest, request: Request, st: Serve
         raise APIError(400, "best_of other than n is not supported", param="best_of")
     prompts = await _prompts(st, body.prompt)
     params = [build_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, prompt_len=len(p),
-                           max_model_len=st.llm.max_model_len, kv_tokens=st.kv_tokens,
+                           max_model_len=st.max_model_len, kv_tokens=st.kv_tokens,
                            vocab_size=st.vocab_size, where="prompt",
                            default_max_tokens=DEFAULT_MAX_TOKENS) for p in prompts]
     rids, queue = await st.submit(prompts, params)

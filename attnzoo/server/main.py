@@ -1,4 +1,5 @@
-"""`attnzoo serve`: load the model, build the app, run uvicorn."""
+"""`attnzoo serve`: start the engine core (its own process: it loads the model), build the app, run
+uvicorn in this process."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> None:
     """Before the first matmul (each cache reads its capacity once); an environment setting wins."""
     for var in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
         os.environ.setdefault(var, str(entries))
+
+
+def api_process_threads() -> None:
+    """The API process does no tensor work (the core does): one torch thread, so that nothing here competes
+    with the core's threads for the cores."""
+    import sys
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -88,18 +97,20 @@ def serve(args: argparse.Namespace) -> None:
     sock = listen_socket(args.host, args.port)  # a port in use is reported before the model loads
     import uvicorn
 
-    from attnzoo.engine import LLM
     from attnzoo.server.app import build_app
+    from attnzoo.server.core_messages import EngineConfig
+    from attnzoo.server.engine_client import EngineClient
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    bound_kernel_caches()
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-              kv_cache_fraction=args.kv_cache_fraction, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, deterministic=args.deterministic,
-              tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization)
+    level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bound_kernel_caches()        # in the environment, so the spawned core inherits it
+    api_process_threads()
+    engine = EngineClient(EngineConfig(args.model, dict(
+        dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, kv_cache_fraction=args.kv_cache_fraction,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, deterministic=args.deterministic,
+        tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization), log_level=level))
     name = args.served_model_name or args.model
-    app = build_app(llm, name, model_aliases={args.model}, api_key=args.api_key,
-                    limits=limits)
+    app = build_app(engine, name, model_aliases={args.model}, api_key=args.api_key, limits=limits)
     host = f"[{args.host}]" if ":" in args.host else args.host
     logging.getLogger("attnzoo.server").info("serving %s on http://%s:%d (chat page at /)", name, host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -109,4 +120,4 @@ def serve(args: argparse.Namespace) -> None:
         except KeyboardInterrupt:  # Ctrl-C is how a server stops; uvicorn has shut down cleanly by now
             pass
         finally:
-            llm.close()  # tensor-parallel workers stop with the server
+            engine.close()  # the core (and its tensor-parallel workers) stop with the server

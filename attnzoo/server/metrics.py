@@ -1,6 +1,6 @@
 """Prometheus metrics (vLLM's names with an `attnzoo:` prefix) and the periodic stats log line.
 
-Everything here is updated from the engine thread only; prometheus_client is thread-safe for scraping."""
+Everything here is updated on the event loop from the engine core's step messages (engine_client.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from attnzoo.engine.llm import LLM, RequestOutput
+from attnzoo.engine.llm import RequestOutput
+from attnzoo.server.core_messages import EngineStats
 
 log = logging.getLogger("attnzoo.server")
 
@@ -53,11 +54,10 @@ class ServerMetrics:
         self._last_log = time.monotonic()
         self._win_prompt = self._win_gen = self._win_queries = self._win_hits = 0
 
-    def on_step(self, llm: LLM) -> None:
-        s = llm.scheduler
-        self.running.set(len(s.running))
-        self.waiting.set(len(s.waiting))
-        self.kv_usage.set(llm.kv.usage)
+    def on_step(self, s: EngineStats) -> None:
+        self.running.set(s.running)
+        self.waiting.set(s.waiting)
+        self.kv_usage.set(s.kv_usage)
         if s.num_preemptions > self._seen_preemptions:
             self.preemptions.inc(s.num_preemptions - self._seen_preemptions)
             self._seen_preemptions = s.num_preemptions
@@ -89,7 +89,7 @@ class ServerMetrics:
         if m.finished_time is not None:
             self.e2e.observe(m.finished_time - m.arrival_time)
 
-    def maybe_log(self, llm: LLM, busy: bool) -> None:
+    def maybe_log(self, s: EngineStats, busy: bool) -> None:
         """vLLM's periodic line, every LOG_INTERVAL_S while there is or was work in the window."""
         now = time.monotonic()
         dt = now - self._last_log
@@ -98,7 +98,6 @@ class ServerMetrics:
         hit = 100.0 * self._win_hits / self._win_queries if self._win_queries else 0.0
         log.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
                  "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
-                 self._win_prompt / dt, self._win_gen / dt, len(llm.scheduler.running), len(llm.scheduler.waiting),
-                 100.0 * llm.kv.usage, hit)
+                 self._win_prompt / dt, self._win_gen / dt, s.running, s.waiting, 100.0 * s.kv_usage, hit)
         self._last_log = now
         self._win_prompt = self._win_gen = self._win_queries = self._win_hits = 0

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from attnzoo.engine.llm import RequestOutput
-from attnzoo.server.engine_thread import EngineThread
+from attnzoo.server.engine_client import EngineClient
 from attnzoo.server.errors import APIError
 
 _GONE = object()
@@ -21,7 +21,7 @@ async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
     queue.put_nowait(_GONE)
 
 
-async def iterate(engine: EngineThread, rids: list[str], queue: asyncio.Queue,
+async def iterate(engine: EngineClient, rids: list[str], queue: asyncio.Queue,
                   request: Request | None = None) -> AsyncIterator[RequestOutput]:
     """Snapshots of `rids` until all finished. With `request`, watch for a vanished client (Starlette does not
     cancel non-streaming handlers on disconnect). Anything unfinished when this ends is aborted."""
@@ -44,7 +44,7 @@ async def iterate(engine: EngineThread, rids: list[str], queue: asyncio.Queue,
             engine.abort(rid)
 
 
-async def collect(engine: EngineThread, rids: list[str], queue: asyncio.Queue,
+async def collect(engine: EngineClient, rids: list[str], queue: asyncio.Queue,
                   request: Request) -> dict[str, RequestOutput]:
     final: dict[str, RequestOutput] = {}
     async for out in iterate(engine, rids, queue, request):

@@ -30,7 +30,7 @@ async def models(request: Request) -> dict:
     root = next(iter(st.model_aliases), st.model_name)
     return {"object": "list", "data": [{"id": st.model_name, "object": "model", "created": st.created,
                                         "owned_by": "attnzoo", "root": root, "parent": None,
-                                        "max_model_len": st.llm.max_model_len}]}
+                                        "max_model_len": st.max_model_len}]}
 
 
 @router.post("/v1/completions")
@@ -45,14 +45,14 @@ async def chat_completions(request: Request):
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    eng = _state(request).engine
-    if not eng.alive:
-        return error_response(503, f"engine is not running: {eng.error!r}", code="engine_dead")
-    if (why := eng.llm.health_error()) is not None:   # a dead worker is reported before the next step meets it
-        return error_response(503, f"engine is not running: {why}", code="engine_dead")
+    st = _state(request)
+    eng = st.engine
     stalled = time.monotonic() - eng.last_step_time
-    if eng.busy and stalled > _state(request).stall_timeout_s:
+    if eng.alive and eng.busy and stalled > st.stall_timeout_s:
         return error_response(503, f"engine has not completed a step for {stalled:.0f} s", code="engine_stalled")
+    # the core answers between steps; a dead tensor-parallel worker is reported before a step meets it
+    if (why := await eng.health_error(st.stall_timeout_s)) is not None:
+        return error_response(503, f"engine is not running: {why}", code="engine_dead")
     return JSONResponse({"status": "ok"})
 
 
@@ -72,7 +72,7 @@ async def tokenize(request: Request) -> dict:
     text = body.prompt if body.prompt is not None else render(st, body.messages, body.add_generation_prompt)
     # text that cannot fit the context is refused here too: tokenising megabytes costs hundreds of MB
     ids = await st.encode_prompt(text, "prompt" if body.prompt is not None else "messages")
-    return {"count": len(ids), "max_model_len": st.llm.max_model_len, "tokens": ids}
+    return {"count": len(ids), "max_model_len": st.max_model_len, "tokens": ids}
 
 
 @router.post("/detokenize")

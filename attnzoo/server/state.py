@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from attnzoo.engine.llm import LLM
 from attnzoo.engine.sampling import SamplingParams
-from attnzoo.server.engine_thread import EngineDead, EngineThread
+from attnzoo.server.engine_client import EngineClient, EngineDead
 from attnzoo.server.errors import APIError, from_value_error, short
 from attnzoo.server.limits import ServerLimits, check_token_ids
 from attnzoo.server.metrics import ServerMetrics
@@ -21,8 +20,7 @@ LONG_TEXT_CHARS = 32_768     # ~8k tokens of prose: tokenises in a few ms with a
 
 @dataclass
 class ServerState:
-    llm: LLM
-    engine: EngineThread
+    engine: EngineClient
     metrics: ServerMetrics
     model_name: str
     model_aliases: set[str] = field(default_factory=set)   # e.g. the model's path
@@ -35,15 +33,19 @@ class ServerState:
 
     @property
     def tokenizer(self):
-        return self.llm.tokenizer
+        return self.engine.info.tokenizer
 
     @property
     def kv_tokens(self) -> int:
-        return self.llm.kv.num_pages * self.llm.kv.page_size
+        return self.engine.info.kv_tokens
 
     @property
     def vocab_size(self) -> int:
-        return self.llm.model.config.vocab_size
+        return self.engine.info.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.info.max_model_len
 
     @cached_property
     def max_prompt_chars(self) -> int:
@@ -52,7 +54,7 @@ class ServerState:
         is tokenised; rejecting it skips tokenising megabytes. Assumes the normalizer deletes nothing."""
         tok = self.tokenizer
         longest = max(len(tok.token_str(i) or "") for i in range(tok.vocab_size))
-        return self.llm.max_model_len * max(1, longest)
+        return self.max_model_len * max(1, longest)
 
     def close(self) -> None:
         self._long_texts.shutdown(wait=False, cancel_futures=True)
@@ -86,7 +88,7 @@ class ServerState:
         """Tokenise text that must fit the context, refusing text that cannot before tokenising it."""
         if len(text) > self.max_prompt_chars:
             raise APIError(400, f"{where} has {len(text)} characters: more than can fit in the model's context "
-                                f"of {self.llm.max_model_len} tokens however it is tokenised (at most "
+                                f"of {self.max_model_len} tokens however it is tokenised (at most "
                                 f"{self.max_prompt_chars} characters)", param=where.split(".")[0],
                            code="context_length_exceeded")
         return await self.encode(text)

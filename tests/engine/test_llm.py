@@ -253,3 +253,19 @@ def test_bad_requests_are_rejected_before_scheduling(model, prompts, prompt, par
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_abort_one_completion_of_n():
+    # the server aborts the one completion that met a stop string in its API process; its siblings go on
+    from tests.engine.test_kv_memory import tiny
+    llm = LLM(tiny(), kv_cache_memory=1 << 20, page_size=4)
+    rid = llm.add_request([1, 2, 3], SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=0, ignore_eos=True))
+    llm.step()
+    llm.abort(rid, 1)
+    outs = []
+    while llm.has_unfinished():
+        outs += llm.step()
+    final = [o for o in outs if o.finished][-1]
+    assert [c.finish_reason for c in final.outputs] == ["length", "abort", "length"]
+    assert [len(c.token_ids) for c in final.outputs] == [6, 1, 6]
+    llm.check_integrity()

@@ -1,5 +1,5 @@
-"""A live server per test module: uvicorn in a background thread on a free loopback port, over one shared
-SmolLM2 (loaded once per session) with a small KV cache."""
+"""A live server per test module: uvicorn in a background thread on a free loopback port, over an engine
+core process (SmolLM2 with a small KV cache) started for that module."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import attnzoo  # noqa: E402
-from attnzoo.engine import LLM  # noqa: E402
 from attnzoo.server.app import build_app  # noqa: E402
+from attnzoo.server.core_messages import EngineConfig  # noqa: E402
+from attnzoo.server.engine_client import EngineClient  # noqa: E402
 
 KV_BYTES = 128 << 20   # ~360 pages of 16 tokens: plenty for 64 short streams, small enough to be quick
 
@@ -27,11 +28,12 @@ KV_BYTES = 128 << 20   # ~360 pages of 16 tokens: plenty for 64 short streams, s
 class Live:
     url: str
     app: object
-    llm: LLM
+    engine: EngineClient
 
 
 @pytest.fixture(scope="session")
 def model():
+    """SmolLM2 in the test process, for offline references."""
     return attnzoo.load_model("smollm2")
 
 
@@ -41,10 +43,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def smollm2_core(max_num_seqs: int = 64) -> EngineClient:
+    return EngineClient(EngineConfig("smollm2", dict(kv_cache_memory=KV_BYTES, max_num_seqs=max_num_seqs)))
+
+
 @contextmanager
-def live_server(model, **app_kw) -> Iterator[Live]:
-    llm = LLM(model, kv_cache_memory=KV_BYTES, max_num_seqs=app_kw.pop("max_num_seqs", 64))
-    app = build_app(llm, "smollm2", **app_kw)
+def serving(engine: EngineClient, **app_kw) -> Iterator[Live]:
+    """uvicorn over `engine` until the block ends (which stops the engine core too)."""
+    app = build_app(engine, "smollm2", **app_kw)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -52,20 +58,28 @@ def live_server(model, **app_kw) -> Iterator[Live]:
     deadline = time.monotonic() + 30
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
+            engine.close()
             raise RuntimeError("the test server did not start")
         time.sleep(0.05)
     try:
-        yield Live(f"http://127.0.0.1:{port}", app, llm)
+        yield Live(f"http://127.0.0.1:{port}", app, engine)
     finally:
         server.should_exit = True
         thread.join(15)
+        engine.close()
+
+
+@contextmanager
+def live_server(max_num_seqs: int = 64, **app_kw) -> Iterator[Live]:
+    with serving(smollm2_core(max_num_seqs), **app_kw) as live:
+        yield live
 
 
 def wait_idle(live: Live, timeout: float = 30.0) -> None:
-    """Until the engine thread has nothing queued, running or in its inbox."""
-    eng = live.app.state.server.engine
+    """Until nothing is in flight here and the core has nothing queued or running."""
+    eng = live.engine
     deadline = time.monotonic() + timeout
-    while eng.busy or eng.queued() or live.llm.has_unfinished():
+    while eng.busy or eng.queued() or not eng.query_sync("idle"):
         assert time.monotonic() < deadline, "engine did not go idle"
         time.sleep(0.05)
     time.sleep(0.1)   # let a final step that collects aborted groups finish
@@ -73,8 +87,5 @@ def wait_idle(live: Live, timeout: float = 30.0) -> None:
 
 def assert_no_leak(live: Live) -> None:
     wait_idle(live)
-    llm = live.llm
-    llm.check_integrity()
-    llm.clear_prefix_cache()
-    for g in llm.kv.groups:
-        assert g.pool.num_free == g.pool.capacity, "KV pages still held after every request ended"
+    for free, capacity in live.engine.query_sync("pages"):   # checks integrity, drops the prefix cache
+        assert free == capacity, "KV pages still held after every request ended"

@@ -18,8 +18,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 
 @pytest.fixture(scope="module")
-def live(model):
-    with live_server(model) as s:
+def live():
+    with live_server() as s:
         yield s
 
 

@@ -14,8 +14,8 @@ N_CLIENTS = 64
 
 
 @pytest.fixture(scope="module")
-def live(model):
-    with live_server(model) as s:
+def live():
+    with live_server() as s:
         yield s
 
 

@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import pytest
 
+from attnzoo.server.engine_client import CoreError
 from attnzoo.server.errors import APIError
 from attnzoo.server.limits import ServerLimits
 from tests.server.conftest import assert_no_leak, live_server
@@ -18,8 +19,8 @@ QUEUE = 3       # sequences that may wait; one runs at a time (max_num_seqs=1)
 
 
 @pytest.fixture(scope="module")
-def live(model):
-    with live_server(model, api_key=KEY, limits=ServerLimits(max_queued_sequences=QUEUE), max_num_seqs=1) as s:
+def live():
+    with live_server(api_key=KEY, limits=ServerLimits(max_queued_sequences=QUEUE), max_num_seqs=1) as s:
         yield s
 
 
@@ -166,7 +167,7 @@ def test_fan_out_beyond_the_queue_is_a_400(live):
 
 
 def test_queue_counts_sequences_not_requests(live):
-    eng = live.app.state.server.engine
+    eng = live.engine
 
     async def until(cond, what):
         for _ in range(600):
@@ -178,7 +179,7 @@ def test_queue_counts_sequences_not_requests(live):
     async def go():
         async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=60) as c:
             long = asyncio.create_task(c.post(C, json={"prompt": "Count:", "max_tokens": 400, "ignore_eos": True}))
-            await until(lambda: live.llm.scheduler.running and not eng.queued(), "the long request to run")
+            await until(lambda: eng.stats.running and not eng.queued(), "the long request to run")
             two = asyncio.create_task(c.post(C, json={"prompt": "x", "n": 2, "max_tokens": 1}))
             await until(lambda: eng.queued() == 2, "two sequences waiting")
             # one request waits, but two sequences: another 2 would make 4 > 3; 1 more fits
@@ -222,7 +223,7 @@ def test_prompt_too_long_to_fit_is_refused_before_tokenising(live, monkeypatch):
     assert tokenised == []
     # the bound is sound: the longest token times the context
     longest = max(len(st.tokenizer.decode([i], skip_special_tokens=False)) for i in range(st.vocab_size))
-    assert st.max_prompt_chars >= longest * live.llm.max_model_len
+    assert st.max_prompt_chars >= longest * st.max_model_len
 
 
 # ---- text that is not valid Unicode, numbers that do not fit ----------------------------------------
@@ -296,10 +297,13 @@ def test_the_error_path_cannot_raise(live, monkeypatch):
     assert e["message"] == "internal error: RuntimeError" and e["type"] == "server_error"
 
 
-def test_an_add_that_raises_does_not_stop_the_engine(live, monkeypatch):
-    def broken(*a, **kw):
-        raise OverflowError("a bug in add_request")
-    monkeypatch.setattr(live.llm, "add_request", broken)
+def test_an_add_the_core_refuses_with_a_bug_is_a_500(live, monkeypatch):
+    # the core keeps running after such an add: tests/server/test_engine_core.py
+    def refused(items, queue):      # what EngineClient makes of a core's non-ValueError refusal
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_exception(CoreError("OverflowError: a bug in add_request"))
+        return [fut]
+    monkeypatch.setattr(live.engine, "add_all", refused)
     err(post(live, C, {"prompt": "x", "max_tokens": 1}), 500)
     monkeypatch.undo()
     assert httpx.get(live.url + "/health").status_code == 200

@@ -18,16 +18,21 @@ RSS_GROWTH_MB = 300   # ~50 MB in practice (allocator high-water, shape caches);
 
 
 @pytest.fixture(scope="module")
-def live(model):
-    with live_server(model) as s:
+def live():
+    with live_server() as s:
         yield s
 
 
-def rss_mb() -> float:
-    for line in open("/proc/self/status"):
+def rss_mb(pid: int | str = "self") -> float:
+    for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def both_rss_mb(live) -> float:
+    """The API process (this one) and the engine core."""
+    return rss_mb() + rss_mb(live.engine.pid)
 
 
 async def _health_poll(url: str, stop: asyncio.Event) -> list[int | None]:
@@ -46,7 +51,7 @@ def test_fuzz_never_5xx(live):
     seed = random.randrange(2**32)    # fresh cases each run; the seed is in the failure message
     todo = list(fuzz.cases(seed, N_CASES))
     httpx.post(live.url + "/v1/completions", json={"prompt": "warm up", "max_tokens": 2})
-    before = rss_mb()
+    before = both_rss_mb(live)
 
     async def go():
         stop = asyncio.Event()
@@ -55,7 +60,7 @@ def test_fuzz_never_5xx(live):
         stop.set()
         return outcomes, await health
     outcomes, health = asyncio.run(go())
-    growth = rss_mb() - before
+    growth = both_rss_mb(live) - before
 
     bad = [fuzz.describe(o) for o in outcomes if o.problems]
     assert not bad, f"seed {seed}: {len(bad)} bad answers, e.g.\n" + "\n".join(bad[:10])

@@ -14,8 +14,8 @@ openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def live(model):
-    with live_server(model) as s:
+def live():
+    with live_server() as s:
         yield s
 
 

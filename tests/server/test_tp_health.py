@@ -1,10 +1,12 @@
-"""The server over a tensor-parallel engine: a worker that dies turns /health into 503 engine_dead and a
-request then fails with an error instead of hanging."""
+"""The server over a tensor-parallel engine core (the core is rank 0 and starts the workers): a worker that
+dies turns /health into 503 engine_dead and a request then fails with an error instead of hanging; closing
+the server stops the core and its workers."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -12,26 +14,37 @@ import pytest
 pytest.importorskip("transformers")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from attnzoo.engine import LLM  # noqa: E402
 from attnzoo.server.app import build_app  # noqa: E402
+from attnzoo.server.core_messages import EngineConfig  # noqa: E402
+from attnzoo.server.engine_client import EngineClient  # noqa: E402
 
 from tests.engine.test_tp import _llama  # noqa: E402
 
 
-def test_dead_worker_shows_on_health_and_fails_requests(tmp_path: Path) -> None:
-    llm = LLM(_llama(tmp_path / "llama"), dtype="float32", device="cpu", tensor_parallel_size=2,
-              kv_cache_memory=4 << 20, page_size=4, max_num_seqs=4)
+def gone(pid: int) -> bool:
     try:
-        with TestClient(build_app(llm, "tiny")) as client:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_dead_worker_shows_on_health_and_fails_requests(tmp_path: Path) -> None:
+    engine = EngineClient(EngineConfig(str(_llama(tmp_path / "llama")), dict(
+        dtype="float32", device="cpu", tensor_parallel_size=2, kv_cache_memory=4 << 20, page_size=4,
+        max_num_seqs=4)))
+    (worker,) = engine.info.worker_pids
+    try:
+        with TestClient(build_app(engine, "tiny")) as client:
             assert client.get("/health").status_code == 200
             body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}
             assert client.post("/v1/completions", json=body).status_code == 200
-            worker = llm.tp.procs[0]
-            os.kill(worker.pid, signal.SIGKILL)
-            worker.join(10)
-            r = client.get("/health")
+            os.kill(worker, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while (r := client.get("/health")).status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert r.status_code == 503 and "rank 1" in r.text
             assert client.post("/v1/completions", json=body).status_code >= 500
     finally:
-        llm.close()
-    assert not any(p.is_alive() for p in llm.tp.procs)
+        engine.close()
+    assert not engine.alive and gone(engine.pid) and gone(worker)
