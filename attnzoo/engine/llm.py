@@ -146,7 +146,7 @@ class LLM:
                  page_size: int = 16, kv_cache_memory: int | None = None, kv_cache_fraction: float | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, seed: int = 0, device: str | torch.device | None = None,
-                 deterministic: bool = False, tensor_parallel_size: int = 1, quantization: str = "auto",
+                 deterministic: bool = False, tensor_parallel_size: int = 1, quantization: str = "none",
                  detokenize: bool = True):
         """kv_cache_memory (bytes) or kv_cache_fraction (of the memory available at start-up) sets the KV
         budget; by default it is what max_num_seqs sequences of max_model_len tokens need, capped at
@@ -160,7 +160,8 @@ class LLM:
         quantization ("auto", "none", "int4", "int8"; `models.registry.resolve_quantization`): weight-only
         int4/int8 linears when loading by name or path. "auto" keeps a GGUF file's 4/8-bit weights quantised on
         a CPU with native bf16 (not under deterministic mode or tensor parallelism); a passed-in model runs as
-        it is.
+        it is. The default is "none": on SmolLM2, int4 (bf16 activations and scales) changes greedy answers
+        that float weights get right ("What is the capital of France?"), see README "Quantised weights".
         detokenize=False: outputs carry token ids only (text stays "") and stop strings are the caller's to
         apply (the server's API process does both, and aborts a sequence that meets one)."""
         for name, value, lo in (("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
