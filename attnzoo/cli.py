@@ -170,7 +170,8 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "sparse": "DSA / MSA / NSA select-then-attend vs dense, and the sparse cost model",
            "hybrid": "SWA/global hybrids: KV bytes, sequences that fit, decode speed at 8k",
            "deterministic": "what deterministic (batch-invariant) mode costs, after checking it holds",
-           "quant_cpu": "int4/int8 weight-only matmuls vs fp32/bf16 linears, and a quantised model's decode"}
+           "quant_cpu": "int4/int8 weight-only matmuls vs fp32/bf16 linears, and a quantised model's decode",
+           "step_overhead": "host time of a decode step on a tiny model: the engine's own work, per phase"}
 
 
 def cmd_bench(name: str, rest: list[str]) -> int:
