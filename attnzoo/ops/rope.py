@@ -86,7 +86,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     full = r == x.shape[-1]
     rot = x if full else x[..., :r]
     c, s = cos[:, None, :], sin[:, None, :]
-    if c.dtype != x.dtype:        # (the model casts its tables once per step; other callers get it here)
+    if c.dtype != x.dtype:        # the tables are float32: cast for bf16 activations, as transformers does
         c, s = c.to(x.dtype), s.to(x.dtype)
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
