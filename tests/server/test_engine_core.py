@@ -191,11 +191,13 @@ def test_the_loop_survives_an_add_that_raises(monkeypatch):
         for g in msg.outputs:
             tokens[g.request_id] += g.seqs[0].token_ids if g.seqs else []
     assert msg.stats.running == 0
-    want = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
-                        use_tqdm=False)
-    assert [tokens["b"], tokens["c"]] == [o.token_ids for o in want]
     ours.send([Query(7, "idle")])
     assert ours.recv().value is True
     ours.send([Shutdown()])
     loop.join(10)
+    assert not loop.is_alive()
+    # only once the loop has stopped: the engine is not shared between threads
+    want = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    assert [tokens["b"], tokens["c"]] == [o.token_ids for o in want]
     assert not loop.is_alive()
