@@ -171,7 +171,8 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "hybrid": "SWA/global hybrids: KV bytes, sequences that fit, decode speed at 8k",
            "deterministic": "what deterministic (batch-invariant) mode costs, after checking it holds",
            "quant_cpu": "int4/int8 weight-only matmuls vs fp32/bf16 linears, and a quantised model's decode",
-           "step_overhead": "host time of a decode step on a tiny model: the engine's own work, per phase"}
+           "step_overhead": "host time of a decode step on a tiny model: the engine's own work, per phase",
+           "arena_speed": "every arena contestant's training step: checked against the torch forms, then timed"}
 
 
 def cmd_bench(name: str, rest: list[str]) -> int:

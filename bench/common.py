@@ -34,6 +34,17 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, python {platform.python_version()}")
 
 
+def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
+    """A markdown table of dict rows (columns: `cols`, else every key in first-seen order)."""
+    cols = cols or list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(x: object) -> str:
+        return f"{x:.3g}" if isinstance(x, float) else ("" if x is None else str(x))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def median_s(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()

@@ -15,8 +15,11 @@
 5. Gated delta rule (attnzoo.ops.delta_rule.triton_kernels, delta_rule_gpu): fp32 checks vs the reference,
    then bf16 chunk forward at T = 8k, 32k (Qwen3-Next GDN: Hk=16, Hv=32, dk=dv=128) and the in-place decode
    step for 32 sequences, next to fla's Triton kernels when `import fla` works.
+6. Arena training speed at the gpu preset (bench/arena_speed.py): each mechanism's logits on its default
+   (Triton) kernels checked against the torch forms, then 6 training steps: tokens/s, ratio to GQA (target
+   >= 0.30), and the preset's projected training time (target: 13 mechanisms + a replicate in 10 minutes).
 Times: CUDA events, warm-up first, median of repeats, fresh random inputs (never zeros).
-Writes bench/results/gpu_check-<date>-<gpu>.md and .json. Runs in ~1-3 minutes.
+Writes bench/results/gpu_check-<date>-<gpu>.md and .json. Runs in ~3-6 minutes (Triton compiles included).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py (which puts the checkout on the path)
+from common import markdown  # noqa: E402
 
 H, HKV, D = 32, 4, 128
 TOKENS = 16384
@@ -69,14 +73,6 @@ def result_paths(gpu: str, today: datetime.date, root: Path) -> tuple[Path, Path
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", gpu).strip("-") or "gpu"
     base = root / f"gpu_check-{today.isoformat()}-{slug}"
     return base.with_suffix(".md"), base.with_suffix(".json")
-
-
-def markdown(rows: list[dict], cols: list[str]) -> str:
-    def cell(x: object) -> str:
-        return f"{x:.3g}" if isinstance(x, float) else ("" if x is None else str(x))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ device side
@@ -548,18 +544,29 @@ def main() -> int:
     print(f"\ngated delta rule: {GDN}")
     print(markdown(dr, drcols), flush=True)
 
+    try:  # every arena contestant's training step at the gpu preset: checked, then timed (bench/arena_speed.py)
+        import arena_speed
+        arena_rows, arena_text = arena_speed.measure("gpu", steps=6, device="cuda")
+    except Exception as e:  # noqa: BLE001
+        arena_rows, arena_text = [{"mechanism": "arena", "note": f"FAILED: {type(e).__name__}: {e}"[:200]}], ""
+    print(f"\narena training speed: {arena_text}")
+    print(markdown(arena_rows), flush=True)
+
     md_path, json_path = result_paths(gpu, datetime.date.today(), Path(__file__).resolve().parent / "results")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     head = f"# gpu_check {datetime.date.today()} on {gpu}\n\ntorch {torch.__version__}, CUDA {torch.version.cuda}\n\n"
     md_path.write_text(head + markdown(checks, ["check", "result"]) + f"\n\nceilings: {ceil}\n\n"
                        + markdown(prefill, cols) + "\n\n" + markdown(decode, dcols) + f"\n\nMLA decode: {MLA}\n\n"
-                       + markdown(mla, dcols) + f"\n\ngated delta rule: {GDN}\n\n" + markdown(dr, drcols) + "\n")
+                       + markdown(mla, dcols) + f"\n\ngated delta rule: {GDN}\n\n" + markdown(dr, drcols)
+                       + f"\n\narena training speed: {arena_text}\n\n" + markdown(arena_rows) + "\n")
     json_path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "checks": checks, "ceilings": ceil,
                                      "prefill": prefill, "decode": decode, "decode_shape": DECODE,
-                                     "mla_decode": mla, "mla_shape": MLA, "delta_rule": dr, "delta_rule_shape": GDN},
+                                     "mla_decode": mla, "mla_shape": MLA, "delta_rule": dr, "delta_rule_shape": GDN,
+                                     "arena_speed": arena_rows, "arena_speed_text": arena_text},
                                     indent=1))
     print(f"\nwrote {md_path} and {json_path}")
-    return 1 if any("FAILED" in r["result"] for r in checks) or any("FAILED" in str(r.get("note", "")) for r in dr) else 0
+    return 1 if any("FAILED" in r["result"] for r in checks) or any("FAILED" in str(r.get("note", ""))
+                                                                    for r in dr + arena_rows) else 0
 
 
 if __name__ == "__main__":

@@ -65,6 +65,22 @@ class Span:
         return out
 
 
+def stack_equal(spans: list[Span]) -> list[Span]:
+    """Spans of one sequence each (`per_sequence`, or unpacked ones with no padding), those with equal query
+    and key counts stacked into one span: a batched op then runs once per shape, not once per sequence
+    (a training batch of equal-length sequences becomes one span). Others pass through unchanged."""
+    groups: dict[tuple[int, int], list[Span]] = {}
+    out = []
+    for s in spans:
+        if s.valid is None and s.cu_seqlens is None and s.block_table is None:
+            groups.setdefault((s.rows.shape[1], s.keys.shape[1]), []).append(s)
+        else:
+            out.append(s)
+    stacked = [g[0] if len(g) == 1 else Span(torch.cat([s.rows for s in g]), torch.cat([s.keys for s in g]))
+               for g in groups.values()]
+    return stacked + out
+
+
 @dataclass
 class Context:
     """What one layer reads for one spec this step: its stored tokens and the spans its queries attend

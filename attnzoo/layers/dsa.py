@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.batch import Batch
+from attnzoo.layers.batch import Batch, stack_equal
 from attnzoo.layers.cache_spec import IndexerKeys, LatentKV
 from attnzoo.layers.mla import MLAttention
 from attnzoo.ops.latent.sparse import mla_sparse_absorbed
@@ -87,7 +87,8 @@ class DSAttention(MLAttention):
             iq, ik, iw = self.indexer(x, q_lat, rope)
         specs = self.cache_spec()
         lat = batch.store(self.layer_idx, specs if self.shared_indexer else specs[0], torch.cat([c_kv, k_pe], -1))
-        spans = [p for s in lat.spans for p in s.unpacked()]  # selection runs batched per span, never packed
+        # selection runs batched per span, never packed; equal-length sequences share one span
+        spans = stack_equal([p for s in lat.spans for p in s.unpacked()])
         q_abs = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_uk), q_pe], -1)
         o = q_nope.new_empty(n, H, self.kv_lora_rank)
         if self.shared_indexer:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from attnzoo.layers.attention import Attention
-from attnzoo.layers.batch import Batch
+from attnzoo.layers.batch import Batch, stack_equal
 from attnzoo.layers.cache_spec import FullKV, IndexerKeys
 from attnzoo.layers.norm import RMSNorm
 from attnzoo.ops.rope import apply_rope
@@ -50,8 +50,9 @@ class MiniMaxSparseAttention(Attention):
         kv_spec, index_spec = self.cache_spec()
         kv, keys = batch.store(self.layer_idx, kv_spec, k, v), batch.store(self.layer_idx, index_spec, ik)
         o = q.new_empty(q.shape[0], self.num_heads, v.shape[-1])
-        # one sequence at a time with exactly its keys: the block scores are anchored at key 0 and unmasked
-        for s in (p for span in kv.spans for p in span.per_sequence()):
+        # sequences with exactly their keys (the block scores are anchored at key 0 and unmasked), those of
+        # equal lengths batched together
+        for s in stack_equal([p for span in kv.spans for p in span.per_sequence()]):
             kc, vc = kv.gather_kv(s)                                                  # [1, L, Hkv, d]
             U = msa_block_scores(s.take(iq), keys.gather(s), self.block_size, local_blocks=self.local_blocks)
             blocks = msa_select_blocks(U, self.topk_blocks)                           # [1, Tq, G, topk]

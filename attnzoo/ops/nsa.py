@@ -30,8 +30,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from attnzoo.ops import backend as _backend
 from attnzoo.ops.attention import attention
-from attnzoo.ops.sparse.select import nsa_block_scores, nsa_select_blocks
+from attnzoo.ops.sparse import TRITON as _SPARSE_TRITON
+from attnzoo.ops.sparse.select import nsa_block_scores, nsa_compression_probs, nsa_select_blocks
 
 _NEG_INF = float("-inf")
 
@@ -216,22 +218,48 @@ def nsa_selected_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tenso
     return o.transpose(1, 2).reshape(B, T, H, -1).to(q.dtype)
 
 
+def _compressed_triton(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, *, l: int, d: int, scale: float,
+                       t: Tensor) -> Tensor:
+    """The compression branch on the token-sparse Triton kernel (forward and backward): each query's index
+    row names the compressed blocks complete in its past (-1 elsewhere), so no mask and no Python loop;
+    a query that sees no block outputs 0, as in `nsa_compressed_attention`."""
+    from attnzoo.ops.sparse.triton_kernels import sparse_attention_triton
+    B, T, Hkv, Nc = q.shape[0], q.shape[1], k_cmp.shape[2], k_cmp.shape[1]
+    if Nc == 0:
+        return q.new_zeros(*q.shape[:3], v_cmp.shape[-1])
+    i = torch.arange(Nc, device=q.device)
+    rows = torch.where(i[None, :] * d + l - 1 <= t[:, None], i, -1).to(torch.int32)  # [T, Nc]
+    return sparse_attention_triton(q, k_cmp, v_cmp, rows[None, :, None].expand(B, T, Hkv, Nc), scale=scale,
+                                   causal=False)
+
+
 def _nsa_dense(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, l, d, l_sel, n, window,
-               scale, reduce, impl):
+               scale, reduce, impl, form):
     Hkv, T, Tk = k_slc.shape[2], q.shape[1], k_slc.shape[1]
     G = q.shape[2] // Hkv
     # queries are the last T of the Tk positions (T == Tk in one pass; a cache's new tokens otherwise)
     t = torch.arange(Tk - T, Tk, device=q.device)
-    o_cmp, p_cmp = nsa_compressed_attention(q, k_cmp, v_cmp, l=l, d=d, scale=scale, t=t)
+    if form == "triton":
+        o_cmp = _compressed_triton(q, k_cmp, v_cmp, l=l, d=d, scale=scale, t=t)
+        with torch.no_grad():  # the scores read the probabilities again: [B, T, H, Nc], one matmul
+            p_cmp = nsa_compression_probs(q.detach(), k_cmp.detach(), l=l, d=d, scale=scale, kv_len=Tk)
+    else:
+        o_cmp, p_cmp = nsa_compressed_attention(q, k_cmp, v_cmp, l=l, d=d, scale=scale, t=t)
     with torch.no_grad():  # the selection is discrete: no gradient through the scores (as in the paper)
         scores = nsa_block_scores(p_cmp.detach(), G=G, l=l, d=d, l_sel=l_sel, reduce=reduce,
                                   num_blocks=-(-k_slc.shape[1] // l_sel))
         # block 0, the own block and the previous one are forced (they count toward n)
         idx = nsa_select_blocks(scores, n, block_size=l_sel, kv_len=Tk, initial_blocks=1, local_blocks=2)
-    o_slc = nsa_selected_attention(q, k_slc, v_slc, idx, l_sel, scale, impl=impl)
+    if form == "triton":
+        from attnzoo.ops.sparse.triton_kernels import block_sparse_attention_triton
+        o_slc = block_sparse_attention_triton(q, k_slc, v_slc, idx, l_sel, scale=scale, causal=True)
+    else:
+        o_slc = nsa_selected_attention(q, k_slc, v_slc, idx, l_sel, scale, impl=impl)
     o = g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc
     if window:
-        o_win = attention(q, k_win, v_win, causal=True, window_size=(window - 1, 0), scale=scale)
+        # the attention family resolves its own backend: the flash Triton kernel on CUDA
+        o_win = attention(q, k_win, v_win, causal=True, window_size=(window - 1, 0), scale=scale,
+                          backend="triton" if form == "triton" else None)
         o = o + g_win.unsqueeze(-1) * o_win
     return o.to(q.dtype), idx
 
@@ -239,8 +267,8 @@ def _nsa_dense(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
 def nsa(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor | None,
         v_win: Tensor | None, g_cmp: Tensor, g_slc: Tensor, g_win: Tensor | None, *, l: int, d: int, l_sel: int,
         n: int, window: int | None, scale: float | None = None, reduce: str = "sum",
-        cu_seqlens: Tensor | None = None, return_block_indices: bool = False, impl: str = "auto"
-        ) -> Tensor | tuple[Tensor, Tensor]:
+        cu_seqlens: Tensor | None = None, return_block_indices: bool = False, impl: str = "auto",
+        backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The three NSA branches mixed by their gates.
 
     q [B, T, H, dk]; k_cmp/v_cmp [B, Nc, Hkv, dk/dv] the compressed keys/values (block i = tokens
@@ -252,9 +280,16 @@ def nsa(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k
     Packed sequences: q, k_slc, ... [total, ...] (or [1, total, ...]) with cu_seqlens [N+1], and
     k_cmp/v_cmp packed by `compressed_cu_seqlens(cu_seqlens, l, d)`.
     Returns o [B, T, H, dv] in q's dtype, and with return_block_indices the selection [B, T, Hkv, n].
+    backend (the sparse family's, attnzoo.ops.backend; env ATTNZOO_SPARSE_BACKEND): "torch" (dense masks or
+    gathers, `impl`) or "triton": the compression branch on the token-sparse kernel, the selection branch
+    on the block-sparse kernel and the window on the flash kernel, forward and backward (the default for
+    CUDA tensors). float64 always runs "torch" (an oracle dtype).
     """
+    form = _backend.resolve("sparse", backend, q, ("torch",), _SPARSE_TRITON)
+    if q.dtype == torch.float64:
+        form = "torch"
     kw = dict(l=l, d=d, l_sel=l_sel, n=n, window=window, scale=q.shape[-1] ** -0.5 if scale is None else scale,
-              reduce=reduce, impl=impl)
+              reduce=reduce, impl=impl, form=form)
     if window and (k_win is None or v_win is None or g_win is None):
         raise ValueError("nsa: the window branch needs k_win, v_win and g_win (or window=None)")
     if cu_seqlens is None:
@@ -271,25 +306,35 @@ def nsa(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k
     if k_cmp.shape[0] != ccu[-1]:
         raise ValueError(f"nsa: {k_cmp.shape[0]} packed compressed keys, expected {ccu[-1]} "
                          f"(compressed_cu_seqlens(cu_seqlens, l={l}, d={d}))")
-    lens = {b - a for a, b in zip(cu, cu[1:])}
-    if len(lens) == 1 and len(cu) > 1:  # equal lengths: the packed stream is a batch
-        B, L = len(cu) - 1, lens.pop()
-        nc = ccu[1]
-        args = [None if x is None else x.reshape(B, (nc if i in (1, 2) else L), *x.shape[1:])
-                for i, x in enumerate((q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win))]
-        o, idx = _nsa_dense(*args, **kw)
-        o, idx = o.reshape(B * L, *o.shape[2:]), idx.reshape(B * L, *idx.shape[2:])
-    else:
-        outs, idxs = [], []
-        for i, (a, b) in enumerate(zip(cu, cu[1:])):
-            c, e = ccu[i], ccu[i + 1]
-            args = [None if x is None else x[(c if j in (1, 2) else a):(e if j in (1, 2) else b)].unsqueeze(0)
-                    for j, x in enumerate((q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win))]
-            o_i, idx_i = _nsa_dense(*args, **kw)
-            outs.append(o_i[0])
-            idxs.append(idx_i[0])
-        o = torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], v_slc.shape[-1])
-        idx = torch.cat(idxs, 0) if idxs else torch.zeros(0, k_slc.shape[1], n, dtype=torch.long)
+    xs = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win)
+    # sequences of equal length run as one batch (a training step packs a few lengths, not one per sequence)
+    groups: dict[int, list[int]] = {}
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        if b > a:
+            groups.setdefault(b - a, []).append(i)
+    outs, idxs, perm = [], [], []
+    for L, seqs in groups.items():
+        nc = ccu[seqs[0] + 1] - ccu[seqs[0]]
+        if len(groups) == 1 and len(seqs) == len(cu) - 1:  # one length: the packed stream is a batch
+            args = [None if x is None else x.reshape(len(seqs), (nc if j in (1, 2) else L), *x.shape[1:])
+                    for j, x in enumerate(xs)]
+        else:
+            rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in seqs]).to(q.device)
+            crow = torch.cat([torch.arange(ccu[i], ccu[i + 1]) for i in seqs]).to(q.device)
+            perm.append(rows)
+            args = [None if x is None else x[crow if j in (1, 2) else rows].view(len(seqs), -1, *x.shape[1:])
+                    for j, x in enumerate(xs)]
+        o_g, idx_g = _nsa_dense(*args, **kw)
+        outs.append(o_g.flatten(0, 1))
+        idxs.append(idx_g.flatten(0, 1))
+    if not outs:
+        o, idx = q.new_zeros(0, q.shape[1], v_slc.shape[-1]), torch.zeros(0, k_slc.shape[1], n, dtype=torch.long)
+    elif not perm:
+        o, idx = outs[0], idxs[0]
+    else:  # back to the packed order (index_copy is differentiable)
+        order = torch.cat(perm)
+        o = torch.cat(outs).new_empty(q.shape[0], *outs[0].shape[1:]).index_copy(0, order, torch.cat(outs))
+        idx = torch.cat(idxs).new_empty(q.shape[0], *idxs[0].shape[1:]).index_copy(0, order, torch.cat(idxs))
     if not squeeze:
         o, idx = o.unsqueeze(0), idx.unsqueeze(0)
     return (o, idx) if return_block_indices else o

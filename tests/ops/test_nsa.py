@@ -204,9 +204,9 @@ def test_paper_mode_matches_float64_loop(T: int, n: int) -> None:
 def test_nsa_packed_equals_per_sequence_and_float32() -> None:
     g = torch.Generator().manual_seed(6)
     H, Hkv, dk, l, d, l_sel, n, w = 4, 2, 8, 8, 4, 16, 4, 8
-    lens = [37, 70, 9]
+    lens = [37, 70, 37, 9]  # the two of length 37 run as one batch
     N = sum(lens)
-    cu = torch.tensor([0, 37, 107, 116], dtype=torch.int32)
+    cu = torch.tensor([0, 37, 107, 144, 153], dtype=torch.int32)
     ccu = compressed_cu_seqlens(cu, l, d)
     q = torch.randn(N, H, dk, generator=g, dtype=F64)
     kv = [torch.randn(N, Hkv, dk, generator=g, dtype=F64) for _ in range(4)]

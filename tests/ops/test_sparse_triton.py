@@ -186,3 +186,38 @@ def test_dispatcher_picks_triton_and_fp64_falls_back():
     o64 = tk.sparse_attention_triton(*[t.double() for t in ts], idx)  # fp64: torch form, same answer
     assert o64.dtype == torch.float64
     assert (o64 - sparse_attention_reference(*[t.double() for t in ts], idx)).abs().max() < 1e-12
+
+
+def test_sparse_mla_absorbed_on_the_kernel():
+    """DSA's absorbed sparse MLA (K = latent rows, V = their first dc dims, one head group) on the token
+    kernel: output and the gradients of the query and the latent, against a float64 softmax over each
+    query's rows (and the torch form's float32 error)."""
+    from attnzoo.ops.latent.sparse import mla_sparse_absorbed
+    g = torch.Generator().manual_seed(11)
+    n, H, dc, dr, R, k = 13, 4, 24, 8, 40, 10
+    q, lat = torch.randn(n, H, dc + dr, generator=g), torch.randn(R, dc + dr, generator=g)
+    rows = torch.stack([torch.randperm(R, generator=g)[:k] for _ in range(n)])  # a top-k: distinct rows
+    rows[0] = -1  # a query with nothing selected outputs 0
+    rows[1, 4:] = -1
+    go = torch.randn(n, H, dc, generator=g)
+
+    def ref64(qq, ll):
+        outs = []
+        for i in range(n):
+            r = rows[i][rows[i] >= 0]
+            kv = ll[r]
+            p = torch.softmax(qq[i] @ kv.T * 0.2, -1) if len(r) else kv.new_zeros(H, 0)
+            outs.append(p @ kv[:, :dc] if len(r) else qq.new_zeros(H, dc))
+        return torch.stack(outs)
+
+    def run(fn, dtype, device):
+        leaves = [q.to(device, dtype).requires_grad_(), lat.to(device, dtype).requires_grad_()]
+        o = fn(*leaves)
+        return [o, *torch.autograd.grad((o.double() * go.to(device).double()).sum(), leaves)]
+
+    a = run(lambda x, y: mla_sparse_absorbed(x, y, rows.to(DEVICE), dc, 0.2, backend="triton"), torch.float32, DEVICE)
+    b = run(ref64, torch.float64, "cpu")
+    c = run(lambda x, y: mla_sparse_absorbed(x, y, rows, dc, 0.2, backend="torch"), torch.float32, "cpu")
+    assert a[0][0].abs().max().item() == 0
+    for name, x, y, z in zip(("out", "dq", "dlatent"), a, b, c):
+        close(x, y, z, EPS[torch.float32], name)

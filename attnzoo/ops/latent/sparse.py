@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import torch
 
+from attnzoo.ops import backend as _backend
+from attnzoo.ops.sparse import TRITON
+
 ROWS_PER_CHUNK = 256  # bounds the gathered [rows, k, D] block: a 2048-token selection of 576-wide rows
 
 
 def mla_sparse_absorbed(q_abs: torch.Tensor, latent: torch.Tensor, rows: torch.Tensor, dc: int,
-                        scale: float) -> torch.Tensor:
+                        scale: float, backend: str | None = None) -> torch.Tensor:
+    """backend (the sparse family's, attnzoo.ops.backend): "torch" (chunked gathers) or "triton": the
+    token-sparse kernel as one MQA head group (K = the latent rows, V = their first dc dims), forward and
+    backward; the default for CUDA tensors."""
     if q_abs.dim() != 3 or rows.dim() != 2 or rows.shape[0] != q_abs.shape[0]:
         raise ValueError(f"q_abs must be [n, H, D] and rows [n, k]; got {tuple(q_abs.shape)}, {tuple(rows.shape)}")
     if q_abs.shape[-1] != latent.shape[-1]:
         raise ValueError(f"query width {q_abs.shape[-1]} != latent width {latent.shape[-1]}")
+    if _backend.resolve("sparse", backend, q_abs, ("torch",), TRITON) == "triton" and q_abs.dtype != torch.float64:
+        from attnzoo.ops.sparse.triton_kernels import sparse_attention_triton
+        kv = latent.to(q_abs.dtype)[None, :, None]                           # [1, R, 1, D]
+        return sparse_attention_triton(q_abs[None], kv, kv[..., :dc], rows[None, :, None], scale=scale,
+                                       causal=False)[0]
     out = q_abs.new_zeros(*q_abs.shape[:2], dc, dtype=torch.float32)
     for a in range(0, rows.shape[0], ROWS_PER_CHUNK):
         r = rows[a:a + ROWS_PER_CHUNK]
