@@ -4,12 +4,13 @@ cached tokens, logprobs and timings."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -141,7 +142,22 @@ def _check_count(name: str, value: object, lo: int, hi: int | None = None, hi_is
         raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
 
 
+def _close_on_error(init: Callable[..., None]) -> Callable[..., None]:
+    """`LLM.__init__` that stops the tensor-parallel workers it started if it then fails (a cache plan that does
+    not fit, say): the traceback keeps the half-built engine alive (a notebook keeps the last one), and with it
+    the process group that the corrected retry needs."""
+    @functools.wraps(init)
+    def wrapper(self: "LLM", *args: object, **kw: object) -> None:
+        try:
+            init(self, *args, **kw)
+        except BaseException:
+            self.close()
+            raise
+    return wrapper
+
+
 class LLM:
+    @_close_on_error
     def __init__(self, model: str | os.PathLike | DecoderLM = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
                  page_size: int = 16, kv_cache_memory: int | None = None, kv_cache_fraction: float | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
@@ -179,6 +195,7 @@ class LLM:
         # or path; a passed-in model keeps its own
         self.device = torch.device(device) if device is not None else default_device()
         self.tp: TensorParallelGroup | None = None
+        self._finalizer: weakref.finalize | None = None
         _check_count("tensor_parallel_size", tensor_parallel_size, 1)
         if tensor_parallel_size > 1:
             if quantization in ("int4", "int8"):
@@ -256,7 +273,10 @@ class LLM:
                              f"safetensors); {path} is not one")
         self.tp = TensorParallelGroup(path, size, resolve_dtype(dtype, self.device), self.device)
         self.device = self.tp.device
-        weakref.finalize(self, self.tp.close)   # no worker outlives an engine that is garbage-collected
+        # an engine only dropped (del, garbage-collected, interpreter exit) still stops its workers and leaves the
+        # process group, so that the next engine in this process can start; the callback holds the group, never
+        # this engine (which would then never be collected). close() runs it too, once.
+        self._finalizer = weakref.finalize(self, self.tp.close)
         return self.tp.model
 
     def health_error(self) -> str | None:
@@ -271,9 +291,10 @@ class LLM:
         return None
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers (nothing to do in one process); the engine cannot step after."""
-        if self.tp is not None:
-            self.tp.close()
+        """Stop the tensor-parallel workers and leave the process group (nothing to do in one process); the engine
+        cannot step after. Idempotent; also what happens when the engine is garbage-collected."""
+        if getattr(self, "_finalizer", None) is not None:   # getattr: from a failed __init__ too
+            self._finalizer()
 
     def __enter__(self) -> "LLM":
         return self

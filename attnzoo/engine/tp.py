@@ -8,11 +8,14 @@ the pipe, not inside a collective that would time out) and uses it at start-up t
 loaded (or why it failed). A worker that dies fails the engine at once: the pipe breaks, its process is
 gone, or gloo reports the closed socket; `EngineDeadError` then reaches the caller (the server's /health
 reports it). A worker whose engine process goes away sees the pipe close and exits; workers are daemons, so
-an interpreter that exits takes them along, and `close()` joins (then kills) them.
+an interpreter that exits takes them along, and `close()` joins (then kills) them and leaves the process group.
+`LLM` runs `close()` from a `weakref.finalize` too, so an engine that is only dropped frees the group for the
+next one in the same process.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -92,6 +95,9 @@ class TensorParallelGroup:
         if device.type == "cuda" and torch.cuda.device_count() < world:
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs; this machine has "
                              f"{torch.cuda.device_count()}")
+        if torch.distributed.is_initialized():
+            # an engine dropped inside a reference cycle leaves the group (its finalizer) only once collected
+            gc.collect()
         port = distributed.free_port()
         spawn = mp.get_context("spawn")
         self.procs, self.conns = [], []
