@@ -1,4 +1,5 @@
-"""Shared pytest setup: the `slow` marker runs only with --runslow."""
+"""Shared pytest setup: the `slow` marker runs only with --runslow; --fuzz-seed picks the server fuzz test's
+seeds."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ if os.environ.get("ATTNZOO_TRITON_TEST_DEVICE", "cpu") == "cpu":
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+    parser.addoption("--fuzz-seed", action="append", type=int, default=[], metavar="N",
+                     help="run the server fuzz test (tests/server/test_fuzz.py) with seed N instead of its fixed CI "
+                          "seeds: replays a reported failure, or tries new cases; repeatable")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -4,6 +4,7 @@
 huge and non-finite numbers (written as raw JSON: 1e400, NaN, 5000-digit integers), lone surrogates
 (`\\ud800` escapes) in values and keys, long strings and lists, deep nesting, truncated or non-UTF-8 bytes,
 wrong content types and methods. Accepted requests ask for at most a few tokens, so a run stays quick.
+Each case carries `tags`: the hostile classes (`CLASSES`) it exercises, so a test can count what it covered.
 `send` and `check` say what a correct server must answer: never a 5xx, every error in OpenAI's
 envelope, every 200 stream ended by [DONE]."""
 
@@ -29,6 +30,7 @@ class Case:
     headers: dict[str, str] = field(default_factory=lambda: dict(JSON))
     label: str = ""          # what was done to the body, for failure messages
     chunked: bool = False    # send without Content-Length
+    tags: frozenset[str] = frozenset()   # the hostile classes (CLASSES) in this case; none: a valid request
 
 
 @dataclass
@@ -167,6 +169,100 @@ DETOKENIZE = {
 }
 
 
+# ---- what a case exercises ---------------------------------------------------------------------
+CLASSES = (
+    # the request line and headers
+    "unknown-path", "wrong-method", "bad-query", "bad-content-type", "oversized-body", "chunked",
+    # fields: a required one missing, an unknown key, a value of the wrong JSON type, and what values hold
+    # (anywhere, keys included)
+    "missing-field", "unknown-key", "wrong-type", "lone-surrogate", "non-finite-number", "huge-number",
+    "long-value", "deep-nesting",
+    # the bytes themselves (_corrupt)
+    "truncated", "invalid-utf8", "random-bytes", "empty-body", "bom", "not-an-object", "unbalanced",
+)
+REQUIRED = {"/v1/completions": ("prompt",), "/v1/chat/completions": ("messages",), "/detokenize": ("tokens",),
+            "/tokenize": ("prompt", "messages")}    # the body must have one of these
+ROUTES = {"GET": {"/v1/models", "/health", "/metrics", "/"},
+          "POST": {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}}
+# The JSON types each field takes (attnzoo/server/protocol.py; "number" takes integers too): a value of
+# another type is tagged wrong-type. Only tags depend on this table, never what a correct server must answer.
+FIELD_TYPES = {
+    "model": "string null", "prompt": "string array", "messages": "array", "tokens": "array",
+    "max_tokens": "integer null", "max_completion_tokens": "integer null", "n": "integer", "best_of": "integer null",
+    "top_k": "integer null", "seed": "integer null", "min_tokens": "integer", "top_logprobs": "integer null",
+    "logprobs": "integer null", "temperature": "number null", "top_p": "number null", "min_p": "number null",
+    "repetition_penalty": "number null", "presence_penalty": "number", "frequency_penalty": "number",
+    "stop": "string array null", "stop_token_ids": "array null", "logit_bias": "object null",
+    "stream_options": "object null", "user": "string null", "suffix": "string null", "stream": "boolean",
+    "ignore_eos": "boolean", "echo": "boolean", "add_generation_prompt": "boolean",
+}
+PATH_FIELD_TYPES = {"/v1/chat/completions": {"logprobs": "boolean"},
+                    "/tokenize": {"prompt": "string null", "messages": "array null"}}
+_NON_FINITE = {"NaN", "Infinity", "-Infinity", "1e400", "-1e400"}
+
+
+def json_type(v: object) -> str:
+    if isinstance(v, Raw):
+        t = v.text.lstrip("-")
+        return "array" if t[:1] == "[" else "object" if t[:1] == "{" else "integer" if t.isdigit() else "number"
+    if v is None or isinstance(v, bool):
+        return "null" if v is None else "boolean"
+    return {int: "integer", float: "number", str: "string", list: "array", dict: "object"}[type(v)]
+
+
+def wrong_type(path: str, name: str, v: object) -> bool:
+    want = PATH_FIELD_TYPES.get(path, {}).get(name, FIELD_TYPES.get(name))
+    if want is None:
+        return False
+    got, types = json_type(v), want.split()
+    return got not in types and not (got == "integer" and "number" in types)
+
+
+def value_tags(v: object, into: set[str]) -> None:
+    """Add the hostile classes `v` holds anywhere (keys included) to `into`."""
+    if isinstance(v, Raw):
+        t = v.text.lstrip("-")
+        if t[:1] in ("[", "{"):
+            into.add("deep-nesting")
+        elif v.text in _NON_FINITE:
+            into.add("non-finite-number")
+        elif t.isdigit() and len(t) > 18:
+            into.add("huge-number")
+    elif isinstance(v, bool) or v is None:
+        pass
+    elif isinstance(v, int):
+        if not -(2**63) <= v < 2**63:
+            into.add("huge-number")
+    elif isinstance(v, float):
+        if abs(v) >= 1e300:
+            into.add("huge-number")
+    elif isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            into.add("lone-surrogate")
+        if len(v) >= 1000:
+            into.add("long-value")
+    elif isinstance(v, list):
+        if len(v) >= 200:
+            into.add("long-value")
+        for x in v:
+            value_tags(x, into)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            value_tags(k, into)
+            value_tags(x, into)
+
+
+def field_tags(path: str, body: dict, edited: Iterable[str]) -> set[str]:
+    """The classes a body about to be sent holds (tagged from the final body: a later edit may undo an earlier
+    one); `edited`: the known fields that were given new values."""
+    tags = {"wrong-type"} if any(n in body and wrong_type(path, n, body[n]) for n in edited) else set()
+    tags |= {"missing-field"} if all(body.get(n) is None for n in REQUIRED[path]) else set()
+    value_tags(body, tags)
+    return tags
+
+
 def _base(path: str, model: str) -> tuple[dict, dict]:
     if path == "/v1/completions":
         return {"model": model, "prompt": "Hello", "max_tokens": 2}, {**SAMPLING, **COMPLETION}
@@ -178,39 +274,46 @@ def _base(path: str, model: str) -> tuple[dict, dict]:
     return {"tokens": [1, 2, 3]}, DETOKENIZE
 
 
-def _corrupt(rng: random.Random, data: bytes) -> tuple[bytes, str]:
-    """Break the bytes themselves."""
+def _corrupt(rng: random.Random, data: bytes) -> tuple[bytes, str, str, bool]:
+    """Break the bytes themselves: (bytes, label, class, whether the body was replaced whole)."""
     kind = rng.randrange(7)
     if kind == 0:
         cut = rng.randrange(max(1, len(data)))
-        return data[:cut], f"truncated at {cut}"
+        return data[:cut], f"truncated at {cut}", "truncated", False
     if kind == 1:
         at = rng.randrange(len(data) + 1)
         bad = rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80", b"\xf4\x90\x80\x80"])
-        return data[:at] + bad + data[at:], f"invalid UTF-8 {bad!r} at {at}"
+        return data[:at] + bad + data[at:], f"invalid UTF-8 {bad!r} at {at}", "invalid-utf8", False
     if kind == 2:
-        return bytes(rng.randrange(256) for _ in range(rng.choice([1, 17, 300]))), "random bytes"
+        data = bytes(rng.randrange(256) for _ in range(rng.choice([1, 17, 300])))
+        return data, "random bytes", "random-bytes", True
     if kind == 3:
-        return rng.choice([b"", b" ", b"\n"]), "empty"
+        return rng.choice([b"", b" ", b"\n"]), "empty", "empty-body", True
     if kind == 4:
-        return b"\xef\xbb\xbf" + data, "UTF-8 BOM"     # valid: a BOM is accepted
+        return b"\xef\xbb\xbf" + data, "UTF-8 BOM", "bom", False     # valid: a BOM is accepted
     if kind == 5:
-        return rng.choice([b"[]", b"null", b"1", b'"s"', b"true", b"{}", b"[{}]"]), "not an object"
-    return data.replace(b"}", b"", 1), "unbalanced"
+        data = rng.choice([b"[]", b"null", b"1", b'"s"', b"true", b"{}", b"[{}]"])
+        return data, "not an object", "not-an-object", True
+    return data.replace(b"}", b"", 1), "unbalanced", "unbalanced", False
 
 
 def _case(rng: random.Random, model: str) -> Case:
     roll = rng.random()
     if roll < 0.06:
         path = rng.choice(["/v1/models", "/health", "/metrics", "/", "/nope", "/v1/models/x", "/v1/completions"])
-        return Case("GET", path + rng.choice(["", "?a=1", "?\xff=%ff"]), None, {}, "GET")
+        query = rng.choice(["", "?a=1", "?\xff=%ff"])
+        tags = set() if path in ROUTES["GET"] else {"wrong-method"} if path in ROUTES["POST"] else {"unknown-path"}
+        tags |= {"bad-query"} if "\xff" in query else set()
+        return Case("GET", path + query, None, {}, "GET", tags=frozenset(tags))
     if roll < 0.09:
         return Case(rng.choice(["PUT", "DELETE", "PATCH"]), rng.choice(["/v1/completions", "/health"]), b"{}",
-                    label="wrong method")
+                    label="wrong method", tags=frozenset({"wrong-method"}))
     path = rng.choice(["/v1/completions", "/v1/chat/completions", "/v1/completions", "/v1/chat/completions",
                        "/tokenize", "/detokenize"])
     body, mutators = _base(path, model)
-    labels = []
+    labels: list[str] = []
+    edited: set[str] = set()
+    tags: set[str] = set()
     if rng.random() < 0.15:
         body["stream"] = True
     for _ in range(rng.choice([0, 1, 1, 1, 2, 3])):
@@ -219,6 +322,7 @@ def _case(rng: random.Random, model: str) -> Case:
         if op < 0.75:
             body[name] = mutators[name](rng)
             labels.append(f"{name}={body[name]!r:.60}")
+            edited.add(name)
         elif op < 0.85:
             body.pop(name, None)
             labels.append(f"-{name}")
@@ -226,23 +330,30 @@ def _case(rng: random.Random, model: str) -> Case:
             key = rng.choice(["extra", "\ud800", "x" * 300, "messages.0", ""])
             body[key] = hostile(rng)
             labels.append(f"{key!r:.20}={body[key]!r:.40}")
+            tags.add("unknown-key")
     if path == "/v1/chat/completions" and body.get("max_tokens") is None and "max_completion_tokens" not in body:
         body["max_tokens"] = 2     # chat's default budget is the whole context: keep accepted requests cheap
+    tags |= field_tags(path, body, edited)
     data = dumps(body, rng).encode("utf-8")
     headers = dict(JSON)
     roll = rng.random()
     if roll < 0.15:
-        data, what = _corrupt(rng, data)
+        data, what, kind, replaced = _corrupt(rng, data)
         labels.append(what)
+        tags = {kind} if replaced else tags | {kind}
     elif roll < 0.2:
         ctype = rng.choice(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None,
                             "application/json; charset=utf-8", "application/vnd.api+json"])
         headers = {} if ctype is None else {"Content-Type": ctype}
         labels.append(f"content-type {ctype}")
+        tags |= {"bad-content-type"} if ctype is not None and "json" not in ctype else set()
     elif roll < 0.205:
         data = b'{"prompt": "' + b"a" * (3 << 20) + b'"}'
         labels.append("3 MB body")
-    return Case("POST", path, data, headers, "; ".join(labels) or "valid", chunked=rng.random() < 0.05)
+        tags = {"oversized-body"}
+    chunked = rng.random() < 0.05
+    tags |= {"chunked"} if chunked else set()
+    return Case("POST", path, data, headers, "; ".join(labels) or "valid", chunked=chunked, tags=frozenset(tags))
 
 
 def cases(seed: int, count: int, model: str = "smollm2") -> Iterator[Case]:

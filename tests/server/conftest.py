@@ -22,6 +22,7 @@ from attnzoo.server.core_messages import EngineConfig  # noqa: E402
 from attnzoo.server.engine_client import EngineClient  # noqa: E402
 
 KV_BYTES = 128 << 20   # ~360 pages of 16 tokens: plenty for 64 short streams, small enough to be quick
+HANG_S = 120.0         # how long a test waits for an event before calling it a hang: never a speed requirement
 
 
 @dataclass
@@ -33,8 +34,9 @@ class Live:
 
 @pytest.fixture(scope="session")
 def model():
-    """SmolLM2 in the test process, for offline references."""
-    return attnzoo.load_model("smollm2")
+    """SmolLM2 in the test process, for offline references: fp32, so compare with a core started with
+    dtype="float32" (at "auto" a CPU with native bf16 serves bf16)."""
+    return attnzoo.load_model("smollm2", dtype="float32")
 
 
 def _free_port() -> int:
@@ -43,8 +45,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def smollm2_core(max_num_seqs: int = 64) -> EngineClient:
-    return EngineClient(EngineConfig("smollm2", dict(kv_cache_memory=KV_BYTES, max_num_seqs=max_num_seqs)))
+def smollm2_core(max_num_seqs: int = 64, dtype: str = "auto") -> EngineClient:
+    return EngineClient(EngineConfig("smollm2", dict(kv_cache_memory=KV_BYTES, max_num_seqs=max_num_seqs,
+                                                     dtype=dtype)))
 
 
 @contextmanager
@@ -55,7 +58,7 @@ def serving(engine: EngineClient, **app_kw) -> Iterator[Live]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG_S
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             engine.close()
@@ -70,12 +73,12 @@ def serving(engine: EngineClient, **app_kw) -> Iterator[Live]:
 
 
 @contextmanager
-def live_server(max_num_seqs: int = 64, **app_kw) -> Iterator[Live]:
-    with serving(smollm2_core(max_num_seqs), **app_kw) as live:
+def live_server(max_num_seqs: int = 64, dtype: str = "auto", **app_kw) -> Iterator[Live]:
+    with serving(smollm2_core(max_num_seqs, dtype), **app_kw) as live:
         yield live
 
 
-def wait_idle(live: Live, timeout: float = 30.0) -> None:
+def wait_idle(live: Live, timeout: float = HANG_S) -> None:
     """Until nothing is in flight here and the core has nothing queued or running."""
     eng = live.engine
     deadline = time.monotonic() + timeout

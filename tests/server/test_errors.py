@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from attnzoo.server.engine_client import CoreError
 from attnzoo.server.errors import APIError
 from attnzoo.server.limits import ServerLimits
-from tests.server.conftest import assert_no_leak, live_server
+from tests.server.conftest import HANG_S, assert_no_leak, live_server
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -25,12 +27,12 @@ def live():
 
 
 def post(live, path: str, body=None, headers=AUTH, **kw) -> httpx.Response:
-    return httpx.post(live.url + path, json=body, headers=headers, timeout=60, **kw)
+    return httpx.post(live.url + path, json=body, headers=headers, timeout=HANG_S, **kw)
 
 
 def post_raw(live, path: str, raw: bytes, content_type: str | None = "application/json") -> httpx.Response:
     headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
-    return httpx.post(live.url + path, content=raw, headers=headers, timeout=60)
+    return httpx.post(live.url + path, content=raw, headers=headers, timeout=HANG_S)
 
 
 def err(r: httpx.Response, status: int) -> dict:
@@ -44,9 +46,9 @@ def test_auth(live):
     assert err(post(live, "/v1/chat/completions", {"messages": MSGS}, headers={}), 401)["type"] == \
         "authentication_error"
     err(post(live, "/v1/chat/completions", {"messages": MSGS}, headers={"Authorization": "Bearer nope"}), 401)
-    err(httpx.get(live.url + "/v1/models"), 401)
-    assert httpx.get(live.url + "/v1/models", headers=AUTH).status_code == 200
-    assert httpx.get(live.url + "/health").status_code == 200   # probes need no key
+    err(httpx.get(live.url + "/v1/models", timeout=HANG_S), 401)
+    assert httpx.get(live.url + "/v1/models", headers=AUTH, timeout=HANG_S).status_code == 200
+    assert httpx.get(live.url + "/health", timeout=HANG_S).status_code == 200   # probes need no key
 
 
 def test_unknown_model(live):
@@ -93,17 +95,42 @@ def test_body_too_large(live):
     assert "bytes" in e["message"]
 
 
+def chunked_body(size: int) -> tuple[Iterator[bytes], int]:
+    """A JSON body of exactly `size` bytes as a generator (httpx sends it chunked, with no Content-Length)."""
+    head, tail = b'{"prompt": "', b'"}'
+    data = head + b"a" * (size - len(head) - len(tail)) + tail
+    return (data[i:i + (64 << 10)] for i in range(0, len(data), 64 << 10)), len(data)
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(live):
+    # no Content-Length to refuse up front: the limit is counted as the chunks arrive (BodyLimit)
+    limit = live.app.state.server.limits.max_body_bytes
+    body, size = chunked_body(limit + 1)
+    r = httpx.post(live.url + C, content=body, headers={**AUTH, "Content-Type": "application/json"}, timeout=HANG_S)
+    assert size == limit + 1
+    assert r.request.headers["transfer-encoding"] == "chunked" and "content-length" not in r.request.headers
+    e = err(r, 413)
+    assert f"limit of {limit} bytes" in e["message"] and "--max-body-bytes" in e["message"]
+    # exactly the limit is read whole and judged on its content (a prompt longer than any context)
+    body, size = chunked_body(limit)
+    r = httpx.post(live.url + C, content=body, headers={**AUTH, "Content-Type": "application/json"}, timeout=HANG_S)
+    assert err(r, 400)["code"] == "context_length_exceeded"
+    # and the server goes on serving
+    assert httpx.get(live.url + "/health", timeout=HANG_S).status_code == 200
+    assert post(live, C, {"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
 @pytest.mark.parametrize("raw", [b"not json", b"{", b"[1, 2]", b"null", b'{"messages": [1]}', b"\xff\xfe",
                                  b'{"messages": [{"role": "user"}], "stream": [1]}', b'{"messages": {}}'])
 def test_fuzz_malformed(live, raw):
     r = httpx.post(live.url + "/v1/chat/completions", content=raw,
-                   headers={**AUTH, "Content-Type": "application/json"})
+                   headers={**AUTH, "Content-Type": "application/json"}, timeout=HANG_S)
     err(r, 400)
 
 
 def test_overload_429(live):
     async def go():
-        async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=HANG_S) as c:
             body = {"prompt": "Tell me a story", "max_tokens": 8, "ignore_eos": True}
             return await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(12)])
     rs = asyncio.run(go())
@@ -170,14 +197,13 @@ def test_queue_counts_sequences_not_requests(live):
     eng = live.engine
 
     async def until(cond, what):
-        for _ in range(600):
-            if cond():
-                return
+        deadline = time.monotonic() + HANG_S     # a hang guard: each state follows from the requests sent
+        while not cond():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
             await asyncio.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}")
 
     async def go():
-        async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=HANG_S) as c:
             long = asyncio.create_task(c.post(C, json={"prompt": "Count:", "max_tokens": 400, "ignore_eos": True}))
             await until(lambda: eng.stats.running and not eng.queued(), "the long request to run")
             two = asyncio.create_task(c.post(C, json={"prompt": "x", "n": 2, "max_tokens": 1}))
@@ -275,7 +301,7 @@ def test_bom_and_missing_content_type_are_accepted(live):
     {"prompt": "x", "n": 129}, {"prompt": "x" * 700_000}, {"prompt": [10**7]}, {"prompt": "x", "seed": 2**64},
 ])
 def test_invalid_streams_fail_before_the_stream(live, body):
-    with httpx.stream("POST", live.url + C, json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
+    with httpx.stream("POST", live.url + C, json={**body, "stream": True}, headers=AUTH, timeout=HANG_S) as r:
         assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
         r.read()
     err(r, 400)
@@ -306,6 +332,6 @@ def test_an_add_the_core_refuses_with_a_bug_is_a_500(live, monkeypatch):
     monkeypatch.setattr(live.engine, "add_all", refused)
     err(post(live, C, {"prompt": "x", "max_tokens": 1}), 500)
     monkeypatch.undo()
-    assert httpx.get(live.url + "/health").status_code == 200
+    assert httpx.get(live.url + "/health", timeout=HANG_S).status_code == 200
     assert post(live, C, {"prompt": "x", "max_tokens": 1}).status_code == 200
     assert_no_leak(live)
