@@ -31,7 +31,8 @@ chat: $(RUNTIME)
 	$(BIN)/attnzoo chat
 
 test: $(TESTING)
-	$(BIN)/python -m pytest -q
+	# the 30 slowest tests close the log: where the time goes on the machine that ran it
+	$(BIN)/python -m pytest -q --durations=30
 
 test-all: $(TESTING)
 	$(BIN)/python -m pytest -q --runslow

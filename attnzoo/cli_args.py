@@ -99,7 +99,7 @@ def host(text: str) -> str:
 
 def add_quantization_arg(p: argparse.ArgumentParser) -> None:
     """--quantization, shared by chat, generate and serve."""
-    p.add_argument("--quantization", default="none", choices=["auto", "none", "int4", "int8"],
-                   help="weight-only quantised linears (CPU): auto = keep a GGUF file's 4/8-bit weights quantised "
-                        "on a CPU with native bf16 (AVX512-BF16 or AMX), else float; int4/int8 quantise any model; "
-                        "none = float weights (default: int4 is faster but changes some greedy answers)")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
+                   help="weight-only quantised linears (CPU): auto (default) = keep a GGUF file's 4-bit weights as "
+                        "int4 when one sequence runs at a time (chat, generate; serve --max-num-seqs 1), float "
+                        "weights for batches; int4/int8 quantise any model; none = float weights")

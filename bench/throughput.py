@@ -10,9 +10,12 @@ transformers runs them as one left-padded batch. Before any speed is printed, gr
 attnzoo (fp32) must equal transformers' for one request, and each bf16 model must agree with its fp32
 twin on the next-token argmax of every prompt. Single-stream decode tok/s is measured too.
 
-On a CPU with native bf16 a third attnzoo row keeps the GGUF's 4-bit linears quantised (int4, lm_head
-int8: `quantization="int4"`); its peer is llama.cpp on the same file: with --llama-bench (the path of a
-llama-bench binary built from llama.cpp's source) its single-stream decode (tg) runs in the same sitting.
+A third attnzoo row keeps the GGUF's 4-bit linears quantised (int4, lm_head int8: `quantization="int4"`;
+bf16 activations, which a CPU without native bf16 converts in software). Prefill: time to the first token
+of a 1,000-token prompt. Its peer is llama.cpp on the same file: with --llama-bench (the path of a
+llama-bench binary built from llama.cpp's source) its single-stream decode (tg) runs in the same sitting,
+and where llama-cpp-python imports, its low-level API runs the same prompt through a Python loop
+(llama_decode + argmax per token), the loop an engine would run.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from generate_cpu import hf_generate, hf_stamps
 
 import attnzoo
 from attnzoo.engine import LLM, SamplingParams
-from attnzoo.models.registry import native_bf16, resolve
+from attnzoo.layers.quant import dequantize_model
+from attnzoo.models.registry import resolve
 
 
 def workload(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -78,6 +82,37 @@ def single_stream_hf(hf, prompt: list[int], n: int) -> float:
     return max(rates)
 
 
+def prefill_attnzoo(llm: LLM, n: int = 1000) -> float:
+    """Prompt tokens/s: time to the first token of an n-token prompt (best of 2; a new random prompt each
+    time, so the prefix cache never hits)."""
+    best = float("inf")
+    for seed in (1, 2):
+        prompt = workload(1, n, n, seed)[0]
+        t0 = time.perf_counter()
+        llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), use_tqdm=False)
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def llama_cpp_python_decode(gguf: str, prompt: list[int], n: int, threads: int) -> float | None:
+    """Single-stream decode through llama-cpp-python: the prompt evaluated, then one `eval` (llama_decode) per
+    token with a greedy argmax in Python (best of 2); None when llama_cpp does not import."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf, n_ctx=len(prompt) + n + 8, n_threads=threads, n_batch=512, verbose=False)
+    best = 0.0
+    for _ in range(2):
+        llm.reset()
+        llm.eval(prompt)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
 def llama_cpp_decode(binary: str, gguf: str, n: int, threads: int) -> float:
     """llama.cpp's single-stream decode tok/s on the same file (llama-bench's tg test, 3 repetitions)."""
     out = subprocess.run([binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(n), "-r", "3", "-o", "json"],
@@ -120,18 +155,20 @@ def main(argv: list[str] | None = None) -> None:
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval(), prompts[0], n_check)
     if o.token_ids != ref:
         raise SystemExit(f"FAILED: attnzoo fp32 engine tokens {o.token_ids} != transformers {ref}; no speed reported")
-    if native_bf16():    # the int4 kernels take bf16 activations; emulated bf16 would make this row meaningless
-        ours["int4"] = attnzoo.load_model(args.model, dtype="bfloat16", quantization="int4")
+    ours["int4"] = attnzoo.load_model(args.model, dtype="bfloat16", quantization="int4")
     for d, m in ours.items():
         if d is torch.float32:
             continue
+        # int4 against its own weights in fp32 (random-token prompts are full of near-ties, which 4-bit
+        # weights of the float model tip either way); bf16 against fp32
+        ref_model = dequantize_model(m) if d == "int4" else fp32
         with torch.no_grad():
             agree = sum(int(m(torch.tensor([p]), last_only=True)[0, -1].argmax() ==
-                            fp32(torch.tensor([p]), last_only=True)[0, -1].argmax()) for p in prompts)
+                            ref_model(torch.tensor([p]), last_only=True)[0, -1].argmax()) for p in prompts)
         if agree < 0.9 * len(prompts):
             raise SystemExit(f"FAILED: {d} next-token argmax agrees with fp32 on only {agree}/{len(prompts)} prompts")
-    print(f"# correctness: attnzoo fp32 engine = transformers for {n_check} greedy tokens; bf16 (and int4) argmax "
-          f"agrees with fp32 on >= 90 % of the prompts")
+    print(f"# correctness: attnzoo fp32 engine = transformers for {n_check} greedy tokens; bf16 argmax agrees "
+          f"with fp32, int4's with its own weights dequantised to fp32, on >= 90 % of the prompts")
 
     pad = fp32.tokenizer.eos_token_ids[0]
     rows = []
@@ -149,19 +186,26 @@ def main(argv: list[str] | None = None) -> None:
         hf_tps = run_hf(theirs[peer], prompts, args.output_len, pad)
         s_ours = single_stream_attnzoo(llm, prompts[0], min(64, 4 * args.output_len))
         s_hf = single_stream_hf(theirs[peer], prompts[0], min(64, 4 * args.output_len))
-        rows.append((name, ours_tps, hf_tps, s_ours, s_hf))
+        pre = prefill_attnzoo(llm, 64 if args.quick else 1000)
+        rows.append((name, ours_tps, hf_tps, s_ours, s_hf, pre))
     print(f"\n{args.num_requests} requests, input {args.min_input}-{args.max_input} random tokens, "
           f"{args.output_len} output tokens each (ignore_eos), greedy, all at once\n")
-    print("| dtype | attnzoo tok/s | transformers tok/s | ratio | attnzoo 1-stream decode | transformers 1-stream | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for name, a, h, sa, sh in rows:
-        print(f"| {name} | {a:.0f} | {h:.0f} | {a / h:.2f}x | {sa:.1f} | {sh:.1f} | {sa / sh:.2f}x |")
+    print("| dtype | attnzoo tok/s | transformers tok/s | ratio | attnzoo 1-stream decode | transformers 1-stream | "
+          "ratio | attnzoo prefill tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, a, h, sa, sh, pre in rows:
+        print(f"| {name} | {a:.0f} | {h:.0f} | {a / h:.2f}x | {sa:.1f} | {sh:.1f} | {sa / sh:.2f}x | {pre:.0f} |")
+    n = min(64, 4 * args.output_len)
+    mine = next((sa for name, _, _, sa, _, _ in rows if name.startswith("int4")), None)
+    loop = llama_cpp_python_decode(str(path), prompts[0], n, torch.get_num_threads())
+    if loop is not None:
+        print(f"\nllama.cpp through llama-cpp-python (eval + argmax per token, {torch.get_num_threads()} threads, "
+              f"{path.name} as shipped): {loop:.1f} tok/s single-stream decode; attnzoo int4 {mine:.1f} "
+              f"({mine / loop:.2f}x)")
     if args.llama_bench:
-        n = min(64, 4 * args.output_len)
         tg = llama_cpp_decode(args.llama_bench, str(path), n, torch.get_num_threads())
-        mine = next((sa for name, _, _, sa, _ in rows if name.startswith("int4")), None)
         print(f"\nllama.cpp (llama-bench tg{n}, {torch.get_num_threads()} threads, {path.name} as shipped): "
-              f"{tg:.1f} tok/s single-stream decode" + (f"; attnzoo int4 {mine:.1f} ({mine / tg:.2f}x)" if mine else ""))
+              f"{tg:.1f} tok/s single-stream decode; attnzoo int4 {mine:.1f} ({mine / tg:.2f}x)")
 
 
 if __name__ == "__main__":

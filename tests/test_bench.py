@@ -8,7 +8,7 @@ import sys
 import pytest
 
 BENCHES = ["attention_cpu", "generate_cpu", "throughput", "prefix_cache", "flash_cpu", "mla", "delta_rule", "sparse", "hybrid",
-           "deterministic", "soak", "quant_cpu", "step_overhead", "arena_speed"]
+           "deterministic", "soak", "quant_cpu", "quant_answers", "step_overhead", "arena_speed"]
 
 
 @pytest.mark.parametrize("name", BENCHES)

@@ -25,7 +25,14 @@ from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_g
 from attnzoo.engine.scheduler import Scheduler, SchedulerConfig
 from attnzoo.engine.tp import CacheArgs, EngineDeadError, TensorParallelGroup
 from attnzoo.models.decoder import DecoderLM
-from attnzoo.models.registry import DEFAULT_MODEL, default_device, load_model, resolve, resolve_dtype
+from attnzoo.models.registry import (
+    DEFAULT_MODEL,
+    auto_quantization,
+    default_device,
+    load_model,
+    resolve,
+    resolve_dtype,
+)
 from attnzoo.ops.attention.invariant import KEY_BLOCK
 from attnzoo.ops.batch_invariant import check_gemm_invariance
 
@@ -162,7 +169,7 @@ class LLM:
                  page_size: int = 16, kv_cache_memory: int | None = None, kv_cache_fraction: float | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, seed: int = 0, device: str | torch.device | None = None,
-                 deterministic: bool = False, tensor_parallel_size: int = 1, quantization: str = "none",
+                 deterministic: bool = False, tensor_parallel_size: int = 1, quantization: str = "auto",
                  detokenize: bool = True):
         """kv_cache_memory (bytes) or kv_cache_fraction (of the memory available at start-up) sets the KV
         budget; by default it is what max_num_seqs sequences of max_model_len tokens need, capped at
@@ -174,10 +181,10 @@ class LLM:
         channels, vocabulary and KV cache (engine/tp.py, the rules in models/sharding.py); the model must be a
         transformers checkpoint directory; `close()` stops the workers.
         quantization ("auto", "none", "int4", "int8"; `models.registry.resolve_quantization`): weight-only
-        int4/int8 linears when loading by name or path. "auto" keeps a GGUF file's 4/8-bit weights quantised on
-        a CPU with native bf16 (not under deterministic mode or tensor parallelism); a passed-in model runs as
-        it is. The default is "none": on SmolLM2, int4 (bf16 activations and scales) changes greedy answers
-        that float weights get right ("What is the capital of France?"), see README "Quantised weights".
+        int4/int8 linears when loading by name or path. "auto" (the default) keeps a GGUF file's 4-bit weights
+        as int4 on the CPU when max_num_seqs is 1, where that decodes faster, and loads float weights for
+        batches, CUDA, deterministic mode and tensor parallelism (`models.registry.auto_quantization`; README
+        "Quantised weights"); a passed-in model runs as it is.
         detokenize=False: outputs carry token ids only (text stays "") and stop strings are the caller's to
         apply (the server's API process does both, and aborts a sequence that meets one)."""
         for name, value, lo in (("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
@@ -210,7 +217,8 @@ class LLM:
                 if deterministic and quantization in ("int4", "int8"):
                     raise ValueError("deterministic mode needs float weights (its batch-invariant matmuls): "
                                      "use quantization='none'")
-                model = load_model(model, dtype, self.device, "none" if deterministic else quantization)
+                model = load_model(model, dtype, self.device,
+                                   "none" if deterministic else auto_quantization(quantization, max_num_seqs))
             self.model = model.to(self.device)
         self.tokenizer = self.model.tokenizer
         cfg = self.model.config

@@ -45,6 +45,26 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, dtype={self.scales.dtype}, bias={self.bias is not None}")
 
 
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The reference for a quantised model: a copy whose every QuantLinear is an nn.Linear holding exactly
+    the weight it stands for (codes x scales as stored), computing in `dtype` like the rest of the copy."""
+    import copy
+
+    from attnzoo.ops.quant import dequantize
+    model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.float32)
+            with torch.no_grad():
+                lin.weight.copy_(dequantize(m.qweight))
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, lin)
+    model.quantization = None
+    return model.to(dtype)
+
+
 def quantizable(linear: nn.Linear, kind: Kind, group_size: int = 32) -> bool:
     if kind == "int8":
         return True

@@ -93,15 +93,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
 
 
 QUANTIZATION = ("auto", "none", "int4", "int8")
-GGUF_KINDS = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}   # GGUF block type -> the kind kept at run time
+# GGUF block types "auto" keeps quantised: 4-bit linears as int4 (their codes exactly). Q8_0 files load float:
+# the int8 kernel holds one scale per row, and per-row int8 changed SmolLM2's answers far more than int4 did
+# (bench/results/quant_answers-2026-12-07-cpu-avx2.md).
+GGUF_KINDS = {"Q4_0": "int4", "Q4_1": "int4"}
 
 
 def resolve_quantization(quantization: str, path: Path | None, device: str | torch.device | None = None
                          ) -> str | None:
     """The weight-only kind the linears run in ("int4", "int8") or None (float). "auto" keeps a GGUF file's
-    4-bit (Q4_0/Q4_1 -> int4) or 8-bit (Q8_0 -> int8) linears quantised on a CPU with native bf16, where
-    torch's weight-only kernels are fast (they take bf16 activations); elsewhere it loads float weights.
-    "int4"/"int8" quantise any checkpoint's linears (CPU kernels only)."""
+    4-bit linears (Q4_0/Q4_1) as int4 on the CPU and loads float weights otherwise (other files, CUDA).
+    "int4"/"int8" quantise any checkpoint's linears (CPU kernels only). Callers that batch apply
+    `auto_quantization` first: "auto" is float for batches."""
     if quantization not in QUANTIZATION:
         raise ValueError(f"unknown quantization {quantization!r}; allowed: {', '.join(QUANTIZATION)}")
     cpu = torch.device(device or "cpu").type == "cpu"
@@ -110,12 +113,20 @@ def resolve_quantization(quantization: str, path: Path | None, device: str | tor
             raise ValueError(f"quantization={quantization!r} runs torch's CPU weight-only kernels; on "
                              f"{torch.device(device).type} use quantization='none'")
         return quantization
-    if quantization == "none" or not cpu or not native_bf16() or path is None:
+    if quantization == "none" or not cpu or path is None:
         return None
     from attnzoo.models.gguf_loader import is_gguf, linear_weight_type
     if not (path.is_file() and is_gguf(path)):
         return None
     return GGUF_KINDS.get(linear_weight_type(path))
+
+
+def auto_quantization(quantization: str, max_num_seqs: int) -> str:
+    """What "auto" means for an engine running up to max_num_seqs sequences: the file's 4-bit weights for one
+    stream, where int4 decodes faster than float (1.7x on an AVX2-only EPYC, 1.8x on an AMX Xeon: throughput-2026-12-05-cpu.md), float for
+    batches, where the float GEMMs are faster (int4 0.8x at 32 requests, and 0.5x prefill, on the EPYC):
+    bench/results/throughput-2026-12-07-cpu-avx2.md."""
+    return "none" if quantization == "auto" and max_num_seqs > 1 else quantization
 
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32,
@@ -133,7 +144,10 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
 
     path = resolve(name_or_path)
     kind = resolve_quantization(quantization, path, device)
-    if kind is not None and dtype not in ("auto", "bfloat16", "bf16", torch.bfloat16):
+    floats = ("auto", "bfloat16", "bf16", torch.bfloat16)
+    if quantization == "auto" and dtype not in floats:
+        kind = None                     # a float dtype asked for by name wins over "auto"
+    if kind is not None and dtype not in floats:
         raise ValueError(f"quantized weights compute in bfloat16: use dtype 'auto' or 'bfloat16' with "
                          f"quantization={quantization!r}, or quantization='none' for {dtype}")
     dtype = torch.float32 if kind is not None else resolve_dtype(dtype, device)
