@@ -3,12 +3,23 @@ model's eligible linears in place (the point where a loader plugs in)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from attnzoo.ops.quant import INT4_GROUPS, INT4_ROWS, Kind, QuantWeight, fit_int4, fit_int8, pack, quant_linear
+from attnzoo.ops.quant import (
+    INT4_GROUPS,
+    INT4_ROWS,
+    Kind,
+    QuantWeight,
+    dequantize,
+    fit_int4,
+    fit_int8,
+    pack,
+    quant_linear,
+)
 
 
 class QuantLinear(nn.Module):
@@ -48,9 +59,6 @@ class QuantLinear(nn.Module):
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The reference for a quantised model: a copy whose every QuantLinear is an nn.Linear holding exactly
     the weight it stands for (codes x scales as stored), computing in `dtype` like the rest of the copy."""
-    import copy
-
-    from attnzoo.ops.quant import dequantize
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):

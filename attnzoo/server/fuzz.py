@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from attnzoo.server import protocol
+
 JSON = {"Content-Type": "application/json"}
 
 
@@ -184,20 +186,24 @@ REQUIRED = {"/v1/completions": ("prompt",), "/v1/chat/completions": ("messages",
             "/tokenize": ("prompt", "messages")}    # the body must have one of these
 ROUTES = {"GET": {"/v1/models", "/health", "/metrics", "/"},
           "POST": {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}}
-# The JSON types each field takes (attnzoo/server/protocol.py; "number" takes integers too): a value of
-# another type is tagged wrong-type. Only tags depend on this table, never what a correct server must answer.
-FIELD_TYPES = {
-    "model": "string null", "prompt": "string array", "messages": "array", "tokens": "array",
-    "max_tokens": "integer null", "max_completion_tokens": "integer null", "n": "integer", "best_of": "integer null",
-    "top_k": "integer null", "seed": "integer null", "min_tokens": "integer", "top_logprobs": "integer null",
-    "logprobs": "integer null", "temperature": "number null", "top_p": "number null", "min_p": "number null",
-    "repetition_penalty": "number null", "presence_penalty": "number", "frequency_penalty": "number",
-    "stop": "string array null", "stop_token_ids": "array null", "logit_bias": "object null",
-    "stream_options": "object null", "user": "string null", "suffix": "string null", "stream": "boolean",
-    "ignore_eos": "boolean", "echo": "boolean", "add_generation_prompt": "boolean",
-}
-PATH_FIELD_TYPES = {"/v1/chat/completions": {"logprobs": "boolean"},
-                    "/tokenize": {"prompt": "string null", "messages": "array null"}}
+# Fields whose type a validator checks (typed Any in the request models' schemas): the JSON types they take.
+VALIDATED = {"prompt": "array string", "stop": "array null string"}
+
+
+def _field_types(model: type[protocol.BaseModel]) -> dict[str, str]:
+    """The JSON types each field of a request model takes, read from its schema ("number" takes integers too).
+    Only tags depend on this, never what a correct server must answer."""
+    out = {}
+    for name, s in model.model_json_schema()["properties"].items():
+        types = {"object" if "$ref" in o else o.get("type") for o in s.get("anyOf", [s])} - {None}
+        out[name] = " ".join(sorted(types)) if types else VALIDATED[name]
+    return out
+
+
+FIELD_TYPES = {"/v1/completions": _field_types(protocol.CompletionRequest),
+               "/v1/chat/completions": _field_types(protocol.ChatRequest),
+               "/tokenize": _field_types(protocol.TokenizeRequest),
+               "/detokenize": _field_types(protocol.DetokenizeRequest)}
 _NON_FINITE = {"NaN", "Infinity", "-Infinity", "1e400", "-1e400"}
 
 
@@ -211,7 +217,7 @@ def json_type(v: object) -> str:
 
 
 def wrong_type(path: str, name: str, v: object) -> bool:
-    want = PATH_FIELD_TYPES.get(path, {}).get(name, FIELD_TYPES.get(name))
+    want = FIELD_TYPES[path].get(name)
     if want is None:
         return False
     got, types = json_type(v), want.split()
