@@ -31,11 +31,12 @@ chat: $(RUNTIME)
 	$(BIN)/attnzoo chat
 
 test: $(TESTING)
-	# the 30 slowest tests close the log: where the time goes on the machine that ran it
-	$(BIN)/python -m pytest -q --durations=30
+	# two workers, a test file each at a time (tests/conftest.py splits the cores between them); the 30 slowest
+	# tests close the log: where the time goes on the machine that ran it
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30
 
 test-all: $(TESTING)
-	$(BIN)/python -m pytest -q --runslow
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --runslow
 
 # the benches compare against transformers, a test tool
 bench: $(TESTING)

@@ -58,13 +58,13 @@ def hf_stamps(model, ids: list[int], n: int) -> list[float]:
     return s.stamps
 
 
-def speeds(stamps_fn, short: list[int], long: list[int], n: int) -> tuple[float, float, float]:
-    """(decode tok/s, TTFT short, TTFT long): medians over 3 runs after a warm-up."""
+def speeds(stamps_fn, short: list[int], long: list[int], n: int, runs: int = 3) -> tuple[float, float, float]:
+    """(decode tok/s, TTFT short, TTFT long): medians over `runs` runs after a warm-up."""
     stamps_fn(short, 2)
-    runs = [stamps_fn(short, n) for _ in range(3)]
-    decode = statistics.median((len(r) - 1) / (r[-1] - r[0]) for r in runs)
-    ttft = statistics.median(r[0] for r in runs)
-    pre = statistics.median(stamps_fn(long, 1)[0] for _ in range(3))
+    done = [stamps_fn(short, n) for _ in range(runs)]
+    decode = statistics.median((len(r) - 1) / (r[-1] - r[0]) for r in done)
+    ttft = statistics.median(r[0] for r in done)
+    pre = statistics.median(stamps_fn(long, 1)[0] for _ in range(runs))
     return decode, ttft, pre
 
 
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name, model, fn in (("attnzoo", ours, ours_stamps), ("transformers", hf, hf_stamps)):
-        decode, ttft, prefill = speeds(lambda ids, n: fn(model, ids, n), short, long, args.new_tokens)
+        decode, ttft, prefill = speeds(lambda ids, n: fn(model, ids, n), short, long, args.new_tokens,
+                                       1 if args.quick else 3)
         rows.append((name, decode, ttft, len(long) / prefill, prefill))
     print(f"\nmodel {args.model} ({path.name}), fp32, greedy, {len(short)}-token chat prompt, "
           f"{args.new_tokens} new tokens; prefill of {len(long)} tokens. Load: attnzoo {t_ours:.1f} s, "

@@ -105,20 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     eos = list(tok.eos_token_ids)
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     int4 = attnzoo.load_model(args.model, dtype="bfloat16", quantization="int4")
-    int4_f32 = copy.deepcopy(fp32)
-    quantize_model(int4_f32, "int4", dtype=torch.float32)
-    int4_fp32_model = copy.deepcopy(fp32)   # fp32 residual stream, norms, attention and KV; bf16 only into matmuls
-    quantize_model(int4_fp32_model, "int4", dtype=torch.bfloat16)
-    int4_float_head = copy.deepcopy(fp32)
-    quantize_model(int4_float_head, "int4", overrides={"lm_head": None}, dtype=torch.bfloat16)
-    variants = {
+
+    def quantized(act: torch.dtype, **kw) -> torch.nn.Module:
+        m = copy.deepcopy(fp32)
+        quantize_model(m, "int4", dtype=act, **kw)
+        return m
+
+    variants = {   # built only when run (--variants picks a few)
         "fp32": lambda: fp32,
         "bf16": lambda: copy.deepcopy(fp32).to(torch.bfloat16),
         "int4": lambda: int4,
-        "int4, fp32 model": lambda: int4_fp32_model,
+        # fp32 residual stream, norms, attention and KV; bf16 only into matmuls
+        "int4, fp32 model": lambda: quantized(torch.bfloat16),
         "int4 dequantised (fp32)": lambda: dequantize_model(int4),
-        "int4 + fp32 act": lambda: int4_f32,
-        "int4, float lm_head": lambda: int4_float_head.to(torch.bfloat16),
+        "int4 + fp32 act": lambda: quantized(torch.float32),
+        "int4, float lm_head": lambda: quantized(torch.bfloat16, overrides={"lm_head": None}).to(torch.bfloat16),
         "int8": lambda: attnzoo.load_model(args.model, dtype="bfloat16", quantization="int8"),
     }
     if args.variants:

@@ -2,6 +2,8 @@
 
     python bench/quant_cpu.py [--model smollm2] [--new-tokens 64] [--repeats 7] [--quick] [--no-model]
 
+--quick: M = 1 and 32, a tenth of the calls per timing, three whole-model variants (bf16, int4, int8), 8 tokens, one timed run: a smoke test.
+
 1. Per SmolLM2-135M matrix (K x N), M = 1 (decode), 4 and 32: F.linear in fp32 and bf16, int8 and int4
    (group 32) with fp32 and bf16 activations. Each quantised product is first checked against the fp32
    matmul of its own dequantised weight; times are the best of --repeats, each the mean of a batch of calls.
@@ -57,7 +59,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def matrices(repeats: int, ms: tuple[int, ...]) -> None:
+def matrices(repeats: int, ms: tuple[int, ...], work: float = 2e5) -> None:
     print("\n## 1. one matrix, us per call (best of runs); in brackets: speed-up vs bf16 F.linear")
     print("| matrix | K x N | M | fp32 | bf16 | int8 fp32-act | int8 bf16-act | int4 fp32-act | int4 bf16-act |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -67,15 +69,16 @@ def matrices(repeats: int, ms: tuple[int, ...]) -> None:
         wb = w.bfloat16()
         quants = {(kind, dt): (quantize_int4 if kind == "int4" else quantize_int8)(w, dtype=dt)
                   for kind in ("int8", "int4") for dt in (torch.float32, torch.bfloat16)}
+        own = {key: dequantize(qw).T for key, qw in quants.items()}   # each product's own weights in fp32
         for M in ms:
             x = torch.randn(M, K, generator=g)
             xb = x.bfloat16()
             for (kind, dt), qw in quants.items():  # correctness first: each against its own weights in fp32
                 xx = x if dt == torch.float32 else xb
-                err = rel(quant_linear(xx, qw), xx.float() @ dequantize(qw).T)
+                err = rel(quant_linear(xx, qw), xx.float() @ own[kind, dt])
                 if err > (1e-5 if dt == torch.float32 else 1e-2):
                     raise SystemExit(f"FAILED: {kind} {dt} {name} M={M}: relative error {err:.2e}; no times reported")
-            calls = max(3, int(2e5 // (K * N // 64 + 1)))
+            calls = max(3, int(work // (K * N // 64 + 1)))
             t = {"fp32": best_us(lambda: F.linear(x, w), repeats, calls),
                  "bf16": best_us(lambda: F.linear(xb, wb), repeats, calls)}
             for (kind, dt), qw in quants.items():
@@ -91,9 +94,10 @@ def weight_errors(model_name: str) -> None:
     import gguf
     from gguf import GGMLQuantizationType as T
 
+    from attnzoo.models.gguf_loader import open_gguf
     from attnzoo.models.registry import resolve
     path = resolve(model_name)
-    reader = gguf.GGUFReader(path)
+    reader, _ = open_gguf(path)
     print(f"\n## 2. quantisation error on {path.name}'s weights (relative Frobenius error)")
     types = sorted({t.tensor_type.name for t in reader.tensors})
     print(f"- tensor types in the file: {', '.join(types)}")
@@ -116,11 +120,11 @@ def weight_errors(model_name: str) -> None:
               f"{per_row:.1e} |")
 
 
-def decode_speed(model, prompt: list[int], n: int) -> float:
+def decode_speed(model, prompt: list[int], n: int, runs: int = 3) -> float:
     llm = LLM(model, max_num_seqs=1, enable_prefix_caching=False)
     list(llm.stream(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))  # warm-up
     best = 0.0
-    for _ in range(3):
+    for _ in range(runs):
         stamps, t0 = [], time.perf_counter()
         for _ in llm.stream(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)):
             stamps.append(time.perf_counter() - t0)
@@ -129,15 +133,18 @@ def decode_speed(model, prompt: list[int], n: int) -> float:
 
 
 @torch.inference_mode()
-def whole_model(model_name: str, n: int, n_check: int) -> None:
+def whole_model(model_name: str, n: int, n_check: int, quick: bool = False) -> None:
     base = attnzoo.load_model(model_name, dtype="bfloat16")
     tok = base.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     variants = {"bf16 (float)": (None, None), "int4, lm_head bf16": ("int4", {"lm_head": None}),
                 "int4, lm_head int8 (default)": ("int4", None), "int4, lm_head int4": ("int4", {}),
                 "int8, lm_head bf16": ("int8", {"lm_head": None}), "int8, lm_head int8": ("int8", {})}
+    if quick:   # one variant per kind of kernel, one timed run each
+        variants = {k: v for k, v in variants.items() if k in ("bf16 (float)", "int4, lm_head int8 (default)",
+                                                                 "int8, lm_head int8")}
     print(f"\n## 3. whole model: {model_name} loaded in bf16, quantize_model from its float weights; greedy, "
-          f"1 stream, {n} new tokens (best of 3); agreement: {len(prompts)} chat prompts x {n_check} tokens")
+          f"1 stream, {n} new tokens (best of {1 if quick else 3}); agreement: {len(prompts)} chat prompts x {n_check} tokens")
     print("| variant | linears quantised | decode tok/s | vs bf16 | prompts identical | tokens matched |")
     print("|---|---|---|---|---|---|")
     ref, ref_speed = None, None
@@ -150,7 +157,7 @@ def whole_model(model_name: str, n: int, n_check: int) -> None:
         ref = ref or outs
         same = sum(a == b for a, b in zip(outs, ref))
         prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(outs, ref))
-        speed = decode_speed(model, prompts[0], n)
+        speed = decode_speed(model, prompts[0], n, runs=1 if quick else 3)
         ref_speed = ref_speed or speed
         print(f"| {label} | {len(names)} | {speed:.1f} | {speed / ref_speed:.2f}x | {same}/{len(prompts)} | "
               f"{prefix}/{len(prompts) * n_check} (common prefixes) |")
@@ -176,10 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.repeats, args.new_tokens, n_check = 2, 8, 8
     print(f"# machine: {machine()}; CPU flags: {cpu_flags()}")
-    matrices(args.repeats, (1, 4, 32))
+    matrices(args.repeats, (1, 32) if args.quick else (1, 4, 32), 2e4 if args.quick else 2e5)
     if not args.no_model:
         weight_errors(args.model)
-        whole_model(args.model, args.new_tokens, n_check)
+        whole_model(args.model, args.new_tokens, n_check, args.quick)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dsa-heads", type=int, default=16, help="MLA query heads for the DSA rows (V3.2: 128)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sizes, repeats = ([1024, 4096], 1) if args.quick else ([4096, 16384, 65536], 3)
+    sizes, repeats = ([1024, 2048], 1) if args.quick else ([4096, 16384, 65536], 3)
     print(f"# Select-then-attend benchmark{' (--quick)' if args.quick else ''}\n")
     print(f"- machine: {machine()}")
     print(f"- load average at start: {os.getloadavg()[0]:.2f}\n")

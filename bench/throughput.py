@@ -16,6 +16,8 @@ of a 1,000-token prompt. Its peer is llama.cpp on the same file: with --llama-be
 llama-bench binary built from llama.cpp's source) its single-stream decode (tg) runs in the same sitting,
 and where llama-cpp-python imports, its low-level API runs the same prompt through a Python loop
 (llama_decode + argmax per token), the loop an engine would run.
+
+--quick: 4 short requests, the float dtype "auto" picks on this CPU and int4: a smoke test of the script.
 """
 
 from __future__ import annotations
@@ -133,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
                     "single-stream decode on the same GGUF, in the same run")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
     args = ap.parse_args(argv)
-    if args.quick:
+    if args.quick:  # one float dtype (the one "auto" picks on this CPU) and the int4 row
         args.num_requests, args.min_input, args.max_input, args.output_len = 4, 8, 24, 8
+        args.dtypes = str(attnzoo.models.registry.resolve_dtype("auto")).removeprefix("torch.")
     from transformers import AutoModelForCausalLM
 
     print(f"# machine: {machine()}; CPU flags: {cpu_flags()}")
@@ -175,9 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     for d in ours:
         if d not in dtypes and d != "int4":
             continue
-        # the int4 model's float peer in transformers is its bf16 twin (transformers has no int4 CPU path here)
-        peer = torch.bfloat16 if d == "int4" else d
-        name = "int4 (lm_head int8), vs transformers bf16" if d == "int4" else str(d).replace("torch.", "")
+        # the int4 model's float peer in transformers is its bf16 twin (transformers has no int4 CPU path here);
+        # --quick reuses the float model it has loaded (a GGUF load in transformers takes ~30 s on 2 cores)
+        peer = (dtypes[0] if args.quick else torch.bfloat16) if d == "int4" else d
+        name = (f"int4 (lm_head int8), vs transformers {str(peer).removeprefix('torch.')}" if d == "int4"
+                else str(d).replace("torch.", ""))
         llm = LLM(ours[d], kv_cache_memory=1 << 30, max_num_seqs=max(64, args.num_requests))
         run_attnzoo(llm, prompts[:2], 4)  # warm-up
         ours_tps = statistics.median(run_attnzoo(llm, prompts, args.output_len) for _ in range(2))

@@ -13,6 +13,18 @@ import pytest
 if os.environ.get("ATTNZOO_TRITON_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `make test` runs two pytest-xdist workers (one file per worker at a time): most tests are many small ops that
+# use one core, so the second worker uses the other. Each worker gets its share of the cores for torch's
+# threads and, through OMP_NUM_THREADS, for the processes the tests start (benches, engine cores, TP ranks):
+# two workers at full width would oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    import torch
+
+    torch.set_num_threads(_THREADS)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
@@ -28,3 +40,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+if _WORKERS > 1:
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+        """xdist sends each report to the controller as UTF-8, and a worker whose report cannot be encoded dies
+        with every test it had left. Tests that feed the server lone surrogates (test_errors, test_fuzz) get them
+        back in captured logs: escape them there, as `\\udXXX`."""
+        outcome = yield
+        report = outcome.get_result()
+        report.sections = [(k, v.encode("utf-8", "backslashreplace").decode("utf-8")) for k, v in report.sections]

@@ -4,6 +4,7 @@ llama.cpp's Q/K row permutation undone, tokenizer and chat template from the met
 from __future__ import annotations
 
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,21 @@ def read_fields(reader: GGUFReader) -> dict[str, Any]:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
+def open_gguf(path: Path) -> tuple[GGUFReader, dict[str, Any]]:
+    """The file's reader and metadata, parsed once per process while the file is unchanged: parsing a
+    49k-token vocabulary takes seconds, and a process often loads one model several times (a quantised and a
+    float copy, a notebook re-running its cell)."""
+    st = Path(path).stat()
+    reader, fields = _open(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    return reader, dict(fields)
+
+
+@lru_cache(maxsize=2)
+def _open(path: str, mtime_ns: int, size: int) -> tuple[GGUFReader, dict[str, Any]]:
+    reader = _Reader(path)
+    return reader, read_fields(reader)
+
+
 def config_from_gguf(f: dict[str, Any]) -> ModelConfig:
     arch = f.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
@@ -105,7 +121,7 @@ def config_from_gguf(f: dict[str, Any]) -> ModelConfig:
 def linear_weight_type(path: Path) -> str | None:
     """The storage type most of the file's per-layer matrices use (e.g. "Q4_1"), or None if it has none."""
     try:
-        reader = _Reader(path)
+        reader, _ = open_gguf(path)
     except Exception:  # noqa: BLE001 - unreadable files are reported by load_gguf
         return None
     kinds = Counter(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
@@ -114,8 +130,7 @@ def linear_weight_type(path: Path) -> str | None:
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:
     try:
-        reader = _Reader(path)
-        fields = read_fields(reader)
+        reader, fields = open_gguf(path)
     except Exception as e:  # gguf raises ValueError/KeyError/IndexError on truncated or corrupt files
         raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     cfg = config_from_gguf(fields)
