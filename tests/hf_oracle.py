@@ -3,11 +3,27 @@ it with attnzoo, compare logits, and take transformers' greedy continuations (EO
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import attnzoo
+
+
+def random_hf(cls: type, config: object, redraw: Callable[[str, torch.Tensor], None], seed: int = 0) -> torch.nn.Module:
+    """A tiny transformers model in eval mode, seeded; `redraw(name, param)` redraws (in place) what
+    transformers initialises to constants (norms at 1 or 0, zero biases, gate offsets), so a test cannot pass
+    on them. MoE routers' score-correction buffers are drawn too."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            redraw(name, p)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+    return model
 
 
 def save_and_load(hf: torch.nn.Module, path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -17,6 +17,7 @@ import attnzoo
 from attnzoo.engine import GenerationConfig, generate
 from attnzoo.layers import Batch, LatentKV, MLAttention
 from attnzoo.layers.mla import mla_softmax_scale
+from tests.hf_oracle import random_hf
 
 VOCAB = 128
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -39,18 +40,12 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def make_hf(overrides: dict[str, Any], seed: int = 0) -> DeepseekV3ForCausalLM:
-    torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**BASE, **overrides})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
-    return model
+    def redraw(name: str, p: torch.Tensor) -> None:
+        if "norm" in name:
+            p.uniform_(0.5, 1.5)
+        elif name.endswith(".bias"):
+            p.normal_(0.0, 0.1)
+    return random_hf(DeepseekV3ForCausalLM, DeepseekV3Config(**{**BASE, **overrides}), redraw, seed)
 
 
 def load(overrides: dict[str, Any], path: Path) -> tuple[DeepseekV3ForCausalLM, torch.nn.Module]:

@@ -17,7 +17,7 @@ from transformers import (KimiLinearConfig, KimiLinearForCausalLM, Qwen3_5ForCau
                           Qwen3NextConfig, Qwen3NextForCausalLM)
 
 from attnzoo.engine import GenerationConfig, generate
-from tests.hf_oracle import assert_logits_match, hf_greedy, save_and_load
+from tests.hf_oracle import assert_logits_match, hf_greedy, random_hf, save_and_load
 from attnzoo.layers import RecurrentState
 from attnzoo.layers.cache_spec import FullKV, LatentKV
 
@@ -49,23 +49,18 @@ MODELS: dict[str, tuple[type, type, dict[str, Any]]] = {
 
 def make_hf(name: str, seed: int = 0) -> torch.nn.Module:
     cls, cfg_cls, kw = MODELS[name]
-    torch.manual_seed(seed)
-    model = cls(cfg_cls(**kw)).eval()
     zero_centred = name.startswith("qwen")
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) or pname == "model.norm.weight":
-                p.copy_(torch.randn_like(p) * 0.3 if zero_centred else torch.rand_like(p) + 0.5)
-            elif pname.endswith(("linear_attn.norm.weight", "o_norm.weight")):
-                p.uniform_(0.5, 1.5)
-            elif pname.endswith("A_log"):
-                p.copy_(torch.empty_like(p).uniform_(1, 16).log())
-            elif pname.endswith("dt_bias"):
-                p.normal_(0.0, 0.5)
-        for bname, b in model.named_buffers():
-            if bname.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
-    return model
+
+    def redraw(pname: str, p: torch.Tensor) -> None:
+        if pname.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) or pname == "model.norm.weight":
+            p.copy_(torch.randn_like(p) * 0.3 if zero_centred else torch.rand_like(p) + 0.5)
+        elif pname.endswith(("linear_attn.norm.weight", "o_norm.weight")):
+            p.uniform_(0.5, 1.5)
+        elif pname.endswith("A_log"):
+            p.copy_(torch.empty_like(p).uniform_(1, 16).log())
+        elif pname.endswith("dt_bias"):
+            p.normal_(0.0, 0.5)
+    return random_hf(cls, cfg_cls(**kw), redraw, seed)
 
 
 def load(name: str, path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -24,6 +24,7 @@ from attnzoo.layers.dsa_kpool import KPoolDSAttention
 from attnzoo.layers.hyper import HyperConnection
 from attnzoo.models.glm5_next import Glm5NextLM
 from attnzoo.models.hf_loader import config_from_hf
+from tests.hf_oracle import random_hf
 
 VOCAB = 128
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=8,
@@ -46,30 +47,25 @@ def one_thread():
 
 
 def make_hf(seed: int = 0, **text) -> Glm5NextForConditionalGeneration:
-    torch.manual_seed(seed)
     cfg = Glm5NextConfig(text_config={**TEXT, **text}, vision_config=VISION)
     cfg._attn_implementation = cfg.text_config._attn_implementation = "eager"
-    model = Glm5NextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "visual" in name:
-                continue
-            if name.endswith(("layernorm.weight", "o_norm.weight", "k_norm.weight", "language_model.norm.weight")):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith((".bias", "A_log", "dt_bias", "_hc.base")):
-                p.normal_(0.0, 0.5)
-            elif name.endswith("_hc.scale"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("_hc.fn"):
-                p.normal_(0.0, 0.2)
-            elif name.endswith("index_kpool_compress_gate"):
-                p.normal_(0.0, 0.5)
-            elif name.endswith("index_kpool_compress_ape"):
-                p.normal_(0.0, 1.0)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
-    return model
+
+    def redraw(name: str, p: torch.Tensor) -> None:
+        if "visual" in name:
+            return
+        if name.endswith(("layernorm.weight", "o_norm.weight", "k_norm.weight", "language_model.norm.weight")):
+            p.uniform_(0.5, 1.5)
+        elif name.endswith((".bias", "A_log", "dt_bias", "_hc.base")):
+            p.normal_(0.0, 0.5)
+        elif name.endswith("_hc.scale"):
+            p.uniform_(0.5, 1.5)
+        elif name.endswith("_hc.fn"):
+            p.normal_(0.0, 0.2)
+        elif name.endswith("index_kpool_compress_gate"):
+            p.normal_(0.0, 0.5)
+        elif name.endswith("index_kpool_compress_ape"):
+            p.normal_(0.0, 1.0)
+    return random_hf(Glm5NextForConditionalGeneration, cfg, redraw, seed)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from transformers import MiniMaxM3VLForCausalLM, MiniMaxM3VLTextConfig
 
 from attnzoo.engine import GenerationConfig, generate
-from tests.hf_oracle import assert_logits_match, hf_greedy, save_and_load
+from tests.hf_oracle import assert_logits_match, hf_greedy, random_hf, save_and_load
 from attnzoo.layers import FullKV, IndexerKeys
 
 VOCAB = 128
@@ -26,16 +26,10 @@ CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, dense_inte
 
 
 def make_hf(seed: int = 0) -> MiniMaxM3VLForCausalLM:
-    torch.manual_seed(seed)
-    model = MiniMaxM3VLForCausalLM(MiniMaxM3VLTextConfig(**CONFIG)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.3)     # (1 + w) form: w = 0 at init would hide a missing "+1"
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
-    return model
+    def redraw(name: str, p: torch.Tensor) -> None:
+        if "norm" in name:
+            p.normal_(0.0, 0.3)     # (1 + w) form: w = 0 at init would hide a missing "+1"
+    return random_hf(MiniMaxM3VLForCausalLM, MiniMaxM3VLTextConfig(**CONFIG), redraw, seed)
 
 
 def load(path: Path) -> tuple[MiniMaxM3VLForCausalLM, torch.nn.Module]:

@@ -14,7 +14,7 @@ import torch
 from transformers import Cohere2Config, Cohere2ForCausalLM, MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
 from attnzoo.engine import GenerationConfig, generate
-from tests.hf_oracle import assert_logits_match, hf_greedy, save_and_load
+from tests.hf_oracle import assert_logits_match, hf_greedy, random_hf, save_and_load
 from attnzoo.layers import FullKV, SlidingKV
 
 VOCAB = 128
@@ -34,18 +34,13 @@ MODELS: dict[str, tuple[type, type, dict[str, Any]]] = {
 
 def make_hf(name: str, seed: int = 0) -> torch.nn.Module:
     cls, cfg_cls, kw = MODELS[name]
-    torch.manual_seed(seed)
-    model = cls(cfg_cls(**kw)).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.uniform_(0.5, 1.5)
-            elif pname.endswith(("sinks", "attention_sink_bias")):
-                p.normal_(0.0, 1.0)
-        for bname, b in model.named_buffers():
-            if bname.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
-    return model
+
+    def redraw(pname: str, p: torch.Tensor) -> None:
+        if "norm" in pname:
+            p.uniform_(0.5, 1.5)
+        elif pname.endswith(("sinks", "attention_sink_bias")):
+            p.normal_(0.0, 1.0)
+    return random_hf(cls, cfg_cls(**kw), redraw, seed)
 
 
 def load(name: str, path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
