@@ -23,7 +23,7 @@ from attnzoo.arena import data
 from attnzoo.arena.distill import IndexerDistillation
 from attnzoo.arena.mechanisms import MECHANISMS, Shape
 from attnzoo.arena.noise import bootstrap
-from attnzoo.arena.train import TrainConfig, build, parameters
+from attnzoo.arena.train import TrainConfig, build, optimizer_step, parameters
 from attnzoo.models.decoder import DecoderLM
 
 
@@ -123,14 +123,7 @@ def train_recall(mech: str, rc: RecallConfig, seed: int, *, stop: Callable[[], b
                 g["lr"] = sched.lr_at(step)
             logits = model(x).float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=data.IGNORE)
-            total = loss
-            aux = distill.loss() if distill else None
-            if aux is not None:
-                total = total + rc.aux_weight * aux
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), sched.grad_clip)
-            opt.step()
+            optimizer_step(model, opt, loss, distill, rc.aux_weight, sched.grad_clip)
             train_s += time.perf_counter() - s0
             losses.append(loss.item())
             done = step + 1

@@ -181,6 +181,21 @@ class History:
 
 
 @torch.no_grad()
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
+                   distill: IndexerDistillation | None, aux_weight: float, grad_clip: float) -> torch.Tensor | None:
+    """One update: the loss plus the index branches' distillation loss (when the mechanism has one), then
+    backward, gradient clipping and the optimiser step. Both tracks train through it. Returns the
+    distillation loss (None without one)."""
+    aux = distill.loss() if distill else None
+    if aux is not None:
+        loss = loss + aux_weight * aux
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return aux
+
+
 def val_loss(model: DecoderLM, windows: torch.Tensor, batch: int = 8) -> float:
     """Mean next-byte cross-entropy (nats) over the validation windows [n, T + 1]."""
     was = model.training
@@ -276,13 +291,7 @@ def train(name: str, cfg: ModelConfig, tc: TrainConfig, corpus: Corpus, val: tor
             loss = (lm + tc.mqar_weight * mq) * dp.world_size
             if dp.is_parallel:                                   # the logged values: the whole step's means
                 lm, mq = dp.all_reduce(torch.stack([lm.detach(), mq.detach()]))
-            aux = distill.loss() if distill else None
-            if aux is not None:
-                loss = loss + tc.aux_weight * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
+            aux = optimizer_step(model, opt, loss, distill, tc.aux_weight, tc.grad_clip)
             completed = step + 1
             if dev.type == "cuda":
                 torch.cuda.synchronize()
