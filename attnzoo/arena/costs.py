@@ -45,7 +45,7 @@ def kv_bytes_per_token(cfg: ModelConfig, context: int) -> float:
     for spec in specs:
         for s in spec if isinstance(spec, tuple) else (spec,):
             per = s.bytes_per_token(ELEM_BYTES)
-            window = getattr(s, "window", 0)
+            window = s.window
             total += per * (min(context, window) if window else context)
             if hasattr(s, "bytes_per_sequence"):
                 total += s.bytes_per_sequence(ELEM_BYTES)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.layers.cache_spec import CacheKind, CacheSpec, SlidingKV
+from attnzoo.layers.cache_spec import CacheKind, CacheSpec
 
 PAGED_KINDS = (CacheKind.KV, CacheKind.LATENT, CacheKind.INDEX_KEYS, CacheKind.ROWS, CacheKind.COMPRESSED)
 
@@ -49,7 +49,7 @@ def table_page_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: 
     for _, s in flat_specs(specs):
         if s.kind is CacheKind.STATE:
             continue
-        w = s.window if isinstance(s, SlidingKV) else None
+        w = s.window
         out[w] = out.get(w, 0) + s.bytes_per_page(page_size, torch.finfo(dtype).bits // 8)
     return out
 

@@ -25,7 +25,7 @@ from attnzoo.engine.block_pool import BlockPool
 from attnzoo.engine.cache_plan import flat_specs, group_specs, pages_for
 from attnzoo.engine.radix_cache import NULL_PAGE, RadixCache
 from attnzoo.engine.request import Request
-from attnzoo.layers.cache_spec import CacheKind, CacheSpec, RecurrentState, SlidingKV
+from attnzoo.layers.cache_spec import CacheKind, CacheSpec, RecurrentState
 
 log = logging.getLogger("attnzoo.engine")
 # hybrids: a long prompt also keeps its window pages and states every KEEP_EVERY tokens, so that a prefix
@@ -59,7 +59,7 @@ class CacheGroup:
 
     @property
     def window(self) -> int | None:
-        return self.spec.window if isinstance(self.spec, SlidingKV) else None
+        return self.spec.window
 
     @property
     def pages_axis(self) -> int:
@@ -143,13 +143,13 @@ class PagedKVCache:
         self.layer_group: dict[tuple[int, CacheKind], tuple[int, int]] = {}
         grouped = group_specs(specs)
         # the full-context table first (index 0: the radix tree's), then one per window
-        grouped.sort(key=lambda g: isinstance(g[0], SlidingKV))
+        grouped.sort(key=lambda g: g[0].window is not None)
         if enable_prefix_caching and keys_pages and (recurrent or grouped) and (num_snapshots or not recurrent) \
-                and all(isinstance(g[0], SlidingKV) for g in grouped):
+                and all(g[0].window is not None for g in grouped):
             table_of_window[None] = 0
             self.tables.append(PageTable(BlockPool(keys_pages), None, keys_only=True))
         for gi, (spec, layers) in enumerate(grouped):
-            window = spec.window if isinstance(spec, SlidingKV) else None
+            window = spec.window
             if window not in table_of_window:
                 table_of_window[window] = len(self.tables)
                 n = num_pages if window is None or window_pages is None else window_pages[window]

@@ -23,6 +23,11 @@ class CacheKind(Enum):
 class CacheSpec:
     kind: ClassVar[CacheKind]
 
+    @property
+    def window(self) -> int | None:
+        """How many of the latest tokens a query reads (SlidingKV sets it); None: all of them."""
+        return None
+
     def bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes one token costs in this cache (0 for fixed-size per-sequence state)."""
         raise NotImplementedError
