@@ -14,42 +14,17 @@ import importlib.util
 import os
 from pathlib import Path
 
-DEVICE = os.environ.get("ATTNZOO_TRITON_TEST_DEVICE", "cpu")
-INTERPRET = DEVICE == "cpu"
+import pytest
+import torch
+from torch import Tensor
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+from attnzoo.ops.delta_rule.reference import delta_rule_reference
+from tests.ops.triton_env import DEVICE, INTERPRET, import_kernels, poison_outputs  # noqa: F401  (poison_outputs: an autouse fixture)
 
-from attnzoo.ops.delta_rule.reference import delta_rule_reference  # noqa: E402
-
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (pip install triton; tests run it in interpreter mode on CPU)",
-                allow_module_level=True)
-
-# triton.jit picks interpreter or compiler when a kernel is defined: define ours with the interpreter on, then
-# put the environment back for other modules; the autouse fixture sets it again around each test here.
-_saved = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-from attnzoo.ops.delta_rule import triton_kernels as tk  # noqa: E402
-from attnzoo.ops.delta_rule.triton_kernels import (  # noqa: E402
-    chunk_delta_rule_triton,
-    delta_rule_step_triton,
-    fused_recurrent_delta_rule_triton,
-)
-
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ATTNZOO_TRITON_POISON", "1")
+(tk,) = import_kernels("attnzoo.ops.delta_rule.triton_kernels")
+chunk_delta_rule_triton = tk.chunk_delta_rule_triton
+delta_rule_step_triton = tk.delta_rule_step_triton
+fused_recurrent_delta_rule_triton = tk.fused_recurrent_delta_rule_triton
 
 
 F32, F64 = torch.float32, torch.float64

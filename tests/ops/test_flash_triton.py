@@ -12,33 +12,14 @@ ATTNZOO_TRITON_TEST_DEVICE=cuda runs the same cases compiled on a GPU instead (n
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
-DEVICE = os.environ.get("ATTNZOO_TRITON_TEST_DEVICE", "cpu")
-INTERPRET = DEVICE == "cpu"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from attnzoo.ops.attention.reference import attention_reference
+from tests.ops.triton_env import DEVICE, INTERPRET, import_kernels, poison_outputs  # noqa: F401  (poison_outputs: an autouse fixture)
 
-from attnzoo.ops.attention.reference import attention_reference  # noqa: E402
-
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (pip install triton; tests run it in interpreter mode on CPU)",
-                allow_module_level=True)
-
-# triton.jit picks interpreter or compiler when a kernel is defined, so define ours now with the
-# interpreter on, then put the environment back: other test modules (collected in the same process)
-# must not see TRITON_INTERPRET. The autouse fixture below sets it again around each test here.
-_saved = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-import attnzoo.ops.attention.triton  # noqa: E402,F401
-
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
+import_kernels("attnzoo.ops.attention.triton")
 
 EPS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -111,13 +92,6 @@ def compare(ts: list[torch.Tensor | None], backward: bool, lse_grad: bool = Fals
     for name, a, b, c in zip(("dq", "dk", "dv", "dsinks"), gt, g64, gs):
         if b is not None:
             close(a, b, c, eps, name)
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ATTNZOO_TRITON_POISON", "1")
 
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

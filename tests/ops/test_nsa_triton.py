@@ -9,38 +9,14 @@ ATTNZOO_TRITON_TEST_DEVICE=cuda runs the same cases compiled.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
-DEVICE = os.environ.get("ATTNZOO_TRITON_TEST_DEVICE", "cpu")
-INTERPRET = DEVICE == "cpu"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from attnzoo.ops.nsa import nsa, nsa_compress_keys
+from tests.ops.triton_env import DEVICE, import_kernels, poison_outputs  # noqa: F401  (poison_outputs: an autouse fixture)
 
-from attnzoo.ops.nsa import nsa, nsa_compress_keys  # noqa: E402
-
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-# triton.jit reads TRITON_INTERPRET when a kernel is defined: define the kernels with it on, then restore
-_saved = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-import attnzoo.ops.attention.triton.op  # noqa: E402,F401
-import attnzoo.ops.sparse.triton_kernels  # noqa: E402,F401
-
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ATTNZOO_TRITON_POISON", "1")
+import_kernels("attnzoo.ops.attention.triton.op", "attnzoo.ops.sparse.triton_kernels")
 
 
 NAMES = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "g_cmp", "g_slc", "g_win"]

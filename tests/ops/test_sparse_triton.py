@@ -7,47 +7,23 @@ for outputs, LSE and every gradient. ATTNZOO_TRITON_TEST_DEVICE=cuda runs the sa
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
-DEVICE = os.environ.get("ATTNZOO_TRITON_TEST_DEVICE", "cpu")
-INTERPRET = DEVICE == "cpu"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from attnzoo.ops.attention.reference import attention_reference  # noqa: E402
-from attnzoo.ops.sparse.reference import (  # noqa: E402
+from attnzoo.ops.attention.reference import attention_reference
+from attnzoo.ops.sparse.reference import (
     block_sparse_attention_reference,
     sparse_attention_reference,
 )
+from tests.ops.triton_env import DEVICE, INTERPRET, import_kernels, poison_outputs  # noqa: F401  (poison_outputs: an autouse fixture)
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-# triton.jit picks interpreter or compiler when a kernel is defined: define ours with the interpreter on,
-# then restore the environment for the other test modules of this process.
-_saved = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-from attnzoo.ops.sparse import triton_kernels as tk  # noqa: E402
-
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
+(tk,) = import_kernels("attnzoo.ops.sparse.triton_kernels")
 
 EPS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # triton 3.9's interpreter computes tl.dot on bf16 operands wrongly (it multiplies the raw uint16 bits),
 # so bf16 is only checked compiled on a GPU (as in test_flash_triton.py).
 BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(INTERPRET, reason="interpreter: bf16 tl.dot is wrong"))
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ATTNZOO_TRITON_POISON", "1")
 
 
 def close(out: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor, eps: float, what: str) -> None:
