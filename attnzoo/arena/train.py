@@ -180,7 +180,6 @@ class History:
     train_tokens: int = 0
 
 
-@torch.no_grad()
 def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
                    distill: IndexerDistillation | None, aux_weight: float, grad_clip: float) -> torch.Tensor | None:
     """One update: the loss plus the index branches' distillation loss (when the mechanism has one), then
@@ -196,6 +195,7 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Ten
     return aux
 
 
+@torch.no_grad()
 def val_loss(model: DecoderLM, windows: torch.Tensor, batch: int = 8) -> float:
     """Mean next-byte cross-entropy (nats) over the validation windows [n, T + 1]."""
     was = model.training

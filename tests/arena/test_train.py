@@ -99,6 +99,19 @@ def test_index_branches_learn_from_their_kl_only(name, branch):
     distill.remove()
 
 
+@pytest.mark.parametrize("name,branch", [("dsa", "wk.weight"), ("msa", "index_proj.weight")])
+def test_the_training_loop_steps_the_index_branch_on_its_kl(name, branch, corpus, tmp_path):
+    """Through train() itself: every step logs a KL and the index branch moves (the distillation loss is part
+    of what the optimiser steps on, with gradients)."""
+    cfg = MECHANISMS[name](SHAPE)
+    model, h = train(name, cfg, _tc(steps=3, eval_every=3, ckpt_every=3), corpus, _val(corpus), tmp_path / name,
+                     progress=False)
+    assert len(h.aux) == 3 and all(a > 0 for a in h.aux)
+    start = dict(build(cfg, seed=0).named_parameters())
+    moved = [n for n, p in model.named_parameters() if branch in n and not torch.equal(p, start[n])]
+    assert moved and len(moved) == sum(branch in n for n in start)
+
+
 def test_train_config_schedule():
     tc = _tc(steps=100, warmup=0.1)
     assert tc.lr_at(0) == pytest.approx(tc.lr / 10) and tc.lr_at(9) == pytest.approx(tc.lr)
