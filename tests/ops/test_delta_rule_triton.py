@@ -245,7 +245,7 @@ def test_float64_runs_the_reference() -> None:
 
 def test_poison_is_on() -> None:
     """The no-NaN checks above mean something only if outputs really start as NaN."""
-    assert tk._alloc((3,), F32, torch.device(DEVICE)).isnan().all()
+    assert tk.alloc((3,), F32, torch.device(DEVICE)).isnan().all()
 
 
 # ------------------------------------------------------------------ autograd (reference recompute)

@@ -43,7 +43,6 @@ training kernel.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -51,6 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from attnzoo.ops.delta_rule.reference import check_inputs, delta_rule_reference
+from attnzoo.ops.triton_host import alloc, dot_precision, interpreting
 
 SUB: int = 16  # sub-chunk rows of kernel 1 (tl.dot's minimum M/N/K)
 
@@ -367,21 +367,6 @@ def chunk_state_output_kernel(
 
 # ------------------------------------------------------------------ host side
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """torch.empty, or NaN-filled under ATTNZOO_TRITON_POISON=1 so an element a kernel skips fails loudly."""
-    if os.environ.get("ATTNZOO_TRITON_POISON", "0") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _tile(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -393,7 +378,7 @@ def _block_v(dv: int, block_v: int | None) -> int:
         return block_v
     # compiled: 32-wide tiles keep the [dk, BV] fp32 state in registers and give Hv * dv / 32 programs per
     # sequence; the interpreter runs one numpy op per tile op, so one wide tile is faster there
-    return _tile(dv) if _interpreting() else min(_tile(dv), 32)
+    return _tile(dv) if interpreting() else min(_tile(dv), 32)
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -468,8 +453,8 @@ def _recurrent_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tens
     Hv, dv = v.shape[2:]
     scale = dk ** -0.5 if scale is None else scale
     q, k, v, g, beta, cu = _prep(q, k, v, g, beta, cu_seqlens, n)
-    o = _alloc((B, T, Hv, dv), v.dtype, v.device)
-    final = _alloc((n, Hv, dk, dv), torch.float32, v.device) if output_final_state else None
+    o = alloc((B, T, Hv, dv), v.dtype, v.device)
+    final = alloc((n, Hv, dk, dv), torch.float32, v.device) if output_final_state else None
     _launch_recurrent(q, k, v, g, beta, o, cu, initial_state, final, None, scale, use_qk_l2norm, n, block_v)
     return o, final
 
@@ -490,8 +475,8 @@ def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, 
     scale = dk ** -0.5 if scale is None else scale
     q, k, v, g, beta, cu = _prep(q, k, v, g, beta, cu_seqlens, n)
     dev = v.device
-    o = _alloc((B, T, Hv, dv), v.dtype, dev)
-    final = _alloc((n, Hv, dk, dv), torch.float32, dev) if output_final_state else None
+    o = alloc((B, T, Hv, dv), v.dtype, dev)
+    final = alloc((n, Hv, dk, dv), torch.float32, dev) if output_final_state else None
     if n == 0 or Hv == 0 or dv == 0:
         return o, final
     # chunk bookkeeping on the host (one sync for cu_seqlens): global chunk c belongs to sequence cseq[c]
@@ -505,20 +490,20 @@ def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, 
     coff_t = torch.tensor(coff, dtype=torch.int32, device=dev)
     bk, bdv, bv = _tile(dk), _tile(dv), _block_v(dv, block_v)
     has_g, gate_k = g is not None, g is not None and g.dim() == 4
-    prec = _prec(v.dtype)
+    prec = dot_precision(v.dtype)
     # Compile-checked for sm_90 only (no GPU measured yet): 8 warps keep kernels 1-2 at dk = C = 128 / 64 from
     # spilling; the sequential kernel spills ~1 KB either way with tf32 dots and gets the 4-warp default.
     warps = 8 if bk >= 128 or C >= 64 else 4
     f32 = torch.float32
     NP = total * C
     if total > 0:
-        gam = _alloc((NP, Hv, dk) if gate_k else (NP, Hv), f32, dev) if has_g else cu
-        akk = _alloc((NP, Hv, C), f32, dev)
-        aqk = _alloc((NP, Hv, C), f32, dev)
-        w = _alloc((NP, Hv, dk), f32, dev)
-        u = _alloc((NP, Hv, dv), f32, dev)
-        qg = _alloc((NP, Hv, dk), f32, dev)
-        kg = _alloc((NP, Hv, dk), f32, dev)
+        gam = alloc((NP, Hv, dk) if gate_k else (NP, Hv), f32, dev) if has_g else cu
+        akk = alloc((NP, Hv, C), f32, dev)
+        aqk = alloc((NP, Hv, C), f32, dev)
+        w = alloc((NP, Hv, dk), f32, dev)
+        u = alloc((NP, Hv, dv), f32, dev)
+        qg = alloc((NP, Hv, dk), f32, dev)
+        kg = alloc((NP, Hv, dk), f32, dev)
         if has_g:
             chunk_cumsum_kernel[(total, Hv)](g, gam, cu, cseq, coff_t, Hv, dk, GATE_K=gate_k, C=C, BK=bk)
         chunk_scores_kernel[(total, Hv)](
@@ -528,7 +513,7 @@ def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, 
         )
         chunk_wu_kernel[(total, Hv)](
             v, beta, akk, w, u, cu, cseq, coff_t, Hv, dk, dv,
-            PREC=prec, C=C, BK=bk, BV=bdv if _interpreting() else min(bdv, 64), num_warps=warps, num_stages=1,
+            PREC=prec, C=C, BK=bk, BV=bdv if interpreting() else min(bdv, 64), num_warps=warps, num_stages=1,
         )
     else:  # every sequence is empty: the state kernel only copies initial -> final
         gam = akk = aqk = w = u = qg = kg = cu
@@ -669,7 +654,7 @@ def delta_rule_step_triton(
     scale = dk ** -0.5 if scale is None else scale
     q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
     g = None if g is None else g.contiguous()
-    o = _alloc((B, Hv, dv), v.dtype, v.device)
+    o = alloc((B, Hv, dv), v.dtype, v.device)
     cu = torch.arange(B + 1, dtype=torch.int32, device=v.device)
     _launch_recurrent(q, k, v, g, beta, o, cu, state, state, state_indices, scale, use_qk_l2norm, B, block_v)
     return o

@@ -12,7 +12,6 @@ DeepSeek shape (576 = 512 + 64) instead of padding one 576 tile to 1024.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -20,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from attnzoo.ops.attention.triton.flash_fwd import LN2
-from attnzoo.ops.attention.triton.op import alloc, dot_precision
+from attnzoo.ops.triton_host import alloc, dot_precision, interpreting
 from attnzoo.ops.attention.triton.paged_decode import paged_decode_combine_kernel
 from attnzoo.ops.latent.paged import _check, mla_paged_decode_torch
 
@@ -82,10 +81,6 @@ def mla_decode_kernel(
     tl.store(PL + b * spl_b + offs_h.to(tl.int64) * spl_h + c, lse, mask=in_h)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def mla_paged_decode_triton(q: Tensor, cache: Tensor, block_table: Tensor, seq_lens: Tensor, dv: int,
                             scale: float, chunk: int | None = None, block_h: int | None = None) -> Tensor:
     """Same contract as mla_paged_decode_reference. chunk: tokens per split (rounded up to the key tile;
@@ -102,7 +97,7 @@ def mla_paged_decode_triton(q: Tensor, cache: Tensor, block_table: Tensor, seq_l
     q = q if q.stride(-1) == 1 else q.contiguous()
     cache = cache if cache.stride(-1) == 1 else cache.contiguous()
     block_table, seq_lens = block_table.to(q.device, torch.int32), seq_lens.to(q.device, torch.int32)
-    interp = _interpreting()
+    interp = interpreting()
     # Compiled: 16 heads keep the [BLOCK_H, 512] fp32 accumulator in registers; the interpreter runs one
     # numpy op per tile op, so fewer, larger programs are faster there.
     block_h = block_h or (max(16, min(64, triton.next_power_of_2(H))) if interp else 16)

@@ -159,7 +159,7 @@ def sparse_attn_bwd_kernel(
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from attnzoo.ops.attention.triton.op import alloc, dot_precision  # noqa: E402
+from attnzoo.ops.triton_host import alloc, dot_precision  # noqa: E402
 from attnzoo.ops.sparse.reference import check_sparse  # noqa: E402
 from attnzoo.ops.sparse.torch_impl import dedupe  # noqa: E402
 

@@ -11,7 +11,6 @@ so a kernel that skips an element fails loudly in tests.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -24,29 +23,15 @@ from attnzoo.ops.attention.triton.flash_bwd import (
     flash_attn_bwd_preprocess_kernel,
 )
 from attnzoo.ops.attention.triton.flash_fwd import flash_attn_fwd_kernel
+from attnzoo.ops.triton_host import alloc, dot_precision, interpreting
 
 LOG2E = 1.4426950408889634
-
-
-def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    if os.environ.get("ATTNZOO_TRITON_POISON", "0") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 dots: TF32 would be ~1000x less accurate than the reference."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _fwd_cfg(bd: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter runs one numpy op per tile op, so
     bigger tiles are faster there, but 32 still exercises multi-tile and partial-tile paths in tests."""
-    if _interpreting():
+    if interpreting():
         return 32, 32, 4, 1
     wide = dtype == torch.float32  # 4-byte tiles: halve the shared-memory footprint
     if bd <= 64:
@@ -57,7 +42,7 @@ def _fwd_cfg(bd: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 
 def _bwd_cfg(bd: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    if _interpreting():
+    if interpreting():
         return 32, 32, 4, 1
     wide = dtype == torch.float32
     if bd <= 64:

@@ -14,7 +14,6 @@ seq_lens[b] - 1), so causal masking is just j < seq_lens[b]; window_left >= 0 al
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -22,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from attnzoo.ops.attention.triton.flash_fwd import LN2
+from attnzoo.ops.triton_host import alloc, dot_precision, interpreting
 
 
 @triton.jit
@@ -110,10 +110,6 @@ def paged_decode_combine_kernel(
     tl.store(OUT + b * so_b + h * so_h + offs_dv, out.to(OUT.dtype.element_ty), mask=offs_dv < DV)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def paged_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                         scale: float | None = None, sinks: Tensor | None = None, window_left: int = -1,
                         chunk: int | None = None) -> Tensor:
@@ -128,8 +124,6 @@ def paged_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
                          f"v_cache {tuple(v_cache.shape)}")
     G = H // Hkv
     scale = d ** -0.5 if scale is None else float(scale)
-    from attnzoo.ops.attention.triton.op import alloc, dot_precision
-
     out = alloc((B, H, dv), q.dtype, q.device)
     if B == 0:
         return out
@@ -137,11 +131,11 @@ def paged_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     block_table, seq_lens = block_table.to(q.device, torch.int32), seq_lens.to(q.device, torch.int32)
-    block_n = 32 if _interpreting() else 64
+    block_n = 32 if interpreting() else 64
     max_len = max(block_table.shape[1] * page, 1)  # an upper bound that needs no device sync
     if chunk is None:
         # ~2 waves of programs over the SMs; never less than one key tile per split.
-        sms = 1 if _interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = 1 if interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
         want = max(1, min(-(-2 * sms // (B * Hkv)), -(-max_len // block_n)))
         chunk = -(-max_len // want)
     chunk = -(-chunk // block_n) * block_n
