@@ -34,6 +34,12 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, python {platform.python_version()}")
 
 
+def auto_dtype_name() -> str:
+    """The float dtype `dtype="auto"` picks on this machine's CPU, by name ("float32" or "bfloat16")."""
+    from attnzoo.models.registry import resolve_dtype
+    return str(resolve_dtype("auto")).removeprefix("torch.")
+
+
 def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
     """A markdown table of dict rows (columns: `cols`, else every key in first-seen order)."""
     cols = cols or list(dict.fromkeys(k for r in rows for k in r))

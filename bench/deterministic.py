@@ -17,7 +17,7 @@ import argparse
 import time
 
 import torch
-from common import cpu_flags, machine
+from common import auto_dtype_name, cpu_flags, machine
 
 import attnzoo
 from attnzoo import LLM, SamplingParams
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     n_check = 24
     if args.quick:  # the dtype this CPU runs by default (bf16 is emulated, and slow, without native bf16)
         args.new_tokens, args.prompt_tokens, n_check = 8, 64, 16   # 16: the small pool must preempt
-        args.dtypes = str(attnzoo.models.registry.resolve_dtype("auto")).removeprefix("torch.")
+        args.dtypes = auto_dtype_name()
     print(f"# machine: {machine()}; CPU flags: {cpu_flags()}")
     rows, checks = [], []
     for dtype in args.dtypes.split(","):

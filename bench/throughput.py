@@ -30,7 +30,7 @@ import subprocess
 import time
 
 import torch
-from common import cpu_flags, machine
+from common import auto_dtype_name, cpu_flags, machine
 from generate_cpu import hf_generate, hf_stamps
 
 import attnzoo
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:  # one float dtype (the one "auto" picks on this CPU) and the int4 row
         args.num_requests, args.min_input, args.max_input, args.output_len = 4, 8, 24, 8
-        args.dtypes = str(attnzoo.models.registry.resolve_dtype("auto")).removeprefix("torch.")
+        args.dtypes = auto_dtype_name()
     from transformers import AutoModelForCausalLM
 
     print(f"# machine: {machine()}; CPU flags: {cpu_flags()}")
