@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_flags, machine, markdown  # noqa: E402
 
 from attnzoo.arena import cli as arena  # noqa: E402
+from attnzoo.arena import jobs  # noqa: E402
 from attnzoo.arena.mechanisms import MECHANISMS, parse_mechanisms  # noqa: E402
 from attnzoo.arena.train import build, packed_logits, step_batch, train  # noqa: E402
 
@@ -51,9 +52,9 @@ def torch_forms():
 
 def check(mech: str, s: dict, corpus) -> float:
     """Relative L2 error of the default kernels' logits vs the torch forms', on the first training batch."""
-    cfg = MECHANISMS[mech](arena.shape_of(s))
+    cfg = MECHANISMS[mech](jobs.shape_of(s))
     model = build(cfg, s["seed"]).to(s["device"]).eval()
-    ids, _, cu, _ = step_batch(corpus, arena.train_config(s, s["seed"]), 0)
+    ids, _, cu, _ = step_batch(corpus, jobs.train_config(s, s["seed"]), 0)
     ids = ids.to(s["device"])
     with torch.no_grad():
         got = packed_logits(model, ids, cu).double()
@@ -64,8 +65,8 @@ def check(mech: str, s: dict, corpus) -> float:
 
 def speed(mech: str, s: dict, corpus, val, steps: int) -> tuple[float, int]:
     """(train tokens/s over steps 3.., parameters) of `steps` arena training steps."""
-    cfg = MECHANISMS[mech](arena.shape_of(s))
-    tc = arena.train_config(s, s["seed"])
+    cfg = MECHANISMS[mech](jobs.shape_of(s))
+    tc = jobs.train_config(s, s["seed"])
     tc.steps, tc.eval_every, tc.ckpt_every = steps, 10**9, 10**9
     with tempfile.TemporaryDirectory() as d:
         model, hist = train(mech, cfg, tc, corpus, val[:2], Path(d), progress=False)
@@ -85,7 +86,7 @@ def measure(preset: str, mechanisms: str = "all", steps: int = 8, device: str = 
         names.insert(0, "gqa")
     if s["device"] == "cuda":
         torch.set_float32_matmul_precision("high")   # as the arena trains: TF32 matmuls
-    corpus, val = arena.inputs(s, True)[:2]
+    corpus, val = jobs.inputs(s, True)[:2]
     head = (f"preset {preset}{' (quick)' if quick else ''}: d_model {s['hidden']}, {s['layers']} layers, "
             f"{s['batch_size']} x {s['seq_len']} + {s['mqar_tokens']} MQAR tokens per step, {s['steps']} steps; "
             f"device {s['device']}, {steps} steps, timed from the third")

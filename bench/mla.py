@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median_s  # noqa: E402  (common.py also puts the checkout on sys.path)
 
 from attnzoo.layers.cache_spec import FullKV, LatentKV  # noqa: E402
+from attnzoo.engine.cache_tensors import CacheTensors  # noqa: E402
 from attnzoo.engine.paged_cache import PagedKVCache  # noqa: E402
 from attnzoo.ops.latent.paged import mla_paged_decode_torch  # noqa: E402
 
@@ -48,8 +49,8 @@ def bytes_table() -> None:
     for name, spec in rows:
         n = spec.bytes_per_token(bf16)
         # the engine's own allocation: one layer, 8 pages of PAGE tokens, bf16
-        pool = PagedKVCache([spec], num_pages=8, page_size=PAGE, dtype=torch.bfloat16, enable_prefix_caching=False)
-        g = pool.groups[0]
+        layout = PagedKVCache([spec], num_pages=8, page_size=PAGE, enable_prefix_caching=False).layout
+        g = CacheTensors([spec], layout, torch.bfloat16).groups[0]
         measured = g.nbytes // (8 * PAGE)
         if measured != n:
             raise SystemExit(f"FAILED: {name}: the pool holds {measured} bytes per token, the spec says {n}")

@@ -10,5 +10,9 @@ noise.py       bootstrap intervals, seed envelopes, "not distinguishable" verdic
 costs.py       FLOPs and KV bytes per token over all layers (each layer priced by its mechanism family)
 export.py      trained model -> a directory the engine loads (native checkpoint + byte-level tokenizer)
 report.py      results.json -> report.md + PNG plots
-cli.py         `attnzoo arena` (presets cpu / gpu)
+cli.py         `attnzoo arena`: options, presets cpu / gpu, the command
+plan.py        the runs to do (contestants, replicates, recall seeds, what --resume keeps) and results.json
+jobs.py        one run in one process (train, export, reload, evaluate; or a recall-track run)
+pool.py        several runs at once, one spawned process each; Ctrl-C stops them at a step boundary
+launch.py      data parallel (--nproc): the ranks' context, starting them, what a helper rank trains
 """

@@ -5,29 +5,26 @@
     attnzoo arena --resume                         continue an interrupted run (finished ones are kept)
     attnzoo arena --preset gpu --out runs/arena-gpu
     attnzoo chat --model runs/arena/gdn            talk to what was trained
+
+Here: the options, the presets and the settings they give, and the command. The runs it plans and
+results.json: plan.py; one run: jobs.py; several at once: pool.py; data parallel (--nproc): launch.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import platform
-import signal
 import sys
-import threading
-import time
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from attnzoo.arena import data
-from attnzoo.arena.mechanisms import MECHANISMS, Shape, depth_for, parse_mechanisms
-from attnzoo.arena.report import machine, ordered, table, write_report
+from attnzoo.arena.jobs import WORKER, any_job, recall_config
+from attnzoo.arena.launch import data_parallel, follow_rank0, start_ranks
+from attnzoo.arena.mechanisms import MECHANISMS, depth_for, parse_mechanisms
+from attnzoo.arena.plan import plan, recorder
+from attnzoo.arena.pool import run_pool
+from attnzoo.arena.report import table, write_report
 
 PRESETS: dict[str, dict] = {
     # on 2 cores (2 workers): the LM track ~20 minutes (13 mechanisms + a GQA replicate, quiet machine, before the
@@ -52,9 +49,6 @@ PRESETS: dict[str, dict] = {
                             steps=2000, batch_size=128, lr=3e-3, eval_every=100, eval_examples=512,
                             curve_examples=256, eval_lengths=[128, 256, 512], seeds=2)),
 }
-
-# training step time relative to GQA (measured on 2 CPU cores at the cpu preset): the pool starts the long ones first
-RELATIVE_COST = {"nsa": 4.5, "dsa": 3.3, "msa": 3.1, "kda_mla_3_1": 2.4, "gdn": 1.9, "gdn_hybrid_3_1": 1.7, "mla": 1.5}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,49 +129,6 @@ def settings_from(args: argparse.Namespace) -> dict:
     return s
 
 
-def shape_of(s: dict) -> Shape:
-    return Shape(vocab_size=data.VOCAB_SIZE, hidden=s["hidden"], layers=s["layers"], heads=s["heads"],
-                 head_dim=s["head_dim"], intermediate=s["intermediate"], seq_len=s["seq_len"],
-                 max_positions=s["max_positions"])
-
-
-def recall_config(s: dict):
-    from attnzoo.arena.recall import RecallConfig
-    r = {k: v for k, v in s["recall"].items() if k != "seeds"}
-    return RecallConfig(**{**r, "eval_lengths": tuple(r["eval_lengths"])})
-
-
-def recall_runs(names: list[str], s: dict) -> tuple[list[tuple[str, str, int]], dict[str, str]]:
-    """(run name, mechanism, seed) of the recall track: every mechanism whose pattern tiles its depth, with
-    `seeds` consecutive seeds; and the mechanisms left out, with the reason."""
-    from attnzoo.arena.recall import recall_mechanisms
-    keep, skipped = recall_mechanisms(names, recall_config(s))
-    return [(f"{n}_seed{s['seed'] + k}", n, s["seed"] + k) for n in keep for k in range(s["recall"]["seeds"])], skipped
-
-
-def train_config(s: dict, seed: int):
-    from attnzoo.arena.train import TrainConfig
-    return TrainConfig(steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"],
-                       mqar_tokens=s["mqar_tokens"], mqar_lengths=tuple(s["mqar_lengths"]), seed=seed,
-                       eval_every=s["eval_every"], eval_windows=s["eval_windows"], ckpt_every=s["eval_every"],
-                       device=s["device"])
-
-
-def _write(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def contestants(names: list[str], s: dict) -> list[tuple[str, str, int]]:
-    """(run name, mechanism, seed): the mechanisms, then the GQA replicates with the next seeds."""
-    out = [(n, n, s["seed"]) for n in names]
-    base = "gqa" if "gqa" in names else None
-    if base:
-        out += [(f"{base}_seed{s['seed'] + k}", base, s["seed"] + k) for k in range(1, s["replicates"] + 1)]
-    return out
-
-
 def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     res_path = out / "results.json"
@@ -188,8 +139,7 @@ def run(args: argparse.Namespace) -> Path:
     names = parse_mechanisms(args.mechanisms)
     s = settings_from(args)
     depth_for(names, s["layers"])
-    global _DP
-    _DP = dp = data_parallel(args, s["device"])
+    WORKER.dp = dp = data_parallel(args, s["device"])
     if dp.is_parallel:
         bad = sorted({"dsa", "msa"} & set(names))
         if bad:
@@ -201,210 +151,30 @@ def run(args: argparse.Namespace) -> Path:
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     threads = args.threads or max(1, (os.cpu_count() or 1) // (workers * dp.world_size))
-    if dp.rank != 0:   # a data-parallel helper: train what rank 0 trains, write nothing
-        torch.set_num_threads(threads)
-        jobs = dp.broadcast_object()
-        if jobs is None:
-            raise ValueError("rank 0 refused the run (its message above)")
-        for job in jobs:
-            if not job.get("recall"):   # recall runs are small: rank 0 trains them alone
-                job_run(job)
+    if dp.rank != 0:   # a data-parallel helper: write nothing
+        follow_rank0(dp, threads)
         return out
     try:
-        results, jobs = _plan(args, s, names, out, res_path, workers, threads)
+        results, jobs = plan(args, s, names, out, res_path, workers, threads)
     except BaseException:
         dp.broadcast_object(None)   # the other ranks must not wait for jobs that never come
         raise
     dp.broadcast_object(jobs)    # data parallel: the other ranks train the same runs in the same order
-
-    def finished(name: str, entry: dict) -> None:
-        if entry.get("track") == "recall":
-            results["recall"][name] = entry
-            acc = " ".join(f"{a['mean']:.2f}" for a in entry["acc"].values())
-            tqdm.write(f"{name} (recall): MQAR {acc}, {entry['seconds'] / 60:.1f} min", file=sys.stderr)
-            _write(res_path, results)
-            write_report(out, with_plots=False)
-            return
-        results["mechanisms"][name] = entry
-        results["mechanisms"] = ordered(results["mechanisms"])
-        e = entry["eval"]
-        tqdm.write(f"{name}: val loss {e['val_loss']:.3f}, MQAR {' '.join(f'{v:.2f}' for v in e['mqar'].values())}, "
-                   f"{entry['train_tok_s']:.0f} train tok/s, {entry['seconds'] / 60:.1f} min", file=sys.stderr)
-        _write(res_path, results)
-        write_report(out, with_plots=False)
-
+    finished = recorder(results, out, res_path)
     if workers == 1:
         for job in jobs:
             finished(job["run_name"], any_job(job))
     else:
-        _pool(jobs, workers, finished)
+        run_pool(jobs, workers, finished)
     path = write_report(out)
     print(table(results))
     return path
 
 
-def _plan(args: argparse.Namespace, s: dict, names: list[str], out: Path, res_path: Path, workers: int,
-          threads: int) -> tuple[dict, list[dict]]:
-    """Rank 0 (or the one process): check --resume, write the initial results.json, list the runs to do."""
-    if res_path.exists() and not args.resume:
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or --out for a new one")
-    if res_path.exists():
-        results = json.loads(res_path.read_text())
-        diff = sorted(k for k in set(s) | set(results["settings"]) if s.get(k) != results["settings"].get(k))
-        if diff:
-            raise ValueError(f"{out} was run with other settings ({', '.join(diff)} differ); resume with the same "
-                             f"options, or use another --out")
-    else:
-        results = {"version": 1, "preset": args.preset, "settings": s, "mechanisms": {}}
-    results.setdefault("recall", {})
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(threads)
-    if s["device"] == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls: the models train in float32
-    results["machine"] = machine() + (f"; {workers} runs at a time" if workers > 1 else "")
-    corpus = inputs(s, args.no_decode)[0]
-    results["corpus"] = {"python": platform.python_version(), "describe": corpus.describe(),
-                         "fingerprint": corpus.fingerprint}
-    _write(res_path, results)
-    lm_runs = contestants(names, s) if args.track in ("all", "lm") else []
-    rc_runs, skipped = recall_runs(names, s) if args.track in ("all", "recall") else ([], {})
-    results["recall_skipped"] = skipped
-    todo = [c for c in lm_runs if not results["mechanisms"].get(c[0], {}).get("eval")]
-    kept = [c[0] for c in lm_runs if c not in todo] + [c[0] for c in rc_runs if c[0] in results["recall"]]
-    rc_todo = [c for c in rc_runs if c[0] not in results["recall"]]
-    print(f"arena: {len(todo)} LM + {len(rc_todo)} recall runs on {s['device']} ({workers} at a time, {threads} threads each) -> {out}"
-          + (f"; kept from before: {', '.join(kept)}" if kept else "")
-          + f"\nmachine: {machine()}\ncorpus: {corpus.describe()}", file=sys.stderr)
-    jobs = [dict(run_name=r, mech=m, seed=sd, s=s, out=str(out), resume=args.resume, progress=not args.quiet,
-                 no_decode=args.no_decode, threads=threads) for r, m, sd in todo]
-    jobs += [dict(run_name=r, mech=m, seed=sd, s=s, threads=threads, recall=True) for r, m, sd in rc_todo]
-    # longest first, so the workers finish together (a recall run costs about a tenth of an LM run)
-    jobs.sort(key=lambda j: -RELATIVE_COST.get(j["mech"], 1.0) * (0.1 if j.get("recall") else 1.0))
-    return results, jobs
-
-
-def _pool(jobs: list[dict], workers: int, finished) -> None:
-    """Run jobs in `workers` processes (spawned: each loads the corpus once), results in completion order.
-    Ctrl-C reaches only this process (workers ignore SIGINT): it raises a stop flag that every worker's
-    training loop reads before each step, so each checkpoints and leaves, and queued jobs never start."""
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    ctx = mp.get_context("spawn")
-    slots, stop = ctx.Value("i", 0), ctx.Event()
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(slots, stop)) as ex:
-        pending = {ex.submit(any_job, j): j["run_name"] for j in jobs}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    finished(pending.pop(f), f.result())
-        except BaseException:
-            stop.set()
-            ex.shutdown(wait=True, cancel_futures=True)
-            raise
-
-
-_SLOT, _STOP = 0, None
-_DP = None   # this process's data-parallel context (set by run)
-
-
-def data_parallel(args: argparse.Namespace, device: str):
-    """The data-parallel context: torchrun's environment (or `launch`'s) when WORLD_SIZE > 1, else one process."""
-    from attnzoo import distributed
-    if args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) != args.nproc:
-        raise ValueError(f"--nproc {args.nproc} but WORLD_SIZE is {os.environ.get('WORLD_SIZE', 'unset')}")
-    return distributed.context_from_env(distributed.backend_for(device))
-
-
-def _init_worker(slots, stop) -> None:
-    global _SLOT, _STOP
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _STOP = stop
-    with slots.get_lock():
-        _SLOT, slots.value = slots.value, slots.value + 1
-    parent = os.getppid()
-
-    def orphaned() -> None:  # the parent was killed (not interrupted): stop instead of training for nobody
-        while os.getppid() == parent:
-            time.sleep(2)
-        os._exit(1)
-    threading.Thread(target=orphaned, daemon=True).start()
-
-
-@lru_cache(maxsize=2)
-def _inputs(settings_json: str, no_decode: bool):
-    s = json.loads(settings_json)
-    corpus = data.load_corpus()
-    val = data.val_windows(corpus.val, s["seq_len"], s["eval_windows"])
-    mqar_sets = data.mqar_eval_sets(tuple(s["mqar_eval_lengths"]), s["mqar_eval_examples"], s["seed"])
-    needles = data.needle_sets(corpus.val, tuple(s["needle_contexts"]), tuple(s["needle_depths"]),
-                               s["needle_per_depth"], s["seed"])
-    prompt = None if no_decode else np.resize(corpus.val, s["decode_context"]).tolist()
-    return corpus, val, mqar_sets, needles, prompt
-
-
-def inputs(s: dict, no_decode: bool):
-    """(corpus, validation windows, MQAR test sets, needle sets, decode prompt): deterministic, built once
-    per process."""
-    return _inputs(json.dumps(s, sort_keys=True), no_decode)
-
-
-def any_job(job: dict) -> dict:
-    return recall_job(job) if job.get("recall") else job_run(job)
-
-
-def recall_job(job: dict) -> dict:
-    """Train and test one recall-track run; returns its results entry."""
-    from attnzoo.arena.recall import train_recall
-    torch.set_num_threads(job["threads"])
-    entry = train_recall(job["mech"], recall_config(job["s"]), job["seed"], device=job["s"]["device"],
-                         stop=_STOP.is_set if _STOP is not None else None)
-    return {**entry, "track": "recall", "threads": job["threads"]}
-
-
-def job_run(job: dict) -> dict:
-    """Train, export, reload and evaluate one contestant; returns its results entry."""
-    from attnzoo.arena.evaluate import evaluate
-    from attnzoo.arena.export import export_model
-    from attnzoo.arena.train import parameters, train
-    from attnzoo.models import load_model
-    torch.set_num_threads(job["threads"])
-    s, run_name, mech = job["s"], job["run_name"], job["mech"]
-    corpus, val, mqar_sets, needles, prompt = inputs(s, job["no_decode"])
-    t0 = time.perf_counter()
-    cfg = MECHANISMS[mech](shape_of(s))
-    run_dir = Path(job["out"]) / run_name
-    model, hist = train(run_name, cfg, train_config(s, job["seed"]), corpus, val, run_dir, resume=job["resume"],
-                        progress=job["progress"], position=_SLOT, stop=_STOP.is_set if _STOP is not None else None,
-                        dp=_DP)
-    if _DP is not None and _DP.rank != 0:
-        return {}
-    export_model(model, run_dir)
-    model = load_model(run_dir).to(s["device"])  # what `attnzoo chat --model` will load
-    ev = evaluate(mech, model, val=val, mqar_sets=mqar_sets, needles=needles, decode_prompt=prompt,
-                  decode_tokens=s["decode_tokens"], cost_contexts=tuple(s["cost_contexts"]))
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-    entry = {"mechanism": mech, "seed": job["seed"], "params": parameters(model), "config": dataclasses.asdict(cfg),
-             "history": dataclasses.asdict(hist), "train_tok_s": hist.train_tokens / max(hist.train_seconds, 1e-9),
-             "eval": ev, "seconds": time.perf_counter() - t0, "model_dir": run_name, "threads": job["threads"]}
-    if run_name != mech:
-        entry["replicate_of"] = mech
-    return entry
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:   # start the ranks ourselves, as torchrun would
-        from attnzoo import distributed
-        try:
-            distributed.launch(_rank_main, args.nproc, list(sys.argv[1:] if argv is None else argv))
-        except Exception as e:  # noqa: BLE001 - a rank failed; its own message went to stderr
-            print(f"attnzoo arena: error: a data-parallel process failed: {str(e).strip().splitlines()[-1]}",
-                  file=sys.stderr)
-            return 2
-        return 0
+        return start_ranks(_rank_main, args.nproc, list(sys.argv[1:] if argv is None else argv))
     try:
         path = run(args)
     except ValueError as e:
@@ -413,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; `attnzoo arena --resume --out {args.out}` (same options) continues", file=sys.stderr)
         return 130
-    if _DP is None or _DP.rank == 0:
+    if WORKER.dp is None or WORKER.dp.rank == 0:
         print(f"report: {path}", file=sys.stderr)
     return 0
 

@@ -11,7 +11,6 @@ import torch
 
 from attnzoo.arena.costs import attention_flops_per_token, kv_bytes_per_token
 from attnzoo.arena.data import IGNORE, NeedleSet
-from attnzoo.arena.mechanisms import NO_DECODE
 from attnzoo.arena.noise import bootstrap
 from attnzoo.models.decoder import DecoderLM
 
@@ -99,8 +98,6 @@ def evaluate(name: str, model: DecoderLM, *, val: torch.Tensor, mqar_sets, needl
                  "needle": {str(k): v for k, v in needle_accuracy(model, needles).items()}}
     if decode_prompt is None:
         res["decode_tok_s"], res["decode_note"] = None, "skipped"
-    elif name in NO_DECODE:
-        res["decode_tok_s"], res["decode_note"] = None, NO_DECODE[name]
     else:
         t0 = time.perf_counter()
         try:

@@ -15,7 +15,7 @@ import torch
 from attnzoo.arena.costs import attention_flops_per_token, kv_read_bytes_per_token
 from attnzoo.arena.mechanisms import DESCRIPTIONS, MECHANISMS
 from attnzoo.arena.noise import Interval, over_seeds, verdict
-from attnzoo.models.config import ModelConfig
+from attnzoo.models.native import config_from_json
 from attnzoo.models.registry import cpu_flags
 
 PLOTS = ("loss_curves.png", "accuracy_vs_length.png", "cost_vs_context.png")
@@ -285,7 +285,7 @@ def plots(results: dict, out: Path) -> list[Path]:
     for i, (name, r) in enumerate(rows.items()):
         if r.get("replicate_of"):
             continue
-        cfg, st = ModelConfig(**r["config"]), _style(i)
+        cfg, st = config_from_json(r["config"]), _style(i)   # as native configs: older results.json too
         a1.plot(ctx, [attention_flops_per_token(cfg, int(c)) for c in ctx], label=name, **st)
         a2.plot(ctx, [kv_read_bytes_per_token(cfg, int(c)) for c in ctx], label=name, **st)
     a1.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="FLOPs per decoded token",

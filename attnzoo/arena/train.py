@@ -35,6 +35,7 @@ from attnzoo.distributed import ParallelContext
 from attnzoo.layers.batch import Batch
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
+from attnzoo.models.native import config_from_json
 from attnzoo.models.weights import model_class
 
 OUT_PROJ = ("o_proj.weight", "out_proj.weight", "down_proj.weight")
@@ -241,7 +242,8 @@ def train(name: str, cfg: ModelConfig, tc: TrainConfig, corpus: Corpus, val: tor
     hist, start = History(), 0
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location=dev, weights_only=False)
-        if state["train_config"] != asdict(tc) or state["model_config"] != asdict(cfg):
+        # the saved config read as native checkpoints are (older field names and defaults accepted)
+        if state["train_config"] != asdict(tc) or config_from_json(state["model_config"]) != cfg:
             raise ValueError(f"{ckpt} was written with other settings; start a fresh run (another --out) "
                              f"or resume with the settings it was written with")
         model.load_state_dict(state["model"])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnzoo.layers.cache_spec import CacheKind, CacheSpec
+from attnzoo.layers.cache_spec import CacheKind, CacheSpec, RecurrentState
 
 PAGED_KINDS = (CacheKind.KV, CacheKind.LATENT, CacheKind.INDEX_KEYS, CacheKind.ROWS, CacheKind.COMPRESSED)
 
@@ -26,7 +26,8 @@ def flat_specs(specs: list[CacheSpec | tuple[CacheSpec, ...]]) -> list[tuple[int
 
 
 def group_specs(specs: list[CacheSpec | tuple[CacheSpec, ...]]) -> list[tuple[CacheSpec, list[int]]]:
-    """Paged groups: layers with equal per-token specs share page tensors (recurrent layers have none)."""
+    """Paged groups: layers with equal per-token specs share page tensors (recurrent layers have none);
+    full-context groups first (their table is the radix tree's), then the sliding ones, each in layer order."""
     groups: dict[CacheSpec, list[int]] = {}
     for i, s in flat_specs(specs):
         if s.kind is CacheKind.STATE:
@@ -34,7 +35,12 @@ def group_specs(specs: list[CacheSpec | tuple[CacheSpec, ...]]) -> list[tuple[Ca
         if s.kind not in PAGED_KINDS:
             raise NotImplementedError(f"layer {i}: the engine has no cache group for {type(s).__name__} yet")
         groups.setdefault(s, []).append(i)
-    return list(groups.items())
+    return sorted(groups.items(), key=lambda g: g[0].window is not None)
+
+
+def recurrent_specs(specs: list[CacheSpec | tuple[CacheSpec, ...]]) -> dict[int, RecurrentState]:
+    """The layers that keep a fixed-size state per sequence (delta rule), by layer."""
+    return {i: s for i, s in flat_specs(specs) if s.kind is CacheKind.STATE}
 
 
 def page_bytes(specs: list[CacheSpec | tuple[CacheSpec, ...]], page_size: int, dtype: torch.dtype) -> int:

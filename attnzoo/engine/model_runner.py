@@ -2,8 +2,10 @@
 cache handle (slot mapping and gather plans built once per step, not per layer), and logits only
 for the rows that sample.
 
-`prepare` reduces a step to plain data (`StepInputs`: what every tensor-parallel rank needs to run the same
-forward over its own shard of the cache), `execute` runs it; `run` is both."""
+Every rank has a runner, and each runner owns its rank's cache tensors (`CacheTensors`: its head shard).
+`prepare` (rank 0, which holds the page accounting) reduces a step to plain data (`StepInputs`: the
+sequences' page tables and the cache instructions recorded since the last step), `execute` (every rank,
+the same path) applies the instructions to its tensors and runs the forward; `run` is both."""
 
 from __future__ import annotations
 
@@ -12,20 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from attnzoo.engine.cache_tensors import CacheLayout, CacheOp, CacheTensors
 from attnzoo.engine.paged_cache import PagedKVCache
 from attnzoo.engine.scheduler import StepPlan
-from attnzoo.engine.step import build_step
+from attnzoo.engine.step import SeqView, build_step
 from attnzoo.layers.batch import Batch
 from attnzoo.models.decoder import DecoderLM
 from attnzoo.ops.batch_invariant import batch_invariant
-
-
-@dataclass
-class SeqView:
-    """What `build_step` reads of a request: its page tables, computed tokens and state slot."""
-    page_tables: list[list[int]]
-    num_computed: int
-    state_slot: int | None
 
 
 @dataclass
@@ -36,14 +31,17 @@ class StepInputs:
     num_new: list[int]
     seqs: list[SeqView]
     logits_rows: list[int]
-    fresh_pages: list[tuple[int, list[int]]]   # pages handed out since the last step (zeroed before use)
-    fresh_slots: list[int]                     # recurrent-state slots taken since the last step
+    cache_ops: list[CacheOp]    # pages and state slots to zero, states to snapshot or restore: before the forward
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderLM, kv: PagedKVCache, deterministic: bool = False, worker: bool = False):
-        """worker: a tensor-parallel worker's runner, which zeroes the pages rank 0 handed out (`execute`)."""
-        self.model, self.kv, self.deterministic, self.worker = model, kv, deterministic, worker
+    def __init__(self, model: DecoderLM, layout: CacheLayout, deterministic: bool = False,
+                 kv: PagedKVCache | None = None):
+        """Builds this rank's cache tensors for `layout` (rank 0's plan) from the model's own cache specs;
+        kv: the page accounting, on rank 0 (the one runner that prepares steps)."""
+        weight = model.embed_tokens.weight
+        self.model, self.deterministic, self.kv = model, deterministic, kv
+        self.cache = CacheTensors(model.cache_specs(), layout, weight.dtype, weight.device)
 
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[int]]:
         """Returns (logits [R, V] float32, indices into plan.requests of the R requests that sample)."""
@@ -62,8 +60,7 @@ class ModelRunner:
                 rows.append(offset - 1)
                 samplers.append(i)
         seqs = [SeqView([list(t) for t in r.page_tables], r.num_computed, r.state_slot) for r in plan.requests]
-        pages, slots = self.kv.drain_fresh()
-        return StepInputs(ids, pos, list(plan.num_new), seqs, rows, pages, slots), samplers
+        return StepInputs(ids, pos, list(plan.num_new), seqs, rows, self.kv.take_ops()), samplers
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """logits [len(inputs.logits_rows), V] float32."""
@@ -72,13 +69,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _execute(self, inputs: StepInputs) -> torch.Tensor:
-        if self.worker:
-            self.kv.zero_fresh(inputs.fresh_pages, inputs.fresh_slots)
-        dev = self.kv.device
+        self.cache.apply(inputs.cache_ops)
+        dev = self.cache.device
         cu = torch.zeros(len(inputs.num_new) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(inputs.num_new).cumsum(0)
         batch = Batch(positions=torch.tensor(inputs.positions, device=dev), cu_seqlens=cu.to(dev),
-                      cache=build_step(self.kv, inputs.seqs, inputs.num_new),
+                      cache=build_step(self.cache, inputs.seqs, inputs.num_new),
                       logits_rows=torch.tensor(inputs.logits_rows, dtype=torch.long, device=dev))
         logits = self.model.forward_batch(torch.tensor(inputs.ids, device=dev), batch)
         return logits.float()

@@ -1,17 +1,19 @@
-"""The paged cache: page tables (one BlockPool each), one cache group of page tensors per distinct layer
-cache spec (vLLM's KV-cache groups), the recurrent-state pool, page accounting, the radix prefix cache's
+"""The paged cache's accounting (rank 0 only; it holds no tensor): page tables (one BlockPool each), which
+cache group of layers uses which table, the recurrent-state and snapshot slots, the radix prefix cache's
 glue and the integrity check. Groups that attend to the full context share one page table, each sliding
 window has its own; layers that keep a fixed-size state per sequence instead of per-token rows
 (RecurrentState: the delta-rule layers) get one state slot per running sequence.
+
+The tensors live on every rank (`CacheTensors`, engine/cache_tensors.py, each rank its head shard). What this
+class would do to them it records instead, in one list in the order it happens: zero the pages it hands out
+and the state slots it gives a sequence, copy a state into a snapshot slot at a keep point and a snapshot
+into a sequence's slot on a hit. `take_ops` drains the list once per step; the step carries it to every rank.
 
 Prefix caching covers every model (docs/engine.md, "Prefix caching for hybrids"): the radix tree is keyed
 on the full-context table (a bookkeeping one, with no tensors, when every layer slides or keeps a state);
 it also keeps the last window's pages of each sliding table and snapshots of the recurrent states at the
 points where a request may be reused: the end of a prompt, a branch point the tree already reaches, every
 KEEP_EVERY prompt tokens, and where a sequence ends (windows only: states are snapshotted at keep points).
-
-The engine talks to this class only through page tables and token counts; the layers talk to the per-step
-handle built from it (engine/step.py).
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from attnzoo.engine.block_pool import BlockPool
-from attnzoo.engine.cache_plan import flat_specs, group_specs, pages_for
+from attnzoo.engine.cache_plan import group_specs, pages_for, recurrent_specs
+from attnzoo.engine.cache_tensors import CacheLayout, CacheOp, RestoreState, SaveState, ZeroPages, ZeroState
 from attnzoo.engine.radix_cache import NULL_PAGE, RadixCache
 from attnzoo.engine.request import Request
-from attnzoo.layers.cache_spec import CacheKind, CacheSpec, RecurrentState
+from attnzoo.layers.cache_spec import CacheSpec
 
 log = logging.getLogger("attnzoo.engine")
 # hybrids: a long prompt also keeps its window pages and states every KEEP_EVERY tokens, so that a prefix
@@ -47,136 +48,95 @@ class PageTable:
 
 @dataclass
 class CacheGroup:
-    """The layers of one spec and their page tensors, by name: KV has "k" [layers, Hkv, pages, page_size, d]
-    and "v" (head-major: see ops/attention/paged.py); LATENT, INDEX_KEYS and ROWS have "rows"
-    [layers, pages, page_size, D], one row per token shared by all heads; COMPRESSED has "rows"
-    [layers, pages, ceil(page_size / stride), D] (see CompressedKV)."""
+    """The layers of one spec (their tensors: `CacheTensors.groups`, same order) and their page table."""
     spec: CacheSpec
     layer_ids: list[int]
     pool: BlockPool          # its table's pool (shared with the other groups on that table)
     table: int               # index into PagedKVCache.tables and Request.page_tables
-    tensors: dict[str, torch.Tensor]
 
     @property
     def window(self) -> int | None:
         return self.spec.window
 
-    @property
-    def pages_axis(self) -> int:
-        return 2 if self.spec.kind is CacheKind.KV else 1
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+class SlotPool:
+    """Numbered slots (recurrent states, or their snapshots) with a free stack: the most recently given back
+    is taken first."""
 
-
-def group_tensors(spec: CacheSpec, layers: int, pages: int, page_size: int, dtype: torch.dtype,
-                  device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Uninitialised: the OS backs a page with memory only when it is first written, so a cache sized for
-    the worst case costs what is used; PagedKVCache._zero_pages clears each page as it is handed out."""
-    if spec.kind is CacheKind.KV:
-        shape = (layers, spec.num_kv_heads, pages, page_size)
-        return {"k": torch.empty(*shape, spec.head_dim, dtype=dtype, device=device),
-                "v": torch.empty(*shape, spec.v_head_dim or spec.head_dim, dtype=dtype, device=device)}
-    if spec.kind is CacheKind.COMPRESSED:  # one row per completed block: ceil(page_size / stride) per page
-        return {"rows": torch.empty(layers, pages, spec.rows_per_page(page_size), spec.dim, dtype=dtype,
-                                    device=device)}
-    return {"rows": torch.empty(layers, pages, page_size, spec.dim, dtype=dtype, device=device)}
-
-
-class StatePool:
-    """Fixed-size per-sequence states in slots: [slots, conv_dim, K-1] conv inputs (model dtype) and
-    [slots, H, dk, dv] float32 state matrices per recurrent layer. The slots start uninitialised (memory
-    of a slot never taken is never touched); a slot is zeroed when taken, so a sequence starts from the
-    zero state; preemption (recompute) and finishing give it back."""
-
-    def __init__(self, specs: dict[int, RecurrentState], num_slots: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, num_slots: int):
         self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))
-        self.conv = {i: torch.empty(num_slots, s.conv_dim, s.conv_width - 1, dtype=dtype, device=device)
-                     for i, s in specs.items()}
-        self.state = {i: torch.empty(num_slots, s.num_heads, s.k_dim, s.v_dim, dtype=torch.float32, device=device)
-                      for i, s in specs.items()}
 
     def take(self) -> int | None:
-        if not self.free_slots:
-            return None
-        slot = self.free_slots.pop()
-        for t in (*self.conv.values(), *self.state.values()):
-            t[slot].zero_()
-        return slot
+        return self.free_slots.pop() if self.free_slots else None
 
     def give_back(self, slot: int) -> None:
         if slot in self.free_slots or not 0 <= slot < self.num_slots:
-            raise AssertionError(f"state slot {slot} released twice or out of range")
+            raise AssertionError(f"slot {slot} released twice or out of range")
         self.free_slots.append(slot)
-
-    def copy(self, src: int, dst: int, into: StatePool | None = None) -> None:
-        """Copy every layer's states of slot src into slot dst of `into` (default: this pool)."""
-        into = into or self
-        for i in self.conv:
-            into.conv[i][dst].copy_(self.conv[i][src])
-            into.state[i][dst].copy_(self.state[i][src])
 
 
 class PagedKVCache:
     def __init__(self, specs: list[CacheSpec | tuple[CacheSpec, ...]], num_pages: int, page_size: int,
-                 dtype: torch.dtype, enable_prefix_caching: bool = True, device: torch.device | str = "cpu",
-                 num_state_slots: int = 0, window_pages: dict[int, int] | None = None, num_snapshots: int = 0,
-                 keys_pages: int = 0):
+                 enable_prefix_caching: bool = True, num_state_slots: int = 0,
+                 window_pages: dict[int, int] | None = None, num_snapshots: int = 0, keys_pages: int = 0):
         """num_pages: pages of the full-context table (of every table when window_pages is None);
         window_pages: pages of each sliding window's table (they only ever hold the last window);
         num_snapshots: slots for recurrent-state snapshots at cached prefixes (0: no prefix caching for a
         model with recurrent layers); keys_pages: size of the bookkeeping table that keys the radix tree
         when no layer attends to the full context (0: no prefix caching for such a model)."""
-        self.page_size, self.num_pages, self.device = page_size, num_pages, torch.device(device)
-        # under tensor parallelism rank 0 records the pages and state slots it zeroes, so that the workers,
-        # whose caches hold the other head shards, zero the same ones before the step (None: not recorded)
-        self.fresh: tuple[list[tuple[int, list[int]]], list[int]] | None = None
-        recurrent = {i: s for i, s in flat_specs(specs) if s.kind is CacheKind.STATE}
+        self.page_size, self.num_pages = page_size, num_pages
+        self.ops: list[CacheOp] = []   # what the ranks' tensors must do before the next forward, in order
+        recurrent = recurrent_specs(specs)
         if recurrent and num_state_slots < 1:
             raise ValueError("this model has recurrent-state layers: give the cache num_state_slots >= 1")
-        self.states = StatePool(recurrent, num_state_slots, dtype, self.device) if recurrent else None
+        self.state_layers = sorted(recurrent)
+        self.states = SlotPool(num_state_slots) if recurrent else None
         self.tables: list[PageTable] = []
         table_of_window: dict[int | None, int] = {}
         self.groups: list[CacheGroup] = []
-        self.layer_group: dict[tuple[int, CacheKind], tuple[int, int]] = {}
-        grouped = group_specs(specs)
-        # the full-context table first (index 0: the radix tree's), then one per window
-        grouped.sort(key=lambda g: g[0].window is not None)
+        grouped = group_specs(specs)   # the full-context table first (index 0: the radix tree's), then windows
         if enable_prefix_caching and keys_pages and (recurrent or grouped) and (num_snapshots or not recurrent) \
                 and all(g[0].window is not None for g in grouped):
             table_of_window[None] = 0
             self.tables.append(PageTable(BlockPool(keys_pages), None, keys_only=True))
-        for gi, (spec, layers) in enumerate(grouped):
+        for spec, layers in grouped:
             window = spec.window
             if window not in table_of_window:
                 table_of_window[window] = len(self.tables)
                 n = num_pages if window is None or window_pages is None else window_pages[window]
                 self.tables.append(PageTable(BlockPool(n), window))
             ti = table_of_window[window]
-            pages = self.tables[ti].pool.capacity
-            tensors = group_tensors(spec, len(layers), pages, page_size, dtype, device)
-            self.groups.append(CacheGroup(spec, layers, self.tables[ti].pool, ti, tensors))
-            for j, layer in enumerate(layers):
-                self.layer_group[(layer, spec.kind)] = (gi, j)
+            self.groups.append(CacheGroup(spec, layers, self.tables[ti].pool, ti))
         for ti, t in enumerate(self.tables):
             if t.pool.capacity:
                 self._zero_pages(ti, [0])  # gather plans pad short page lists with page 0
         self.radix: RadixCache | None = None
         # a hit on a model with recurrent layers restores each layer's state at the prefix from a snapshot
-        self.snapshots = StatePool(recurrent, num_snapshots, dtype, self.device) if recurrent and num_snapshots \
-            else None
+        self.snapshots = SlotPool(num_snapshots) if recurrent and num_snapshots else None
         if enable_prefix_caching:
             if self.states is not None and self.snapshots is None:
                 log.info("prefix caching is off: layers %s keep a recurrent state per sequence and no memory is "
-                         "planned for snapshots of it", sorted(recurrent))
+                         "planned for snapshots of it", self.state_layers)
             elif not self.tables or self.tables[0].window is not None:
                 log.info("prefix caching is off: no table keys the radix tree (no full-context layer and no "
                          "bookkeeping table)")
             else:
                 self.radix = RadixCache(self.tables[0].pool, page_size, [t.pool for t in self.tables[1:]],
                                         [t.window for t in self.tables[1:]], self._release_snapshot)
+
+    @property
+    def layout(self) -> CacheLayout:
+        """What every rank builds its `CacheTensors` from."""
+        return CacheLayout(self.page_size, [t.window for t in self.tables],
+                           [(g.layer_ids, g.table, g.pool.capacity) for g in self.groups],
+                           self.states.num_slots if self.states else 0,
+                           self.snapshots.num_slots if self.snapshots else 0)
+
+    def take_ops(self) -> list[CacheOp]:
+        """The tensor instructions recorded since the last call, in order (once per step)."""
+        ops, self.ops = self.ops, []
+        return ops
 
     @property
     def hybrid(self) -> bool:
@@ -222,39 +182,20 @@ class PagedKVCache:
             self._zero_pages(ti, pages)
             table.extend(pages)
         if self.states is not None and req.state_slot is None:
-            req.state_slot = self.states.take()
-            if self.fresh is not None:
-                self.fresh[1].append(req.state_slot)
+            req.state_slot = self._take_state()
         return True
 
     def _zero_pages(self, table: int, pages: list[int]) -> None:
-        """Clear pages as they are handed out. Decode gathers whole pages and masks the slots past a
-        sequence's end, but a masked slot still meets its value in `probs @ V` (0 * NaN = NaN), so no slot
-        a sequence can read may hold uninitialised memory or another sequence's NaN."""
-        if not pages:
-            return
-        if self.fresh is not None:
-            self.fresh[0].append((table, list(pages)))
-        idx = torch.tensor(pages, dtype=torch.long, device=self.device)
-        for g in self.groups:
-            if g.table == table:
-                for t in g.tensors.values():
-                    t.index_fill_(g.pages_axis, idx, 0)
+        """Pages handed out are cleared before they are read (`ZeroPages`); a bookkeeping table has no tensors."""
+        if pages and not self.tables[table].keys_only:
+            self.ops.append(ZeroPages(table, tuple(pages)))
 
-    def drain_fresh(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
-        """(pages per table, state slots) zeroed since the last call (empty unless recording)."""
-        if self.fresh is None:
-            return [], []
-        out, self.fresh = self.fresh, ([], [])
-        return out
-
-    def zero_fresh(self, pages: list[tuple[int, list[int]]], slots: list[int]) -> None:
-        """A tensor-parallel worker's cache: zero what rank 0 zeroed when it handed these out."""
-        for table, ps in pages:
-            self._zero_pages(table, ps)
-        for slot in slots:
-            for t in (*self.states.conv.values(), *self.states.state.values()):
-                t[slot].zero_()
+    def _take_state(self) -> int | None:
+        """A free state slot, zeroed before the next forward (a sequence starts from the zero state)."""
+        slot = self.states.take()
+        if slot is not None:
+            self.ops.append(ZeroState(slot))
+        return slot
 
     def match_prefix(self, req: Request) -> None:
         """Adopt the longest cached prefix of req's tokens that every cache group can serve (the last token
@@ -274,11 +215,11 @@ class PagedKVCache:
             return
         if self.states is not None:
             if req.state_slot is None:
-                req.state_slot = self.states.take()
+                req.state_slot = self._take_state()
                 if req.state_slot is None:  # no state slot free now: allocate() will refuse it anyway
                     return
             assert hit.snapshot is not None and self.snapshots is not None
-            self.snapshots.copy(hit.snapshot, req.state_slot, into=self.states)
+            self.ops.append(RestoreState(hit.snapshot, req.state_slot))
         self.radix.lock(hit.node)
         self.tables[0].pool.incref(hit.pages)
         for t, pages in zip(self.tables[1:], hit.side):
@@ -330,8 +271,9 @@ class PagedKVCache:
         slot = self.snapshots.take()
         if slot is None:
             return
-        self.states.copy(req.state_slot, slot, into=self.snapshots)
-        if not self.radix.set_snapshot(ids, slot):  # another request snapshotted this point first
+        if self.radix.set_snapshot(ids, slot):
+            self.ops.append(SaveState(req.state_slot, slot))
+        else:  # another request snapshotted this point first
             self.snapshots.give_back(slot)
 
     def _release_snapshot(self, slot: int) -> None:
@@ -396,7 +338,7 @@ class PagedKVCache:
             lines.append(f"{kind} (layers {_ranges(layers)}): {t.pool.capacity} pages x {self.page_size} tokens = "
                          f"{t.pool.capacity * self.page_size} tokens")
         if self.states is not None:
-            lines.append(f"recurrent state (layers {_ranges(sorted(self.states.conv))}): {self.states.num_slots} slots"
+            lines.append(f"recurrent state (layers {_ranges(self.state_layers)}): {self.states.num_slots} slots"
                          + (f", {self.snapshots.num_slots} prefix-cache snapshots" if self.snapshots else ""))
         return lines
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from attnzoo.engine.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from attnzoo.engine.detokenizer import RequestDetokenizer
 
 
 class Status(enum.Enum):
@@ -27,7 +24,6 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None = None
-    detokenizer: "RequestDetokenizer | None" = None
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0               # tokens whose KV is in the cache
@@ -39,8 +35,7 @@ class Request:
     cached_tokens: int = 0              # prompt tokens served from the prefix cache (first admission)
     num_preemptions: int = 0
     finish_reason: str | None = None    # stop | length | abort
-    stop_reason: int | str | None = None
-    logprobs: list[dict[int, float]] | None = None
+    stop_reason: int | None = None      # the stop token id that ended it (stop strings: engine/outputs.py)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -1,7 +1,8 @@
-"""The per-step cache handle of the paged engine: `build_step` turns the scheduled requests' page tables into
-gather plans and slot maps once per step (not per layer); the `PagedStep` it returns is the layers'
-`KVCache` (attnzoo/layers/batch.py): it writes each layer's new rows into its pages and hands back the
-pages and spans to attend over, or runs paged softmax attention itself."""
+"""The per-step cache handle of the paged engine: `build_step` turns the scheduled sequences' page tables (the
+accounting's, carried by the step's inputs) into gather plans and slot maps once per step (not per layer) over
+this rank's `CacheTensors`; the `PagedStep` it returns is the layers' `KVCache` (attnzoo/layers/batch.py): it
+writes each layer's new rows into its pages and hands back the pages and spans to attend over, or runs paged
+softmax attention itself."""
 
 from __future__ import annotations
 
@@ -9,14 +10,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnzoo.engine.paged_cache import PagedKVCache
-from attnzoo.engine.request import Request
+from attnzoo.engine.cache_tensors import CacheTensors
 from attnzoo.layers.batch import Batch, Context, Span
 from attnzoo.layers.cache_spec import CacheKind, CacheSpec, CompressedKV, RecurrentState
 from attnzoo.ops.attention.paged import PagedPlan, paged_attention_planned, plan_paged
 
 
-def build_step(cache: PagedKVCache, reqs: list[Request], num_new: list[int]) -> "PagedStep":
+@dataclass
+class SeqView:
+    """What `build_step` reads of a request: its page tables, computed tokens and state slot."""
+    page_tables: list[list[int]]
+    num_computed: int
+    state_slot: int | None
+
+
+def build_step(cache: CacheTensors, reqs: list[SeqView], num_new: list[int]) -> "PagedStep":
     """A handful of tensor ops per page table, whatever the batch: no per-request tensors."""
     B = len(reqs)
     new = torch.tensor(num_new, dtype=torch.long)
@@ -27,12 +35,12 @@ def build_step(cache: PagedKVCache, reqs: list[Request], num_new: list[int]) -> 
     rows = torch.repeat_interleave(torch.arange(B), new)
     pos = start[rows] + torch.arange(len(rows)) - cu[:-1].long()[rows]
     plans, slot_maps = [], []
-    for gi, g in enumerate(cache.tables):
+    for gi, window in enumerate(cache.windows):
         lists = [r.page_tables[gi] for r in reqs]
         width = max(len(t) for t in lists)
         # released pages (-1) are never gathered: 0 stands in for them
         table = torch.tensor([t + [0] * (width - len(t)) for t in lists], dtype=torch.long).clamp_(min=0)
-        left = g.window - 1 if g.window is not None else -1
+        left = window - 1 if window is not None else -1
         plans.append(plan_paged(table, cu, seq_lens, cache.page_size, left).to(cache.device))
         slots = table[rows, pos // cache.page_size] * cache.page_size + pos % cache.page_size
         slot_maps.append(slots.to(cache.device, non_blocking=True))
@@ -45,7 +53,7 @@ def build_step(cache: PagedKVCache, reqs: list[Request], num_new: list[int]) -> 
 @dataclass
 class PagedStep:
     """Implements the layers' KVCache protocol for one step of the paged engine."""
-    cache: PagedKVCache
+    cache: CacheTensors
     plans: list[PagedPlan]          # per page table
     slot_maps: list[torch.Tensor]   # per page table: the pool slot of each new token
     positions: torch.Tensor         # [N] each new token's position in its sequence
@@ -103,7 +111,7 @@ class PagedStep:
         """The table's spans: decode rows batched over their whole block tables (padding masked; the block
         table rides along for kernels that read pages in place), then each prefill run over its slots."""
         if table not in self._spans:
-            plan, window = self.plans[table], self.cache.tables[table].window
+            plan, window = self.plans[table], self.cache.windows[table]
             ps = self.cache.page_size
             out = []
             if len(plan.decode_rows):

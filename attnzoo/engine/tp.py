@@ -1,7 +1,9 @@
 """Tensor-parallel serving: rank 0 is the `LLM` process (scheduler, page accounting, sampling); ranks 1..N-1
 are worker processes (torch.multiprocessing, spawned) that each load their shard of the checkpoint
-(models/sharding.py), build their shard of the paged cache with rank 0's plan, and then run every step rank 0
-broadcasts (a `StepInputs`, over torch.distributed: gloo on the CPU, nccl on CUDA).
+(models/sharding.py), build their shard of the cache tensors with rank 0's layout (`CacheLayout`), and then run
+every step rank 0 broadcasts (a `StepInputs`, over torch.distributed: gloo on the CPU, nccl on CUDA) through the
+same `ModelRunner.execute` as rank 0: the step's cache instructions (pages to zero, state snapshots to take or
+restore) first, then the forward. Only rank 0 keeps the page accounting.
 
 Each worker also holds one end of a pipe: rank 0 rings it before each broadcast (so an idle worker blocks on
 the pipe, not inside a collective that would time out) and uses it at start-up to learn that the worker
@@ -20,15 +22,14 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
 from attnzoo import distributed
+from attnzoo.engine.cache_tensors import CacheLayout
 from attnzoo.engine.model_runner import ModelRunner, StepInputs
-from attnzoo.engine.paged_cache import PagedKVCache
 from attnzoo.models.decoder import DecoderLM
 
 log = logging.getLogger("attnzoo.engine")
@@ -37,15 +38,6 @@ START_TIMEOUT_S = float(os.environ.get("ATTNZOO_TP_START_TIMEOUT", "600"))
 
 class EngineDeadError(RuntimeError):
     """A tensor-parallel worker died or a collective failed: the engine cannot run another step."""
-
-
-@dataclass
-class CacheArgs:
-    """Rank 0's cache plan, so that every rank's cache has the same pages and slots (each its own heads)."""
-    num_pages: int
-    page_size: int
-    num_state_slots: int
-    window_pages: dict[int, int] | None
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -68,10 +60,8 @@ def _worker_main(rank: int, world: int, port: int, path: str, dtype: torch.dtype
         conn.send(("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return
     try:
-        args: CacheArgs = ctx.broadcast_object()
-        kv = PagedKVCache(model.cache_specs(), args.num_pages, args.page_size, model.embed_tokens.weight.dtype,
-                          False, dev, num_state_slots=args.num_state_slots, window_pages=args.window_pages)
-        runner = ModelRunner(model, kv, worker=True)
+        layout: CacheLayout = ctx.broadcast_object()   # rank 0's: the same pages and slots, this rank's heads
+        runner = ModelRunner(model, layout)
         while True:
             try:
                 conn.recv()                       # the doorbell: a step (or the end) is coming
@@ -134,8 +124,8 @@ class TensorParallelGroup:
             if kind == "error":
                 raise EngineDeadError(f"tensor-parallel worker failed to start: {info}")
 
-    def start_caches(self, args: CacheArgs) -> None:
-        self.ctx.broadcast_object(args)
+    def start_caches(self, layout: CacheLayout) -> None:
+        self.ctx.broadcast_object(layout)
 
     def check_alive(self) -> None:
         if self.dead is not None:

@@ -69,16 +69,21 @@ def stack_equal(spans: list[Span]) -> list[Span]:
     """Spans of one sequence each (`per_sequence`, or unpacked ones with no padding), those with equal query
     and key counts stacked into one span: a batched op then runs once per shape, not once per sequence
     (a training batch of equal-length sequences becomes one span). Others pass through unchanged."""
-    groups: dict[tuple[int, int], list[Span]] = {}
-    out = []
+    plain, other = [], []
     for s in spans:
-        if s.valid is None and s.cu_seqlens is None and s.block_table is None:
-            groups.setdefault((s.rows.shape[1], s.keys.shape[1]), []).append(s)
-        else:
-            out.append(s)
-    stacked = [g[0] if len(g) == 1 else Span(torch.cat([s.rows for s in g]), torch.cat([s.keys for s in g]))
-               for g in groups.values()]
-    return stacked + out
+        (plain if s.valid is None and s.cu_seqlens is None and s.block_table is None else other).append(s)
+    return [g[0] for g in stack_aligned(plain)] + other
+
+
+def stack_aligned(*lists: list[Span]) -> list[tuple[Span, ...]]:
+    """Like `stack_equal` for a layer that reads several stores per sequence (NSA: its raw rows and its
+    compressed rows): the i-th span of every list is sequence i's, one sequence each with no padding; the
+    sequences whose spans all have equal shapes are stacked together, list by list."""
+    groups: dict[tuple[int, ...], list[tuple[Span, ...]]] = {}
+    for seq in zip(*lists, strict=True):
+        groups.setdefault((seq[0].rows.shape[1], *(s.keys.shape[1] for s in seq)), []).append(seq)
+    return [tuple(g[0] if len(g) == 1 else Span(torch.cat([s.rows for s in g]), torch.cat([s.keys for s in g]))
+                  for g in zip(*seqs)) for seqs in groups.values()]
 
 
 @dataclass
@@ -96,6 +101,15 @@ class Context:
     def gather(self, span: Span) -> torch.Tensor:
         """Rows of the span's keys: [R, L, D] (packed: [N, D])."""
         return self.rows if span.cu_seqlens is not None else self.rows[span.keys]
+
+    def paged(self, span: Span) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The span's keys for kernels that read rows in place: (pages [P, page_size, D], block table [R, P],
+        key counts [R]): the paged engine's pages, else the stored rows as pages of one token. Spans without a
+        block table carry no padding (only the paged engine pads a decode batch)."""
+        if span.block_table is not None:
+            return self.pages, span.block_table, span.seq_lens
+        R, L = span.keys.shape
+        return self.rows[:, None], span.keys, span.keys.new_full((R,), L)
 
     def gather_kv(self, span: Span) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the span's keys: [R, L, Hkv, d] (packed: [N, Hkv, d])."""
@@ -146,6 +160,10 @@ class NoCache:
         span = Span(rows, rows, cu_seqlens=self.cu_seqlens)
         if spec.kind is CacheKind.KV:
             return Context([span], k=new[0].transpose(0, 1), v=new[1].transpose(0, 1))
+        if spec.kind is CacheKind.COMPRESSED:  # a row per token; each sequence's span names its completed blocks
+            first, cu = spec.block_len - 1, self.cu_seqlens.tolist()
+            spans = [Span(rows[:, a:b], rows[:, a + first:b:spec.stride]) for a, b in zip(cu, cu[1:]) if b > a]
+            return Context(spans, rows=new[0])
         return Context([span], rows=new[0])
 
     def recurrent_states(self, layer_idx: int, spec: RecurrentState, like: torch.Tensor
@@ -184,12 +202,7 @@ class Batch:
         return self.kv.attend(layer_idx, q, k, v, self, window_size=window_size, scale=scale, sinks=sinks)
 
     def store(self, layer_idx: int, spec: CacheSpec, *new: torch.Tensor) -> Context:
-        try:
-            store = self.kv.store
-        except AttributeError:  # an attention-only cache: refuse here, once, for every layer
-            raise NotImplementedError(f"layer {layer_idx} needs {type(spec).__name__} storage; "
-                                      f"{type(self.cache).__name__} has none") from None
-        return store(layer_idx, spec, *new)
+        return self.kv.store(layer_idx, spec, *new)
 
     def recurrent_states(self, layer_idx: int, spec: RecurrentState, like: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:

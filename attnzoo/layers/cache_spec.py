@@ -56,45 +56,41 @@ class SlidingKV(FullKV):
 
 
 @dataclass(frozen=True)
-class LatentKV(CacheSpec):
+class RowSpec(CacheSpec):
+    """One row of `dim` elements per token (its kind says whose)."""
+    dim: int
+
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        return self.dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class LatentKV(RowSpec):
     """MLA: one latent (kv_lora_rank + rope dim) per token, shared by all heads."""
     kind: ClassVar[CacheKind] = CacheKind.LATENT
-    dim: int
-
-    def bytes_per_token(self, dtype_bytes: int) -> int:
-        return self.dim * dtype_bytes
 
 
 @dataclass(frozen=True)
-class IndexerKeys(CacheSpec):
+class IndexerKeys(RowSpec):
     """DSA/MSA/IndexShare: one indexer key per token."""
     kind: ClassVar[CacheKind] = CacheKind.INDEX_KEYS
-    dim: int
-
-    def bytes_per_token(self, dtype_bytes: int) -> int:
-        return self.dim * dtype_bytes
 
 
 @dataclass(frozen=True)
-class RowKV(CacheSpec):
+class RowKV(RowSpec):
     """NSA: the raw keys and values of every K/V set of a layer (compression, selection, window; one when
     shared), flattened into one row per token: the selection branch may read any block."""
     kind: ClassVar[CacheKind] = CacheKind.ROWS
-    dim: int
-
-    def bytes_per_token(self, dtype_bytes: int) -> int:
-        return self.dim * dtype_bytes
 
 
 @dataclass(frozen=True)
-class CompressedKV(CacheSpec):
+class CompressedKV(RowSpec):
     """NSA's compressed keys and values: one row (K and V of every KV head) per completed compression
     block, block j = tokens [j*stride, j*stride + block_len). The row lives in the page of the token that
     completes the block (j*stride + block_len - 1), at index (that token % page_size) // stride: a page of
     page_size tokens holds ceil(page_size / stride) rows, so the rows share the token page table (and the
     prefix cache) at 1/stride of the cost."""
     kind: ClassVar[CacheKind] = CacheKind.COMPRESSED
-    dim: int
     block_len: int
     stride: int
 

@@ -11,8 +11,7 @@ from torch import nn
 from attnzoo.layers.batch import Batch
 from attnzoo.layers.cache_spec import LatentKV
 from attnzoo.layers.norm import RMSNorm
-from attnzoo.ops.latent import mla_absorbed, mla_expanded
-from attnzoo.ops.latent.paged import mla_paged_decode
+from attnzoo.ops.latent import mla_expanded, mla_paged_decode
 from attnzoo.ops.rope import apply_rope
 
 
@@ -75,21 +74,20 @@ class MLAttention(nn.Module):
     def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, w_uk: torch.Tensor,
                 w_uv: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Over the cached latent rows, whatever holds them. Decode is memory-bound: attend over the latent
-        (absorbed), straight from the pages where the span carries a block table (MQA over the latent,
-        FlashMLA's shape); prefill is compute-bound: expand."""
+        rows where they lie (absorbed: MQA over the latent, FlashMLA's shape); prefill is compute-bound:
+        expand."""
         ctx = batch.store(self.layer_idx, self.cache_spec(), latent)
         n, H = q_nope.shape[:2]
         o = q_nope.new_empty(n, H, self.dv)
         for s in ctx.spans:
-            if s.block_table is not None:
+            if s.single_query:
                 q_abs = torch.cat([torch.einsum("nhd,hdc->nhc", s.take(q_nope)[:, 0], w_uk), s.take(q_pe)[:, 0]], -1)
-                o_lat = mla_paged_decode(q_abs, ctx.pages, s.block_table, s.seq_lens, self.kv_lora_rank, self.scale)
+                o_lat = mla_paged_decode(q_abs, *ctx.paged(s), self.kv_lora_rank, self.scale)
                 s.put(o, torch.einsum("nhc,hvc->nhv", o_lat.to(w_uv.dtype), w_uv))
                 continue
             c_all, kpe_all = ctx.gather(s).split([self.kv_lora_rank, self.dr], -1)
-            fn = mla_absorbed if s.single_query else mla_expanded
-            s.put(o, fn(s.take(q_nope), s.take(q_pe), c_all, kpe_all, w_uk, w_uv, scale=self.scale, causal=True,
-                        cu_seqlens_q=s.cu_seqlens, cu_seqlens_k=s.cu_seqlens))
+            s.put(o, mla_expanded(s.take(q_nope), s.take(q_pe), c_all, kpe_all, w_uk, w_uv, scale=self.scale,
+                                  causal=True, cu_seqlens_q=s.cu_seqlens, cu_seqlens_k=s.cu_seqlens))
         return o
 
     def cache_spec(self) -> LatentKV:

@@ -1,15 +1,15 @@
-"""Native Sparse Attention layer (DeepSeek, arXiv 2502.11089; docs/mechanisms/sparse.md §2): one pass over packed
-sequences (training, scoring) and a cached path (the engine, the reference generator)."""
+"""Native Sparse Attention layer (DeepSeek, arXiv 2502.11089; docs/mechanisms/sparse.md §2): one path over the
+Batch's store, whatever holds the rows (one pass for training and scoring, the engine, the reference generator)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from attnzoo.layers.batch import Batch
+from attnzoo.layers.batch import Batch, Context, stack_aligned, stack_equal
 from attnzoo.layers.cache_spec import CompressedKV, RowKV
 from attnzoo.layers.norm import RMSNorm
-from attnzoo.ops.nsa import nsa, nsa_compress_keys
+from attnzoo.ops.nsa import nsa
 from attnzoo.ops.rope import apply_rope
 
 
@@ -82,14 +82,6 @@ class NativeSparseAttention(nn.Module):
             return kb.mean(-2), vb.mean(-2)
         return self.k_compress((kb + self.k_pos).flatten(-2)), self.v_compress((vb + self.v_pos).flatten(-2))
 
-    def _compressed(self, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compressed keys/values packed per sequence: [total_cmp, Hkv, head_dim]."""
-        l, d = self.block_len, self.stride
-        if self.compress == "mean":
-            return nsa_compress_keys(k, l, d, "mean", cu), nsa_compress_keys(v, l, d, "mean", cu)
-        return self._compress_blocks(nsa_compress_keys(k, l, d, "blocks", cu),  # [Nc, Hkv, l, dk]
-                                     nsa_compress_keys(v, l, d, "blocks", cu))
-
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """q [N, H, d] and the (k, v) [N, Hkv, d] of each K/V set (compression, selection, window; one when
@@ -112,55 +104,45 @@ class NativeSparseAttention(nn.Module):
         return q, kvs
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
-        n, H = x.shape[0], self.num_heads
+        """Store the new tokens' raw K/V, compress the blocks they complete (reading each block's raw
+        compression K/V back from the store) and store those, then run the three branches per sequence over
+        its stored tokens (queries are the last positions: bottom-right). One pass keeps nothing (NoCache):
+        every block of the step is completed by it."""
+        n, H, Hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         q, kvs = self.project(x, rope)
         g = torch.sigmoid(self.gate(x)).view(n, H, 3)
-        if batch.cache is not None:
-            o = self._cached(q, kvs, g, batch)
-        else:  # one pass over packed sequences: nothing to keep
-            (k_c, v_c), (k_s, v_s), (k_w, v_w) = kvs if not self.shared_kv else kvs * 3
-            k_cmp, v_cmp = self._compressed(k_c, v_c, batch.cu_seqlens)
-            o = nsa(q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, g[..., 0], g[..., 1], g[..., 2], l=self.block_len,
-                    d=self.stride, l_sel=self.select_block, n=self.num_selected, window=self.window,
-                    cu_seqlens=batch.cu_seqlens, reduce="sum")
-        return self.o_proj(o.reshape(n, H * self.head_dim))
-
-    def _cached(self, q: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]], g: torch.Tensor,
-                batch: Batch) -> torch.Tensor:
-        """Store the new tokens' raw K/V, compress the blocks they complete (reading the block's raw
-        compression K/V back from the cache), store those, then run the three branches per sequence over
-        its stored tokens (queries are the last positions: bottom-right)."""
-        n, H, Hkv, d, l = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.block_len
         rows_spec, cmp_spec = self.cache_spec()
-        raw = torch.cat([t.reshape(n, Hkv * d) for kv in kvs for t in kv], -1)  # set by set: k, v
+        raw = torch.cat([t.reshape(n, -1) for kv in kvs for t in kv], -1)  # set by set: k, v
         ctx = batch.store(self.layer_idx, rows_spec, raw)
-        pos = batch.positions
-        done = (pos >= l - 1) & ((pos - (l - 1)) % self.stride == 0)   # the token completes a block
-        new_cmp = raw.new_zeros(n, 2 * Hkv * d)
-        if bool(done.any()):
-            for s in ctx.spans:
-                m = done[s.rows]
-                if not bool(m.any()):
-                    continue
-                r, t = m.nonzero(as_tuple=True)
-                cols = pos[s.rows[r, t]][:, None] - (l - 1) + torch.arange(l, device=pos.device)   # [M, l]
-                blk = ctx.rows[s.keys[r[:, None], cols]]                     # [M, l, D]: positions = columns
-                kb = blk[..., : Hkv * d].unflatten(-1, (Hkv, d)).transpose(1, 2)          # [M, Hkv, l, d]
-                vb = blk[..., Hkv * d: 2 * Hkv * d].unflatten(-1, (Hkv, d)).transpose(1, 2)
-                kc, vc = self._compress_blocks(kb.to(q.dtype), vb.to(q.dtype))
-                new_cmp[s.rows[r, t]] = torch.cat([kc.flatten(1), vc.flatten(1)], -1).to(new_cmp.dtype)
-        cctx = batch.store(self.layer_idx, cmp_spec, new_cmp)
+        cctx = batch.store(self.layer_idx, cmp_spec, self._compress_new(ctx, batch.positions, q.dtype))
         out = q.new_empty(n, H, d)
-        sets = 1 if self.shared_kv else 3
-        for s, cs in zip(ctx.spans, cctx.spans):
-            for one, cone in zip(s.per_sequence(), cs.per_sequence()):
-                rows = one.rows[0]
-                kv = ctx.rows[one.keys[0]].to(q.dtype).unflatten(-1, (2 * sets, Hkv, d))[None]  # [1, L, 2s, Hkv, d]
-                cm = cctx.rows[cone.keys[0]].to(q.dtype).unflatten(-1, (2, Hkv, d))[None]        # [1, Nc, 2, Hkv, d]
-                parts = [(kv[:, :, 2 * i], kv[:, :, 2 * i + 1]) for i in range(sets)]
-                (_, _), (k_s, v_s), (k_w, v_w) = parts if sets == 3 else parts * 3
-                gg = g[rows][None]
-                out[rows] = nsa(q[rows][None], cm[:, :, 0], cm[:, :, 1], k_s, v_s, k_w, v_w, gg[..., 0],
-                                gg[..., 1], gg[..., 2], l=l, d=self.stride, l_sel=self.select_block,
-                                n=self.num_selected, window=self.window, reduce="sum")[0]
-        return out
+        seqs = [[p for s in c.spans for p in s.per_sequence()] for c in (ctx, cctx)]
+        for s, cs in stack_aligned(*seqs):   # sequences of equal lengths run as one batch
+            kv = ctx.rows[s.keys].to(q.dtype).unflatten(-1, (2 * self.kv_sets, Hkv, d))   # [R, L, 2 * sets, Hkv, d]
+            cm = cctx.rows[cs.keys].to(q.dtype).unflatten(-1, (2, Hkv, d))               # [R, Nc, 2, Hkv, d]
+            sets = [(kv[:, :, 2 * i], kv[:, :, 2 * i + 1]) for i in range(self.kv_sets)]
+            (_, _), (k_s, v_s), (k_w, v_w) = sets if not self.shared_kv else sets * 3
+            gs = g[s.rows]
+            s.put(out, nsa(s.take(q), cm[:, :, 0], cm[:, :, 1], k_s, v_s, k_w, v_w, gs[..., 0], gs[..., 1],
+                           gs[..., 2], l=self.block_len, d=self.stride, l_sel=self.select_block, n=self.num_selected,
+                           window=self.window, reduce="sum"))
+        return self.o_proj(out.reshape(n, H * d))
+
+    def _compress_new(self, ctx: Context, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A compressed row [N, 2 * Hkv * d] per new token that completes a block (0 elsewhere), from the
+        block's raw compression K/V (the first set of the stored rows; span keys are by position)."""
+        Hkv, d, l = self.num_kv_heads, self.head_dim, self.block_len
+        done = (pos >= l - 1) & ((pos - (l - 1)) % self.stride == 0)   # the token completes a block
+        new = ctx.rows.new_zeros(len(pos), 2 * Hkv * d, dtype=dtype)
+        if not bool(done.any()):
+            return new
+        raw_cmp = ctx.rows[:, : 2 * Hkv * d]
+        for s in stack_equal([p for span in ctx.spans for p in span.unpacked()]):
+            r, t = done[s.rows].nonzero(as_tuple=True)
+            if len(r) == 0:
+                continue
+            cols = pos[s.rows[r, t]][:, None] - (l - 1) + torch.arange(l, device=pos.device)   # [M, l]
+            blk = raw_cmp[s.keys[r[:, None], cols]].to(dtype).unflatten(-1, (2, Hkv, d))        # [M, l, 2, Hkv, d]
+            kc, vc = self._compress_blocks(blk[:, :, 0].transpose(1, 2), blk[:, :, 1].transpose(1, 2))
+            new[s.rows[r, t]] = torch.cat([kc.flatten(1), vc.flatten(1)], -1)
+        return new

@@ -1,23 +1,35 @@
 """The feed-forward half of a layer: a dense SwiGLU (optionally clamped: GPT-OSS, MiniMax-M3, GLM-5.3-Flash)
 or a mixture of experts (DeepSeek's sigmoid routing with groups and shared experts, or Qwen's softmax
-routing with a gated shared expert). Left out of the arena's cost columns: the same in every contestant."""
+routing with a gated shared expert). Left out of the arena's cost columns: the same in every contestant.
+Not a layer type: every decoder layer has one (mechanisms.build_ffn); registered for its config (`moe`)
+and its tensor-parallel rules:
+    dense MLP   intermediate channels split (gate/up rows, down columns)
+    MoE         tensor parallel, not expert parallel: every rank holds every expert with 1/N of its
+                intermediate channels (and of the shared experts'); the router is replicated, so all ranks
+                route alike and the load is even whatever the routing; one all-reduce per layer
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+from attnzoo.errors import ModelLoadError
 from attnzoo.layers import DeepseekMoE, SwiGLU
 from attnzoo.layers.mlp import ClampedGLU
 from attnzoo.layers.moe import QwenMoE
-from attnzoo.mechanisms.common import Tensors, take
+from attnzoo.layers.parallel import ColumnParallelLinear, ReducedOutput, RowParallelLinear, as_parallel
+from attnzoo.mechanisms.common import Tensors, even, take
+from attnzoo.mechanisms.registry import Family, Ranges, Sharding
 
 if TYPE_CHECKING:
+    from attnzoo.distributed import ParallelContext
     from attnzoo.models.config import ModelConfig
 
-FIELD = "moe"
+PREFIXES = ("mlp.", "block_sparse_moe.")   # a layer's MLP tensors in transformers' names
 
 
 @dataclass
@@ -41,51 +53,63 @@ class Config:
             raise ValueError(f"MoE kind must be deepseek or qwen, got {self.kind!r}")
 
 
-def from_hf(raw: dict[str, Any], arch: str) -> Config | None:
-    """The experts of a transformers config (None: a dense model); each family spells them its own way."""
-    if arch in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa"):
-        return Config(**{k: raw.get(k, d) for k, d in (
-            ("n_routed_experts", 256), ("num_experts_per_tok", 8), ("moe_intermediate_size", 2048), ("n_group", 8),
-            ("topk_group", 4), ("norm_topk_prob", True), ("routed_scaling_factor", 2.5), ("n_shared_experts", 1),
-            ("first_k_dense_replace", 3))})
-    if arch == "kimi_linear":
-        experts = raw.get("num_experts", raw.get("num_local_experts", 0))
-        return None if not experts else Config(
-            n_routed_experts=experts,
-            num_experts_per_tok=raw.get("num_experts_per_token", raw.get("num_experts_per_tok", 1)),
-            moe_intermediate_size=raw["moe_intermediate_size"],
-            n_group=raw.get("num_expert_group", raw.get("n_group", 1)) or 1, topk_group=raw.get("topk_group", 1) or 1,
-            norm_topk_prob=raw.get("moe_renormalize", raw.get("norm_topk_prob", True)),
-            routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
-            n_shared_experts=raw.get("num_shared_experts", raw.get("n_shared_experts", 0)) or 0)
-    if arch == "qwen3_next":
-        experts = raw.get("num_experts", 0)
-        return None if not experts else Config(
-            kind="qwen", n_routed_experts=experts, num_experts_per_tok=raw["num_experts_per_tok"],
-            moe_intermediate_size=raw["moe_intermediate_size"], norm_topk_prob=raw.get("norm_topk_prob", True),
-            shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0))
-    if arch == "mimo_v2_flash":  # DeepSeek-style routing without shared experts
-        experts = raw.get("n_routed_experts", 0)
-        return None if not experts else Config(
-            n_routed_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
-            moe_intermediate_size=raw["moe_intermediate_size"], n_group=raw.get("n_group", 1) or 1,
-            topk_group=raw.get("topk_group", 1) or 1, norm_topk_prob=raw.get("norm_topk_prob", True),
-            routed_scaling_factor=raw.get("routed_scaling_factor", 1.0) or 1.0, n_shared_experts=0)
-    if arch == "minimax_m3":  # its intermediate_size is the experts' width
-        experts = raw.get("num_local_experts", 0)
-        return None if not experts else Config(
-            n_routed_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
-            moe_intermediate_size=raw["intermediate_size"], n_group=1, topk_group=1, norm_topk_prob=True,
-            routed_scaling_factor=raw.get("routed_scaling_factor", 1.0), n_shared_experts=1,
-            shared_intermediate_size=raw.get("shared_intermediate_size", raw["intermediate_size"]))
-    if arch == "glm5_next":
-        return Config(n_routed_experts=raw.get("n_routed_experts", 288),
-                      num_experts_per_tok=raw.get("num_experts_per_tok", 8),
-                      moe_intermediate_size=raw.get("moe_intermediate_size", 2048), n_group=raw.get("n_group", 1) or 1,
-                      topk_group=raw.get("topk_group", 1) or 1, norm_topk_prob=raw.get("norm_topk_prob", True),
-                      routed_scaling_factor=raw.get("routed_scaling_factor", 2.5),
-                      n_shared_experts=raw.get("n_shared_experts", 1) or 0)
-    return None
+# ---- transformers configs: each family spells its experts its own way (None: a dense model) --------------
+def deepseek_moe(raw: dict[str, Any]) -> Config:
+    """DeepSeek-V3 / V3.2, GLM-5 (transformers' defaults: DeepSeek-V3's)."""
+    return Config(**{k: raw.get(k, d) for k, d in (
+        ("n_routed_experts", 256), ("num_experts_per_tok", 8), ("moe_intermediate_size", 2048), ("n_group", 8),
+        ("topk_group", 4), ("norm_topk_prob", True), ("routed_scaling_factor", 2.5), ("n_shared_experts", 1),
+        ("first_k_dense_replace", 3))})
+
+
+def kimi_moe(raw: dict[str, Any]) -> Config | None:
+    experts = raw.get("num_experts", raw.get("num_local_experts", 0))
+    return None if not experts else Config(
+        n_routed_experts=experts,
+        num_experts_per_tok=raw.get("num_experts_per_token", raw.get("num_experts_per_tok", 1)),
+        moe_intermediate_size=raw["moe_intermediate_size"],
+        n_group=raw.get("num_expert_group", raw.get("n_group", 1)) or 1, topk_group=raw.get("topk_group", 1) or 1,
+        norm_topk_prob=raw.get("moe_renormalize", raw.get("norm_topk_prob", True)),
+        routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
+        n_shared_experts=raw.get("num_shared_experts", raw.get("n_shared_experts", 0)) or 0)
+
+
+def qwen_moe(raw: dict[str, Any]) -> Config | None:
+    """Qwen3-Next: softmax routing, a gated shared expert."""
+    experts = raw.get("num_experts", 0)
+    return None if not experts else Config(
+        kind="qwen", n_routed_experts=experts, num_experts_per_tok=raw["num_experts_per_tok"],
+        moe_intermediate_size=raw["moe_intermediate_size"], norm_topk_prob=raw.get("norm_topk_prob", True),
+        shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0))
+
+
+def mimo_moe(raw: dict[str, Any]) -> Config | None:
+    """MiMo-V2-Flash: DeepSeek-style routing without shared experts."""
+    experts = raw.get("n_routed_experts", 0)
+    return None if not experts else Config(
+        n_routed_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
+        moe_intermediate_size=raw["moe_intermediate_size"], n_group=raw.get("n_group", 1) or 1,
+        topk_group=raw.get("topk_group", 1) or 1, norm_topk_prob=raw.get("norm_topk_prob", True),
+        routed_scaling_factor=raw.get("routed_scaling_factor", 1.0) or 1.0, n_shared_experts=0)
+
+
+def minimax_moe(raw: dict[str, Any]) -> Config | None:
+    """MiniMax-M3: its intermediate_size is the experts' width."""
+    experts = raw.get("num_local_experts", 0)
+    return None if not experts else Config(
+        n_routed_experts=experts, num_experts_per_tok=raw.get("num_experts_per_tok", 8),
+        moe_intermediate_size=raw["intermediate_size"], n_group=1, topk_group=1, norm_topk_prob=True,
+        routed_scaling_factor=raw.get("routed_scaling_factor", 1.0), n_shared_experts=1,
+        shared_intermediate_size=raw.get("shared_intermediate_size", raw["intermediate_size"]))
+
+
+def glm5_next_moe(raw: dict[str, Any]) -> Config:
+    return Config(n_routed_experts=raw.get("n_routed_experts", 288),
+                  num_experts_per_tok=raw.get("num_experts_per_tok", 8),
+                  moe_intermediate_size=raw.get("moe_intermediate_size", 2048), n_group=raw.get("n_group", 1) or 1,
+                  topk_group=raw.get("topk_group", 1) or 1, norm_topk_prob=raw.get("norm_topk_prob", True),
+                  routed_scaling_factor=raw.get("routed_scaling_factor", 2.5),
+                  n_shared_experts=raw.get("n_shared_experts", 1) or 0)
 
 
 def build(cfg: ModelConfig, idx: int) -> SwiGLU | DeepseekMoE | QwenMoE:
@@ -104,8 +128,8 @@ def build(cfg: ModelConfig, idx: int) -> SwiGLU | DeepseekMoE | QwenMoE:
 
 def hf_weights(cfg: ModelConfig, tensors: Tensors, src: str, dst: str, idx: int) -> dict[str, torch.Tensor]:
     """src: the layer's prefix (model.layers.N.); dst: the MLP's (layers.N.mlp.)."""
-    m = src + ("block_sparse_moe." if src + "block_sparse_moe.gate_proj.weight" in tensors
-               or src + "block_sparse_moe.gate.weight" in tensors else "mlp.")  # Kimi Linear's name
+    m = src + (PREFIXES[1] if src + "block_sparse_moe.gate_proj.weight" in tensors
+               or src + "block_sparse_moe.gate.weight" in tensors else PREFIXES[0])  # Kimi Linear's name
     if cfg.mlp_layer_types[idx] == "dense":
         return swiglu_weights(tensors, m, dst, cfg.mlp_bias)
     gate_up, down = _experts(cfg, tensors, m)
@@ -144,3 +168,55 @@ def swiglu_weights(tensors: Tensors, m: str, d: str, bias: bool) -> dict[str, to
         out[d + "gate_up_proj.bias"] = torch.cat([take(tensors, m + "gate_proj.bias"), take(tensors, m + "up_proj.bias")])
         out[d + "down_proj.bias"] = take(tensors, m + "down_proj.bias")
     return out
+
+
+# ---- tensor parallelism (see the module docstring) -------------------------------------------------------
+def shard_ranges(rest: str, shape: tuple[int, ...], cfg: ModelConfig, ctx: ParallelContext, idx: int
+                 ) -> tuple[int, Ranges] | None:
+    part, _, leaf = rest.rpartition(".")
+    proj, last = part.rsplit(".", 1)[-1], len(shape) - 1
+    if rest.endswith("experts.gate_up_proj"):          # transformers' fused experts [E, 2I, D]
+        return 1, even(ctx, shape[1] // 2, shape[1] // 2)
+    if rest.endswith("experts.down_proj"):             # [E, D, I]
+        return 2, even(ctx, shape[2])
+    if proj in ("gate_proj", "up_proj"):
+        return 0, even(ctx, shape[0])
+    if proj == "gate_up_proj":                         # fused 2-D, gate rows first
+        return 0, even(ctx, shape[0] // 2, shape[0] // 2)
+    if proj == "down_proj" and leaf == "weight":
+        return last, even(ctx, shape[last])
+    return None                                        # routers, shared-expert gates, down biases
+
+
+def shard_problems(cfg: ModelConfig, layers: list[int], n: int) -> list[str]:
+    out = []
+    if "dense" in cfg.mlp_layer_types and cfg.intermediate_size % n:
+        out.append(f"intermediate_size {cfg.intermediate_size}")
+    if cfg.moe is not None and "sparse" in cfg.mlp_layer_types:
+        m = cfg.moe
+        for name, v in (("moe_intermediate_size", m.moe_intermediate_size),
+                        ("shared_intermediate_size", m.shared_intermediate_size or 0),
+                        ("shared_expert_intermediate_size", m.shared_expert_intermediate_size)):
+            if v % n:
+                out.append(f"{name} {v}")
+    return out
+
+
+def shard_local(m: Config, n: int) -> Config:
+    return replace(m, moe_intermediate_size=m.moe_intermediate_size // n,
+                   shared_intermediate_size=m.shared_intermediate_size // n if m.shared_intermediate_size else None,
+                   shared_expert_intermediate_size=m.shared_expert_intermediate_size // n)
+
+
+def parallelize(mlp: nn.Module, ctx: ParallelContext) -> None:
+    if isinstance(mlp, SwiGLU):
+        as_parallel(mlp.gate_up_proj, ColumnParallelLinear, ctx)
+        as_parallel(mlp.down_proj, RowParallelLinear, ctx)
+    elif isinstance(mlp, (DeepseekMoE, QwenMoE)):
+        mlp.register_forward_hook(ReducedOutput(ctx))
+    else:
+        raise ModelLoadError(f"no tensor-parallel split for {type(mlp).__name__}")
+
+
+FAMILY = Family("ffn", title="the MLP", config=Config, field="moe",
+                sharding=Sharding(shard_ranges, problems=shard_problems, local=shard_local, parallelize=parallelize))

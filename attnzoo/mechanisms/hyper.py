@@ -1,5 +1,6 @@
 """mHC residual streams (GLM-5.3-Flash): hc_mult streams mixed around each attention and MLP block by
-HyperConnection. Not a layer type: the block around the layers (models/glm5_next.py)."""
+HyperConnection. Not a layer type: the block around the layers (models/glm5_next.py); registered for its
+config (`hyper`). Tensor parallelism refuses it (no split of the streams)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import torch
 
 from attnzoo.layers.hyper import HyperConnection
 from attnzoo.mechanisms.common import Tensors, take
+from attnzoo.mechanisms.registry import Family
 
 if TYPE_CHECKING:
     from attnzoo.models.config import ModelConfig
-
-FIELD = "hyper"
 
 
 @dataclass
@@ -42,3 +42,6 @@ def hf_weights(cfg: ModelConfig, tensors: Tensors, src: str, dst: str, idx: int)
             name = f"{src}hc_{blk}_{p}" if f"{src}hc_{blk}_{p}" in tensors else f"{src}{blk}_hc.{p}"
             out[f"{dst}{blk}_hc.{p}"] = take(tensors, name)
     return out
+
+
+FAMILY = Family("hyper", title="mHC residual streams", config=Config, field="hyper")

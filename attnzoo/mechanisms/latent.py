@@ -1,21 +1,30 @@
 """Multi-head latent attention (DeepSeek-V3, Kimi Linear): keys and values from one compressed latent per
-token, with a decoupled RoPE slice; see docs/mechanisms/ for the absorbed and expanded forms."""
+token, with a decoupled RoPE slice; see docs/mechanisms/ for the absorbed and expanded forms. Serves
+full/sliding layers when the model sets `mla` (and no family refining it, DSA, applies).
+
+Architectures read here: deepseek_v3. Tensor parallelism: query heads split (q_proj / q_b_proj and kv_b_proj
+rows, o_proj columns); the latent path (q_a, kv_a, their norms) and the latent cache replicated on every rank.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from attnzoo.errors import ModelLoadError
 from attnzoo.layers import MLAttention
-from attnzoo.mechanisms.common import Tensors, cost_shape, take
+from attnzoo.layers.cache_spec import CacheKind
+from attnzoo.mechanisms import ffn
+from attnzoo.mechanisms.common import Tensors, cost_shape, even, take
+from attnzoo.mechanisms.registry import Contestant, Family, Ranges, Sharding
 from attnzoo.ops.sparse import cost as cost_model
 
 if TYPE_CHECKING:
     import torch
 
+    from attnzoo.arena.mechanisms import Shape
+    from attnzoo.distributed import ParallelContext
     from attnzoo.models.config import ModelConfig
-
-FIELD = "mla"
 
 
 @dataclass
@@ -69,5 +78,45 @@ def shape_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 def cost(cfg: ModelConfig, idx: int, context: int) -> tuple[float, float]:
     """(FLOPs, KV bytes read) for the token at `context`: the cost model's absorbed MLA."""
-    c = cost_model.cost_per_token("mla", context, cost_shape(cfg, **shape_kwargs(cfg)))
+    c = cost_model.cost_per_token(cost_model.mla_terms, context, cost_shape(cfg, **shape_kwargs(cfg)))
     return c.flops(cost_model.LAYER), c.kv_bytes
+
+
+def deepseek_v3(raw: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V3 (and the DSA models on it): MLA everywhere, DeepSeek MoE after the first dense layers."""
+    mla, moe = from_hf(raw), ffn.deepseek_moe(raw)
+    if raw.get("mlp_layer_types"):
+        moe.first_k_dense_replace = raw["mlp_layer_types"].count("dense")
+        if raw["mlp_layer_types"] != sorted(raw["mlp_layer_types"]):  # dense first, then sparse
+            raise ModelLoadError(f"mlp_layer_types {raw['mlp_layer_types']} interleave dense and sparse layers")
+    # RoPE rotates only the decoupled rope slice
+    return dict(attention_type="mla", mla=mla, moe=moe, head_dim=mla.qk_rope_head_dim, sliding_window=None,
+                layer_types=[])
+
+
+def shard_ranges(rest: str, shape: tuple[int, ...], cfg: ModelConfig, ctx: ParallelContext, idx: int
+                 ) -> tuple[int, Ranges] | None:
+    part, _, leaf = rest.rpartition(".")
+    if part in ("self_attn.q_proj", "self_attn.q_b_proj", "self_attn.kv_b_proj"):
+        return 0, even(ctx, shape[0])             # per query head, contiguous
+    if part == "self_attn.o_proj" and leaf == "weight":
+        return 1, even(ctx, shape[1])
+    return None                                   # the latent path, DSA's indexer: replicated
+
+
+SHARDING = Sharding(shard_ranges, columns=("q_proj", "q_b_proj", "kv_b_proj"), rows=("o_proj",))
+
+
+def arena_fields(s: Shape) -> dict[str, Any]:
+    """MLA at the arena's width, in DeepSeek-V3's proportions: latent = hidden / 2, rope slice = head_dim / 2,
+    query rank 3/4."""
+    m = Config(q_lora_rank=3 * s.hidden // 4, kv_lora_rank=s.hidden // 2, qk_nope_head_dim=s.head_dim,
+               qk_rope_head_dim=s.head_dim // 2, v_head_dim=s.head_dim, rope_interleave=True)
+    return dict(attention_type="mla", mla=m, head_dim=m.qk_rope_head_dim)
+
+
+FAMILY = Family(
+    "mla", title="multi-head latent attention", config=Config, field="mla",
+    layer_types=("full_attention", "sliding_attention"), build=build, hf_weights=hf_weights, cost=cost,
+    readers={"deepseek_v3": deepseek_v3}, sharding=SHARDING, cache_kinds=(CacheKind.LATENT,),
+    contestants=(Contestant("mla", arena_fields, "multi-head latent attention"),))

@@ -1,22 +1,30 @@
+"""`ModelConfig`: a decoder-only LM's architecture, composed of the model-wide fields and the mechanism
+families' configs (each family's dataclass, coerced through the registry: this module names no family)."""
+
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from attnzoo.mechanisms import CONFIGS, LAYER_TYPES
+from attnzoo.mechanisms import registry
 from attnzoo.mechanisms.common import coerce
-from attnzoo.mechanisms.delta import Config as DeltaConfig
-from attnzoo.mechanisms.dsa import Config as DSAConfig
-from attnzoo.mechanisms.ffn import Config as MoEConfig
-from attnzoo.mechanisms.hyper import Config as HyperConfig
-from attnzoo.mechanisms.latent import Config as MLAConfig
-from attnzoo.mechanisms.msa import Config as MSAConfig
-from attnzoo.mechanisms.nsa import Config as NSAConfig
+
+if TYPE_CHECKING:  # the built-in families' configs, for readers and type checkers only
+    from attnzoo.mechanisms.delta_rule import Config as DeltaRuleConfig
+    from attnzoo.mechanisms.dsa import Config as DSAConfig
+    from attnzoo.mechanisms.ffn import Config as MoEConfig
+    from attnzoo.mechanisms.hyper import Config as HyperConfig
+    from attnzoo.mechanisms.latent import Config as MLAConfig
+    from attnzoo.mechanisms.msa import Config as MSAConfig
+    from attnzoo.mechanisms.nsa import Config as NSAConfig
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder-only LM; field names follow transformers where one exists."""
+    """Architecture of a decoder-only LM; field names follow transformers where one exists. A family
+    registered from outside attnzoo keeps its config in `plugins` under its field name, read as
+    `cfg.<field>` like a built-in one; build configs with plug-in fields by `ModelConfig.compose`."""
     architecture: str  # llama mistral qwen3 deepseek_v3 deepseek_v32 glm_moe_dsa qwen3_next qwen3_5 kimi_linear
     #                    minimax_m3 glm5_next
     vocab_size: int
@@ -45,7 +53,7 @@ class ModelConfig:
     mla: MLAConfig | None = None  # MLA (head_dim is then qk_rope_head_dim, what RoPE rotates)
     moe: MoEConfig | None = None
     mlp_layer_types: list[str] = field(default_factory=list)   # per layer: dense | sparse (MoE)
-    linear: DeltaConfig | None = None   # delta-rule layers (layer type "linear_attention")
+    delta_rule: DeltaRuleConfig | None = None   # delta-rule layers (layer type "linear_attention")
     attn_output_gate: bool = False    # Qwen3-Next: o * sigmoid(gate) from a doubled query projection
     use_rope: bool = True             # False: no positional encoding in attention (Kimi Linear's NoPE MLA)
     dsa: DSAConfig | None = None     # DeepSeek Sparse Attention on MLA
@@ -65,36 +73,35 @@ class ModelConfig:
     norm: str = "rms"                 # rms | layer (mean-centred, weight only: Cohere)
     parallel_block: bool = False      # x + attn(ln(x)) + mlp(ln(x)) with one norm (Cohere)
     logit_scale: float = 1.0          # logits multiplied by this (Cohere)
+    plugins: dict[str, Any] = field(default_factory=dict)   # plug-in families' configs by field name
 
     def __post_init__(self) -> None:
-        for name, cls in CONFIGS.items():
-            setattr(self, name, coerce(cls, getattr(self, name)))
+        types = registry.config_types()
+        for name, cls in types.items():
+            if name in FIELDS:
+                setattr(self, name, coerce(cls, getattr(self, name)))
+        if unknown := sorted(set(self.plugins) - set(types) | set(self.plugins) & FIELDS):
+            raise ValueError(f"plugins {unknown} are no registered family's config; registered: "
+                             f"{', '.join(sorted(set(types) - FIELDS)) or 'none'}")
+        self.plugins = {k: coerce(types[k], v) for k, v in self.plugins.items()}
         if not self.layer_types:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             self.layer_types = [kind] * self.num_layers
         if len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        supported = registry.layer_types()
+        bad = sorted(set(self.layer_types) - set(supported))
         if bad:
-            raise ValueError(f"unsupported layer types {bad}; supported: {', '.join(LAYER_TYPES)}")
+            raise ValueError(f"unsupported layer types {bad}; supported: {', '.join(supported)}")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("sliding_attention layers need a sliding_window")
         if self.attention_type not in ("softmax", "mla"):
             raise ValueError(f"unsupported attention_type {self.attention_type!r}; supported: softmax, mla")
         if (self.attention_type == "mla") != (self.mla is not None):
             raise ValueError("attention_type 'mla' and the mla parameters go together")
-        for t, name in LAYER_TYPES.items():
-            if name and t in self.layer_types and getattr(self, name) is None:
-                raise ValueError(f"{t} layers need the {name} parameters")
+        registry.check(self)   # a family for every layer; each configured family's own checks
         if self.norm not in ("rms", "layer"):
             raise ValueError(f"norm must be rms or layer, got {self.norm!r}")
-        if self.dsa is not None:
-            if self.mla is None:
-                raise ValueError("DSA runs on MLA: the mla parameters are needed")
-            types = self.dsa.indexer_types = self.dsa.indexer_types or ["full"] * self.num_layers
-            if len(types) != self.num_layers or set(types) - {"full", "shared"} or types[0] != "full":
-                raise ValueError(f"indexer_types must name full or shared for each of {self.num_layers} layers, "
-                                 f"the first full; got {types}")
         if not self.mlp_layer_types:
             first = self.moe.first_k_dense_replace if self.moe is not None else 0
             self.mlp_layer_types = ["sparse" if self.moe is not None and i >= first else "dense"
@@ -104,6 +111,29 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
+    def __getattr__(self, name: str) -> Any:
+        """A plug-in family's config by its field name (None when this model does not set it)."""
+        plugins = self.__dict__.get("plugins")
+        if plugins is not None and not name.startswith("__") and name in registry.config_types():
+            return plugins.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @classmethod
+    def compose(cls, **fields: Any) -> ModelConfig:
+        """A config from fields, plug-in families' configs among them by field name (kept in `plugins`)."""
+        own = {k: v for k, v in fields.items() if k in FIELDS}
+        plugins = {**own.pop("plugins", {}), **{k: v for k, v in fields.items() if k not in FIELDS}}
+        if unknown := sorted(set(plugins) - set(registry.config_types())):
+            raise ValueError(f"ModelConfig has no fields {unknown}, nor does a registered family keep its config there")
+        return cls(**own, plugins=plugins)
+
+    def evolve(self, **fields: Any) -> ModelConfig:
+        """dataclasses.replace that also takes plug-in families' configs by field name."""
+        return type(self).compose(**{**{f: getattr(self, f) for f in FIELDS}, **fields})
+
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+
+FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))

@@ -1,6 +1,7 @@
 """attnzoo's own checkpoint format (what the arena writes): a directory with
 
-    config.json         {"model_type": "attnzoo", ...every ModelConfig field...}
+    config.json         {"model_type": "attnzoo", ...every ModelConfig field...} (a plug-in family's config
+                        under "plugins": its family must be registered to load it)
     model.safetensors   DecoderLM's own state-dict names (no transformers renaming)
     tokenizer.json      optional, plus tokenizer_config.json (chat template, eos token)
 
@@ -32,6 +33,8 @@ def config_to_json(cfg: ModelConfig) -> dict[str, Any]:
 def config_from_json(raw: dict[str, Any]) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     fields = {k: v for k, v in raw.items() if k != "model_type"}
+    if "linear" in fields:  # written before the delta-rule family had one name: its config was "linear"
+        fields.setdefault("delta_rule", fields.pop("linear"))
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ModelLoadError(f"config.json has fields this attnzoo does not know: {', '.join(unknown)} "

@@ -1,29 +1,16 @@
-"""Tensor parallelism's sharding rules, in one place: which mechanisms split, how each checkpoint tensor is
-sliced, the sizes a rank's layers are built with, and the load that reads only a rank's slices.
+"""Tensor parallelism's sharding, applied from the families' rules: each registered family declares how its
+layers split (`Sharding` in attnzoo/mechanisms/registry.py, the rules in its module: softmax, mla, dsa,
+delta_rule (Gated DeltaNet), ffn (dense MLP and MoE)) or declares none and is refused, by name (MSA, NSA,
+KDA, mHC streams). This module applies them: which slice of each checkpoint tensor a rank reads, the
+sizes its layers are built with, the load that reads only its slices, the collectives on the built model.
 
-Rules for N ranks (rank r):
-    softmax attention   query heads split (q_proj rows, o_proj columns, sinks); KV heads split when N divides
-                        them, else replicated: N must then be a multiple of the KV heads and rank r keeps KV
-                        head r * Hkv // N (the one its query heads read); q/k norms replicated
-    MLA                 query heads split (q_proj / q_b_proj and kv_b_proj rows, o_proj columns); the latent
-                        path (q_a, kv_a, their norms) and the latent cache replicated on every rank
-    DSA indexer         replicated: every rank scores and selects the same top-k (a split indexer would need
-                        an all-reduce of the scores before top-k); its IndexerKeys cache is replicated
-    Gated DeltaNet      key and value heads split (Qwen3-Next packs its projections per key head, so a
-                        rank's slice is contiguous), with them the conv channels, A_log, dt_bias and the
-                        recurrent-state pool; out_proj columns
-    dense MLP           intermediate channels split (gate/up rows, down columns)
-    MoE                 tensor parallel, not expert parallel: every rank holds every expert with 1/N of its
-                        intermediate channels (and of the shared experts'); the router is replicated, so all
-                        ranks route alike and the load is even whatever the routing; one all-reduce per layer
-    embedding, LM head  vocabulary split in ceil(V/N) rows per rank (the last padded with zero rows)
-Not split (refused with the reason): MSA, NSA, KDA (Kimi Linear, GLM-5.3-Flash), mHC residual streams.
+Model-wide rules for N ranks: query heads split (N divides num_attention_heads); embedding and LM head:
+vocabulary split in ceil(V/N) rows per rank (the last padded with zero rows).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,58 +18,56 @@ from safetensors import safe_open
 
 from attnzoo.distributed import ParallelContext
 from attnzoo.errors import ModelLoadError
-from attnzoo.layers.delta import GatedDeltaNet
-from attnzoo.layers.mlp import SwiGLU
-from attnzoo.layers.moe import DeepseekMoE, QwenMoE
-from attnzoo.layers.parallel import (ColumnParallelLinear, ParallelLMHead, ReducedOutput, RowParallelLinear,
-                                     VocabParallelEmbedding, as_parallel)
-from attnzoo.mechanisms import layer_mechanisms
+from attnzoo.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
+                                     as_parallel)
+from attnzoo.mechanisms import families, family_of, ffn
+from attnzoo.mechanisms.registry import Family, Ranges, Sharding
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
 
-SPLIT_MECHANISMS = ("softmax", "mla", "dsa", "gdn")
 
-Ranges = list[tuple[int, int]]
+def _in_use(cfg: ModelConfig) -> dict[str, tuple[Family, list[int]]]:
+    """The families this model uses (by its layers, or by a config set) and the layers each serves."""
+    out: dict[str, tuple[Family, list[int]]] = {}
+    for i in range(cfg.num_layers):
+        f = family_of(cfg, i)
+        out.setdefault(f.name, (f, []))[1].append(i)
+    for f in families():
+        if f.name not in out and f.field is not None and getattr(cfg, f.field) is not None:
+            out[f.name] = (f, [])
+    return out
 
 
-def kv_heads(cfg: ModelConfig, idx: int) -> int:
-    sliding = cfg.layer_types[idx] == "sliding_attention"
-    return cfg.sliding_num_kv_heads if sliding and cfg.sliding_num_kv_heads else cfg.num_kv_heads
+def _refused(cfg: ModelConfig) -> list[str]:
+    """What in cfg has no tensor-parallel split: families without rules, and what a family's rules refuse."""
+    out = []
+    for f, _ in _in_use(cfg).values():
+        if f.sharding is None:
+            out.append(f.title or f.name)
+        elif f.sharding.refuse is not None and (why := f.sharding.refuse(cfg)):
+            out.append(why)
+    return out
 
 
 def _problems(cfg: ModelConfig, n: int) -> list[str]:
-    """Why n ranks cannot split cfg (empty: they can)."""
-    out = []
-    mechs = set(layer_mechanisms(cfg))
-    if bad := sorted(mechs - set(SPLIT_MECHANISMS)):
-        out.append(f"layers of kind {', '.join(bad)} have no tensor-parallel split (supported: "
-                   f"{', '.join(SPLIT_MECHANISMS)})")
-    if cfg.hyper is not None:
-        out.append("mHC residual streams have no tensor-parallel split")
-    if cfg.num_heads % n:
-        out.append(f"num_attention_heads {cfg.num_heads}")
-    for h in sorted({kv_heads(cfg, i) for i, m in enumerate(layer_mechanisms(cfg)) if m == "softmax"}):
-        if h % n and n % h:
-            out.append(f"num_key_value_heads {h} (N must divide it or be a multiple of it)")
-    if "dense" in cfg.mlp_layer_types and cfg.intermediate_size % n:
-        out.append(f"intermediate_size {cfg.intermediate_size}")
-    if cfg.moe is not None and "sparse" in cfg.mlp_layer_types:
-        m = cfg.moe
-        for name, v in (("moe_intermediate_size", m.moe_intermediate_size),
-                        ("shared_intermediate_size", m.shared_intermediate_size or 0),
-                        ("shared_expert_intermediate_size", m.shared_expert_intermediate_size)):
-            if v % n:
-                out.append(f"{name} {v}")
-    if "gdn" in mechs and (cfg.linear.num_k_heads % n or cfg.linear.num_v_heads % n):
-        out.append(f"linear_num_key_heads {cfg.linear.num_k_heads} and linear_num_value_heads "
-                   f"{cfg.linear.num_v_heads}")
+    """The sizes n must divide and does not (empty: n ranks can split cfg)."""
+    used = _in_use(cfg)
+    out = [] if cfg.num_heads % n == 0 else [f"num_attention_heads {cfg.num_heads}"]
+    used.setdefault(ffn.FAMILY.name, (ffn.FAMILY, []))   # every model has MLPs, MoE or not
+    for f, layers in used.values():
+        if f.sharding.problems is not None:
+            out += f.sharding.problems(cfg, layers, n)
     return out
 
 
 def check_tensor_parallel(cfg: ModelConfig, n: object) -> None:
-    """Raise ValueError unless n ranks can split this model, saying which sizes are allowed."""
+    """Raise ValueError unless n ranks can split this model, saying why not or which sizes are allowed."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {n!r}")
+    if refused := _refused(cfg):
+        split = [f.name for f in families() if f.sharding is not None and f.layer_types]
+        raise ValueError(f"tensor parallelism cannot split this {cfg.architecture} model: there is no tensor-parallel "
+                         f"split for {', '.join(refused)} (families that split: {', '.join(split)})")
     problems = _problems(cfg, n)
     if problems:
         allowed = [k for k in range(1, cfg.num_heads + 1) if not _problems(cfg, k)]
@@ -105,39 +90,17 @@ def local_config(cfg: ModelConfig, ctx: ParallelContext) -> ModelConfig:
                     else cfg.intermediate_size, vocab_size=padded_vocab(cfg, n))
     if cfg.sliding_num_kv_heads:
         kw["sliding_num_kv_heads"] = max(1, cfg.sliding_num_kv_heads // n)
-    if cfg.moe is not None:
-        m = cfg.moe
-        kw["moe"] = replace(m, moe_intermediate_size=m.moe_intermediate_size // n,
-                            shared_intermediate_size=m.shared_intermediate_size // n if m.shared_intermediate_size
-                            else None, shared_expert_intermediate_size=m.shared_expert_intermediate_size // n)
-    if cfg.linear is not None:
-        kw["linear"] = replace(cfg.linear, num_k_heads=cfg.linear.num_k_heads // n,
-                               num_v_heads=cfg.linear.num_v_heads // n)
-    return replace(cfg, **kw)
+    for f in families():
+        if f.sharding is not None and f.sharding.local is not None and getattr(cfg, f.field) is not None:
+            kw[f.field] = f.sharding.local(getattr(cfg, f.field), n)
+    return cfg.evolve(**kw)
 
 
 # ---- which slice of each checkpoint tensor a rank reads ---------------------------------------------------
-def _even(ctx: ParallelContext, *segments: int) -> Ranges:
-    """The dimension is the concatenation of `segments`, each split evenly: the rank's part of each."""
-    out, base = [], 0
-    for s in segments:
-        a, b = ctx.shard(s)
-        out.append((base + a, base + b))
-        base += s
-    return out
-
-
-def _kv_rows(ctx: ParallelContext, heads: int, rows: int) -> Ranges:
-    """K/V projection rows: the rank's heads, or the one replicated head its query heads read."""
-    if heads % ctx.world_size == 0:
-        return _even(ctx, rows)
-    head, width = ctx.rank * heads // ctx.world_size, rows // heads
-    return [(head * width, (head + 1) * width)]
-
-
 def shard_ranges(name: str, shape: tuple[int, ...], cfg: ModelConfig, ctx: ParallelContext
                  ) -> tuple[int, Ranges] | None:
-    """(dimension, ranges along it) of the rank's slice of a transformers-named tensor; None: replicated."""
+    """(dimension, ranges along it) of the rank's slice of a transformers-named tensor; None: replicated.
+    A layer's tensors follow its MLP's rules or its attention family's."""
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         rows = padded_vocab(cfg, ctx.world_size)
         start = min(ctx.rank * rows, cfg.vocab_size)
@@ -145,41 +108,9 @@ def shard_ranges(name: str, shape: tuple[int, ...], cfg: ModelConfig, ctx: Paral
     if not name.startswith("model.layers."):
         return None
     idx_s, rest = name[len("model.layers."):].split(".", 1)
-    idx, last = int(idx_s), len(shape) - 1
-    part, _, leaf = rest.rpartition(".")           # e.g. self_attn.q_proj / weight
-    proj = part.rsplit(".", 1)[-1]
-    if rest == "self_attn.attention_sink_bias" or rest in ("linear_attn.A_log", "linear_attn.dt_bias"):
-        return 0, _even(ctx, shape[0])             # per head
-    if part.startswith("self_attn"):
-        if part in ("self_attn.q_proj", "self_attn.q_b_proj", "self_attn.kv_b_proj"):
-            return 0, _even(ctx, shape[0])         # per query head, contiguous
-        if part in ("self_attn.k_proj", "self_attn.v_proj"):
-            return 0, _kv_rows(ctx, kv_heads(cfg, idx), shape[0])
-        if part == "self_attn.o_proj" and leaf == "weight":
-            return 1, _even(ctx, shape[1])
-        return None                                # norms, the latent path, the DSA indexer: replicated
-    if part.startswith("linear_attn"):
-        c = cfg.linear
-        if proj in ("in_proj_qkvz", "in_proj_ba", "in_proj_z", "in_proj_b", "in_proj_a"):
-            return 0, _even(ctx, shape[0])         # Qwen3-Next packs per key head: a rank's slice is contiguous
-        if proj in ("in_proj_qkv", "conv1d"):      # [q | k | v] channels
-            return 0, _even(ctx, c.num_k_heads * c.k_dim, c.num_k_heads * c.k_dim, c.num_v_heads * c.v_dim)
-        if proj == "out_proj":
-            return 1, _even(ctx, shape[1])
-        return None
-    if part.startswith(("mlp", "block_sparse_moe")):
-        if rest.endswith("experts.gate_up_proj"):          # transformers' fused experts [E, 2I, D]
-            return 1, _even(ctx, shape[1] // 2, shape[1] // 2)
-        if rest.endswith("experts.down_proj"):             # [E, D, I]
-            return 2, _even(ctx, shape[2])
-        if proj in ("gate_proj", "up_proj"):
-            return 0, _even(ctx, shape[0])
-        if proj == "gate_up_proj":                         # fused 2-D, gate rows first
-            return 0, _even(ctx, shape[0] // 2, shape[0] // 2)
-        if proj == "down_proj" and leaf == "weight":
-            return last, _even(ctx, shape[last])
-        return None                                        # routers, shared-expert gates, down biases
-    return None
+    idx = int(idx_s)
+    family = ffn.FAMILY if rest.startswith(ffn.PREFIXES) else family_of(cfg, idx)
+    return family.sharding.ranges(rest, shape, cfg, ctx, idx)
 
 
 def read_slice(st, key: str, name: str, cfg: ModelConfig, ctx: ParallelContext) -> torch.Tensor:
@@ -245,18 +176,19 @@ def parallelize(model: DecoderLM, cfg: ModelConfig, ctx: ParallelContext) -> Dec
     vp = padded_vocab(cfg, ctx.world_size)
     as_parallel(model.embed_tokens, VocabParallelEmbedding, ctx, vocab_start=ctx.rank * vp)
     as_parallel(model.lm_head, ParallelLMHead, ctx, vocab_size=cfg.vocab_size)
-    for layer in model.layers:
-        attn, mlp = layer.attn, layer.mlp
-        for name in ("qkv_proj", "q_proj", "q_b_proj", "kv_b_proj", "in_proj"):
-            if isinstance(getattr(attn, name, None), torch.nn.Linear):
-                as_parallel(getattr(attn, name), ColumnParallelLinear, ctx)
-        out = attn.out_proj if isinstance(attn, GatedDeltaNet) else attn.o_proj
-        as_parallel(out, RowParallelLinear, ctx)
-        if isinstance(mlp, SwiGLU):
-            as_parallel(mlp.gate_up_proj, ColumnParallelLinear, ctx)
-            as_parallel(mlp.down_proj, RowParallelLinear, ctx)
-        elif isinstance(mlp, (DeepseekMoE, QwenMoE)):
-            mlp.register_forward_hook(ReducedOutput(ctx))
-        else:
-            raise ModelLoadError(f"no tensor-parallel split for {type(mlp).__name__}")
+    for i, layer in enumerate(model.layers):
+        _split(layer.attn, family_of(cfg, i).sharding, ctx)
+        _split(layer.mlp, ffn.FAMILY.sharding, ctx)
     return model
+
+
+def _split(module: torch.nn.Module, rules: Sharding, ctx: ParallelContext) -> None:
+    """Turn a built module's linears into their tensor-parallel forms, as its family's rules say."""
+    if rules.parallelize is not None:
+        rules.parallelize(module, ctx)
+        return
+    for name in rules.columns:
+        if isinstance(getattr(module, name, None), torch.nn.Linear):   # MLA: q_proj or q_b_proj
+            as_parallel(getattr(module, name), ColumnParallelLinear, ctx)
+    for name in rules.rows:
+        as_parallel(getattr(module, name), RowParallelLinear, ctx)

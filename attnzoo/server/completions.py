@@ -7,7 +7,7 @@ from contextlib import aclosing
 
 from fastapi import Request
 
-from attnzoo.engine.llm import RequestOutput
+from attnzoo.engine.outputs import RequestOutput
 from attnzoo.server.errors import APIError, error_body
 from attnzoo.server.logprobs import completion_logprobs
 from attnzoo.server.outputs import collect, iterate, usage

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnzoo.engine.llm import RequestMetrics
+from attnzoo.engine.outputs import RequestMetrics
 from attnzoo.engine.sampling import SamplingParams
 from attnzoo.models.tokenizer import Tokenizer
 

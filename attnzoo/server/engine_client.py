@@ -1,7 +1,8 @@
 """The API process's handle on the engine-core process (engine_core.py): it spawns the core, posts
 commands down the pipe, and reads the core's messages on the event loop (`add_reader` on the pipe: no
-thread, no polling). Each `StepOutput` is turned into per-request `RequestOutput` snapshots (assembler.py:
-detokenisation and stop strings happen here) and pushed to the handlers' asyncio queues; the metrics are
+thread, no polling). Each `StepOutput` is turned into per-request `RequestOutput` snapshots by the engine's
+own `OutputAssembler` (engine/outputs.py: detokenisation and stop strings happen here, as offline; a completion
+that meets a stop string is aborted in the core) and pushed to the handlers' asyncio queues; the metrics are
 updated from the same messages. A core that dies (the pipe's EOF, or a `CoreDead`) fails every waiting
 handler with `EngineDead`; `close()` stops the core (and `multiprocessing` stops it at exit if no one did)."""
 
@@ -17,8 +18,8 @@ from multiprocessing.connection import wait
 from multiprocessing.util import Finalize
 from typing import Any
 
+from attnzoo.engine.outputs import OutputAssembler
 from attnzoo.engine.sampling import SamplingParams
-from attnzoo.server.assembler import OutputAssembler
 from attnzoo.server.core_messages import (Abort, AddRequest, CoreDead, EngineConfig, EngineInfo, EngineStats, Query,
                                           Reply, Shutdown, StepOutput)
 from attnzoo.server.engine_core import core_main
@@ -225,7 +226,10 @@ class EngineClient:
             st = self._streams.get(g.request_id)
             if st is None:              # ended here already (stop strings)
                 continue
-            out, stopped = st.asm.update(g)
+            # the one difference from offline: a stop string met here is the core's to abort (late tokens ignored)
+            stopped = [d.index for d in g.seqs
+                       if st.asm.add(d.index, d.token_ids, d.logprobs, d.finish_reason, d.stop_reason)]
+            out = st.asm.snapshot(g.cached_tokens, g.metrics, g.num_preemptions)
             if stopped and not g.finished:
                 self._send([Abort(g.request_id, i) for i in stopped])
             total = sum(len(c.token_ids) for c in out.outputs)

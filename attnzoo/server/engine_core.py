@@ -15,7 +15,8 @@ from multiprocessing.connection import Connection, wait
 
 import torch
 
-from attnzoo.engine.llm import LLM, RequestOutput
+from attnzoo.engine.llm import LLM
+from attnzoo.engine.outputs import RequestOutput
 from attnzoo.engine.tp import EngineDeadError
 from attnzoo.server.core_messages import (Abort, AddRequest, CoreDead, EngineConfig, EngineInfo, EngineStats,
                                           GroupDelta, Query, Reply, SeqDelta, Shutdown, StepOutput)

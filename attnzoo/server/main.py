@@ -41,7 +41,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=cli_args.port, default=8000, help="TCP port in 1..65535 (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("ATTNZOO_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1 (default: $ATTNZOO_API_KEY, else none)")
-    from attnzoo.engine.llm import DEFAULT_KV_CACHE_FRACTION
+    from attnzoo.engine.memory import DEFAULT_KV_CACHE_FRACTION
     memory = p.add_mutually_exclusive_group()
     memory.add_argument("--kv-cache-memory", type=cli_args.size, default=None, metavar="SIZE",
                         help=f"KV cache budget: bytes or a size such as 512MiB or 2GB (default: what --max-num-seqs "

@@ -9,7 +9,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from attnzoo.engine.llm import RequestOutput
+from attnzoo.engine.outputs import RequestOutput
 from attnzoo.server.core_messages import EngineStats
 
 log = logging.getLogger("attnzoo.server")

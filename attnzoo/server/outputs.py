@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from attnzoo.engine.llm import RequestOutput
+from attnzoo.engine.outputs import RequestOutput
 from attnzoo.server.engine_client import EngineClient
 from attnzoo.server.errors import APIError
 

@@ -8,6 +8,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
+from operator import attrgetter
 
 from attnzoo.engine.sampling import SamplingParams
 from attnzoo.server.engine_client import EngineClient, EngineDead
@@ -31,21 +32,11 @@ class ServerState:
     _long_texts: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="attnzoo-tokenize"), repr=False)
 
-    @property
-    def tokenizer(self):
-        return self.engine.info.tokenizer
-
-    @property
-    def kv_tokens(self) -> int:
-        return self.engine.info.kv_tokens
-
-    @property
-    def vocab_size(self) -> int:
-        return self.engine.info.vocab_size
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.info.max_model_len
+    # what the engine core reported at start (EngineInfo), read through
+    tokenizer = property(attrgetter("engine.info.tokenizer"))
+    kv_tokens = property(attrgetter("engine.info.kv_tokens"))
+    vocab_size = property(attrgetter("engine.info.vocab_size"))
+    max_model_len = property(attrgetter("engine.info.max_model_len"))
 
     @cached_property
     def max_prompt_chars(self) -> int:

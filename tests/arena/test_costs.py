@@ -44,7 +44,7 @@ def test_sliding_window_and_delta_rule_by_hand():
             + attention_flops_per_token(gqa, p) / 2
     assert kv_bytes_per_token(swa, 4096) == 64 * 64 / 4096 + 64      # 64 B/token: the window's, amortised + full
     lin = dict(kind="gdn", num_k_heads=2, num_v_heads=4, k_dim=8, v_dim=8, conv_width=4)
-    gdn = ModelConfig(**BASE, linear=lin, layer_types=["linear_attention"] * 2)
+    gdn = ModelConfig(**BASE, delta_rule=lin, layer_types=["linear_attention"] * 2)
     conv_dim = 2 * 2 * 8 + 4 * 8
     per_layer = 2 * 32 * (conv_dim + 4 * 8 + 2 * 4) + 2 * 4 * 8 * 32 + 2 * conv_dim * 4 + 7 * 4 * 8 * 8
     state = 4 * 8 * 8 * 4 + conv_dim * 3 * 2                        # float32 state + bf16 conv tail

@@ -10,10 +10,9 @@ from attnzoo.models import Tokenizer
 CORPUS = ["hello world, the stop sequence STOP here. Hello there! ### end of text"] * 20
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    # A tiny byte-level BPE: multi-char merges (so stop strings span or split tokens) and raw bytes for
-    # anything else (so emoji are split across tokens).
+def tiny_bpe() -> Tokenizer:
+    """A tiny byte-level BPE: multi-char merges (so stop strings span or split tokens) and raw bytes for
+    anything else (so emoji are split across tokens). Also tests/engine/test_outputs.py's."""
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
@@ -21,6 +20,11 @@ def tok() -> Tokenizer:
         vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|eos|>"],
         show_progress=False))
     return Tokenizer(hf, bos_token_id=None, eos_token_ids=[hf.token_to_id("<|eos|>")])
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return tiny_bpe()
 
 
 def run(tok: Tokenizer, text: str, stop: list[str], flush: bool = True) -> tuple[list[str], RequestDetokenizer]:

@@ -15,6 +15,7 @@ from attnzoo.arena import mechanisms
 from attnzoo.engine import LLM, SamplingParams
 from attnzoo.engine import llm as llm_module
 from attnzoo.engine.cache_plan import page_bytes, plan_cache, sequence_bytes
+from attnzoo.engine.memory import DEFAULT_KV_CACHE_FRACTION
 from attnzoo.engine.request import Request
 from attnzoo.models import DecoderLM
 
@@ -69,7 +70,7 @@ def test_default_budget_is_capped_at_a_tenth_of_available_memory(monkeypatch):
     fake_available(monkeypatch, 10 * (fixed + 5 * per) + 9)  # a tenth holds 5 full-context sequences, not 6
     llm = LLM(model, max_num_seqs=64)
     L = model.config.max_position_embeddings
-    assert llm_module.DEFAULT_KV_CACHE_FRACTION == 0.1
+    assert DEFAULT_KV_CACHE_FRACTION == 0.1
     assert llm.max_concurrent_sequences(L) == 5
     assert llm.kv.num_pages == 5 * L // 16 + 1
 
@@ -143,11 +144,12 @@ def run(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[float]
 
 
 def poison(llm: LLM) -> None:
-    for g in llm.kv.groups:
+    cache = llm.runner.cache
+    for g in cache.groups:
         for t in g.tensors.values():
             t.fill_(float("nan"))
-    if llm.kv.states is not None:
-        for t in (*llm.kv.states.conv.values(), *llm.kv.states.state.values()):
+    if cache.states is not None:
+        for t in (*cache.states.conv.values(), *cache.states.state.values()):
             t.fill_(float("nan"))
 
 

@@ -248,6 +248,9 @@ def test_n_completions_and_stop_strings(model):
     (o,) = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, stop=["5"]), use_tqdm=False)
     assert o.finish_reason == "stop" and o.outputs[0].stop_reason == "5"
     assert "5" not in o.text and "4" in o.text
+    # the engine stopped at the token that completes it, not a token later
+    decode = model.tokenizer.decode
+    assert "5" in decode(o.token_ids) and "5" not in decode(o.token_ids[:-1])
     (o,) = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=7), use_tqdm=False)
     assert len(o.outputs) == 3 and all(len(c.token_ids) >= 1 for c in o.outputs)
     assert len({tuple(c.token_ids) for c in o.outputs}) > 1
@@ -277,6 +280,12 @@ def test_logprobs_and_timings(model):
         assert tok in lp and lp[tok] == max(lp.values())  # greedy picks the most likely token
     m = o.metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+    # a stop token id ends it without joining the output: no logprob for it either
+    k = next(i for i, t in enumerate(o.token_ids) if i and t not in o.token_ids[:i])
+    (s,) = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0, logprobs=3,
+                                                                      stop_token_ids=[o.token_ids[k]]), use_tqdm=False)
+    assert s.token_ids == o.token_ids[:k] and len(s.outputs[0].logprobs) == k
+    assert all(t in lp for t, lp in zip(s.token_ids, s.outputs[0].logprobs))
 
 
 def test_abort_frees_pages_at_once(model, prompts):

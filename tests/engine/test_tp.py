@@ -1,5 +1,6 @@
 """Tensor parallelism on the CPU (gloo, 2 processes): greedy tokens of tensor_parallel_size=2 equal those of one
-process (fp32) for each family the sharding rules split; a killed worker fails the engine cleanly; an engine
+process (fp32) for each family the sharding rules split, and with a hybrid's prefix cache hitting its state
+snapshots; a killed worker fails the engine cleanly; an engine
 that is only dropped stops its workers and frees the process group for the next one."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ pytest.importorskip("transformers")
 import torch.distributed as dist  # noqa: E402
 
 from attnzoo.engine import LLM, EngineDeadError, SamplingParams  # noqa: E402
+from attnzoo.engine.cache_tensors import RestoreState, SaveState, ZeroPages, ZeroState  # noqa: E402
 from attnzoo.models import load_model  # noqa: E402
 from attnzoo.models.hf_loader import config_from_hf  # noqa: E402
 from attnzoo.models.sharding import check_tensor_parallel  # noqa: E402
@@ -85,6 +87,32 @@ def test_greedy_tokens_match_one_process(family: str, tmp_path: Path) -> None:
         # rank 0 holds half of the query heads (and of the KV heads where there are enough to split)
         assert two.model.local_config.num_heads == two.model.config.num_heads // 2
     assert all(not p.is_alive() for p in procs)   # close() reaped the worker
+
+
+def test_hybrid_prefix_cache_hits_under_tensor_parallelism(tmp_path: Path) -> None:
+    """Qwen3-Next (Gated DeltaNet + full attention) at TP 2 with prefix caching: a hit restores the recurrent
+    states from a snapshot, which every rank copies within its own state shard (the step's cache instructions).
+    Greedy tokens equal TP 1's with the cache on and with it off, and the later requests hit."""
+    path = _qwen3_next(tmp_path / "qwen3_next")
+    (base,), tails = random_prompts(128, (21,)), random_prompts(128, (5, 9, 3), seed=6)
+    first = [base + t for t in tails]
+
+    def run(llm: LLM) -> tuple[list[list[int]], list[int]]:
+        """Three prompts sharing 21 tokens, then a follow-up turn of the first conversation."""
+        outs = llm.generate(first, GREEDY, use_tqdm=False)
+        outs += llm.generate([first[0] + outs[0].token_ids + [7, 8, 9]], GREEDY, use_tqdm=False)
+        llm.check_integrity()
+        return [o.token_ids for o in outs], [o.cached_tokens for o in outs]
+
+    off, _ = run(_engine(path, 1, enable_prefix_caching=False))
+    one, cached_one = run(_engine(path, 1))
+    with _engine(path, 2) as two:
+        ops, prepare = [], two.runner.prepare
+        two.runner.prepare = lambda plan: (r := prepare(plan), ops.extend(r[0].cache_ops))[0]
+        tokens, cached = run(two)
+    assert tokens == one == off
+    assert cached == cached_one and cached[-1] >= 24 and sum(cached[:3]) > 0, cached
+    assert {type(op) for op in ops} >= {SaveState, RestoreState, ZeroState, ZeroPages}
 
 
 def test_killed_worker_fails_the_engine_cleanly(tmp_path: Path) -> None:

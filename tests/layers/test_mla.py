@@ -1,4 +1,5 @@
-"""MLAttention through a ContiguousKVCache (expanded prefill, absorbed decode) == one pass without a cache."""
+"""MLAttention through a ContiguousKVCache (expanded prefill, absorbed decode over the stored rows, read in place as
+pages of one token: the paged engine's decode path) == one pass without a cache."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ def test_cached_decode_matches_full_pass(q_lora_rank: int | None, monkeypatch: p
     with torch.no_grad():
         full = attn(x.reshape(B * T, 32), rotary(full_batch.positions), full_batch).view(B, T, 32)
     calls: list[str] = []
-    real = latent.torch_impl.mla_absorbed
+    real = latent.mla_paged_decode
 
     def spy(*a, **k):  # noqa: ANN002, ANN003 -- records that decode took the absorbed path
         calls.append("absorbed")
         return real(*a, **k)
-    monkeypatch.setattr("attnzoo.layers.mla.mla_absorbed", spy)
+    monkeypatch.setattr("attnzoo.layers.mla.mla_paged_decode", spy)
     cache = ContiguousKVCache(batch_size=B, max_len=T)
     outs = []
     with torch.no_grad():

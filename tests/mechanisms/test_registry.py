@@ -1,6 +1,7 @@
 """The mechanism registry: every family builds through it from a small random config, every family's
-config survives the JSON round trip of native checkpoints, and DecoderLM passes each config through whole
-(KDA's gate_lower_bound used to be dropped outside GLM-5.3-Flash)."""
+config survives the JSON round trip of native checkpoints, the layers a family builds declare only the cache
+kinds it names, the tables (layer types, readers, contestants) come from the registered families, and
+DecoderLM passes each config through whole (KDA's gate_lower_bound used to be dropped outside GLM-5.3-Flash)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from attnzoo.layers.batch import Batch
-from attnzoo.mechanisms import CONFIGS, FAMILIES, build_attention, layer_cost, layer_mechanisms
+from attnzoo.mechanisms import (Family, build_attention, by_mechanism, config_types, families, family_of, layer_cost,
+                                layer_mechanisms, register, unregister)
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.native import config_from_json, config_to_json
@@ -32,17 +34,18 @@ CONFIGS_BY_MECHANISM = {
     "msa": dict(msa=dict(index_head_dim=8, block_size=4, topk_blocks=2), layer_types=["sparse_attention"] * 2),
     "nsa": dict(nsa=dict(block_len=4, stride=2, select_block=4, num_selected=2, window=8),
                 layer_types=["nsa"] * 2),
-    "gdn": dict(linear=dict(kind="gdn", num_k_heads=2, num_v_heads=4, k_dim=8, v_dim=8),
+    "gdn": dict(delta_rule=dict(kind="gdn", num_k_heads=2, num_v_heads=4, k_dim=8, v_dim=8),
                 layer_types=["linear_attention", "full_attention"]),
-    "kda": dict(linear=KDA, layer_types=["linear_attention", "full_attention"], moe=MOE),
+    "kda": dict(delta_rule=KDA, layer_types=["linear_attention", "full_attention"], moe=MOE),
 }
+MECHANISMS = sorted(by_mechanism())
 
 
 def test_every_mechanism_has_a_config():
-    assert set(CONFIGS_BY_MECHANISM) == set(FAMILIES)
+    assert set(CONFIGS_BY_MECHANISM) == set(MECHANISMS)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", MECHANISMS)
 def test_builds_runs_and_costs_through_the_registry(name):
     torch.manual_seed(0)
     cfg = ModelConfig(**{**BASE, **CONFIGS_BY_MECHANISM[name]})
@@ -56,15 +59,17 @@ def test_builds_runs_and_costs_through_the_registry(name):
     assert logits.shape == (1, 12, BASE["vocab_size"]) and torch.isfinite(logits).all()
     flops, read = layer_cost(cfg, idx, 100)
     assert flops > 0 and read > 0
+    specs = layer.cache_spec()
+    assert {s.kind for s in (specs if isinstance(specs, tuple) else (specs,))} <= set(family_of(cfg, idx).cache_kinds)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", MECHANISMS)
 def test_config_round_trips_through_json(name):
     cfg = ModelConfig(**{**BASE, **CONFIGS_BY_MECHANISM[name]})
     raw = json.loads(json.dumps(config_to_json(cfg)))   # what a native checkpoint's config.json holds
     back = config_from_json(raw)
     assert back == cfg
-    for field, cls in CONFIGS.items():               # typed again after the trip, not dicts
+    for field, cls in config_types().items():        # typed again after the trip, not dicts
         value = getattr(back, field)
         assert value is None or isinstance(value, cls)
         if value is not None:
@@ -81,7 +86,36 @@ def test_legacy_native_config_without_new_defaults_loads():
 
 def test_unknown_family_keys_are_rejected():
     with pytest.raises(ValueError, match="unknown"):
-        ModelConfig(**{**BASE, **CONFIGS_BY_MECHANISM["kda"], "linear": {**KDA, "bogus": 1}})
+        ModelConfig(**{**BASE, **CONFIGS_BY_MECHANISM["kda"], "delta_rule": {**KDA, "bogus": 1}})
+
+
+def test_native_configs_written_before_the_rename_load():
+    """The delta rule's config was the field "linear" before the family had one name."""
+    raw = {"model_type": "attnzoo", **BASE, "linear": KDA, "layer_types": ["linear_attention", "full_attention"]}
+    cfg = config_from_json(raw)
+    assert cfg.delta_rule.gate_lower_bound == -3.0 and layer_mechanisms(cfg) == ["kda", "softmax"]
+
+
+def test_layers_go_to_the_family_that_applies():
+    """Softmax unless a configured family claims the layer type; DSA refines MLA; a missing config is named."""
+    cfg = ModelConfig(**{**BASE, **CONFIGS_BY_MECHANISM["dsa"]})
+    assert layer_mechanisms(cfg) == ["dsa", "dsa"]
+    with pytest.raises(ValueError, match="linear_attention layers need the delta_rule parameters"):
+        ModelConfig(**{**BASE, "layer_types": ["linear_attention", "full_attention"]})
+    with pytest.raises(ValueError, match="unsupported layer types"):
+        ModelConfig(**{**BASE, "layer_types": ["full_attention", "bogus_attention"]})
+
+
+def test_register_refuses_what_another_family_owns():
+    with pytest.raises(ValueError, match="mechanism kda of 'other' belongs to 'delta_rule'"):
+        register(Family("other", layer_types=("x",), mechanisms=("kda",), build=build_attention))
+    with pytest.raises(ValueError, match="model_type llama of 'other' belongs to 'softmax'"):
+        register(Family("other", readers={"llama": lambda raw: {}}))
+    with pytest.raises(ValueError, match="registered already"):
+        register(Family("softmax"))
+    register(Family("other"))   # nothing taken: fine, and gone again
+    unregister("other")
+    assert "other" not in {f.name for f in families()}
 
 
 def test_kda_layer_built_by_decoderlm_carries_gate_lower_bound():

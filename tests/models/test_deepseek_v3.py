@@ -15,7 +15,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 import attnzoo
 from attnzoo.engine import GenerationConfig, generate
-from attnzoo.layers import Batch, LatentKV, MLAttention
+from attnzoo.layers import LatentKV
 from attnzoo.layers.mla import mla_softmax_scale
 from tests.hf_oracle import random_hf
 
@@ -96,10 +96,3 @@ def test_greedy_generation_matches_transformers(tmp_path: Path) -> None:
     assert len(theirs) == 16
     assert generate(ours, prompt[0].tolist(), GenerationConfig(max_tokens=16)) == theirs
 
-
-def test_cache_without_latent_storage_is_refused() -> None:
-    attn = MLAttention(0, 32, 2, q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
-                       v_head_dim=4)
-    batch = Batch.dense(1, 3, cache=object())  # a cache that cannot hold latents
-    with pytest.raises(NotImplementedError, match="LatentKV"):
-        attn(torch.randn(3, 32), None, batch)

@@ -175,10 +175,10 @@ def test_configs_mean_what_they_say(models) -> None:
     cfg = config_from_hf({"model_type": "glm5_next", "text_config": {**raw, "num_hidden_layers": 6}})
     assert cfg.layer_types == ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 2
     assert cfg.mlp_layer_types == ["dense"] * 3 + ["sparse"] * 3 and cfg.dsa.indexer_types == ["full"] * 6
-    assert cfg.linear.gate_lower_bound == -5.0 and cfg.rms_norm_eps == 1e-5 and cfg.hyper.hc_mult == 2
+    assert cfg.delta_rule.gate_lower_bound == -5.0 and cfg.rms_norm_eps == 1e-5 and cfg.hyper.hc_mult == 2
     flat = config_from_hf({**raw, "model_type": "glm5_next_text", "linear_attn_config": {"gate_lower_bound": None,
                                                                                         "safe_gate": False}})
-    assert flat.linear.gate_lower_bound is None   # Kimi's softplus gate
+    assert flat.delta_rule.gate_lower_bound is None   # Kimi's softplus gate
 
 
 def test_clamp_matters(models) -> None:

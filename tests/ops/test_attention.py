@@ -1,6 +1,6 @@
 """Softmax attention: reference vs a hand-written float64 oracle, fast form vs reference.
 
-Tolerance rule: |fast - ref64| <= 2 * |ref_same_dtype - ref64| + eps, where ref64 is the
+Tolerance rule (tests/ops/tolerance.py): |fast - ref64| <= 2 * |ref_same_dtype - ref64| + eps, where ref64 is the
 reference in float64 and ref_same_dtype is the plain reference in the input dtype. The
 fast form may be at most twice as wrong as naive PyTorch, whatever the dtype.
 """
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from attnzoo.ops import attention
 from attnzoo.ops.attention import attention_reference, attention_torch, resolve_backend
+from tests.ops.tolerance import close
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -35,20 +36,6 @@ def make(
 
 def f64(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.detach().double() for t in ts]
-
-
-def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor, eps: float = 1e-6) -> None:
-    """The tolerance rule; -inf entries (LSE of dead rows) must match exactly."""
-    out, ref64, ref_same = out.detach().double(), ref64.detach().double(), ref_same.detach().double()
-    assert out.shape == ref64.shape, (out.shape, ref64.shape)
-    assert not out.isnan().any(), "NaN in output"
-    inf = torch.isinf(ref64)
-    assert torch.equal(torch.isinf(out), inf), "infinite entries differ from the reference"
-    assert torch.equal(out[inf], ref64[inf])
-    scale = max(1.0, ref64[~inf].abs().max().item()) if (~inf).any() else 1.0
-    err = (out - ref64)[~inf].abs().max().item() if (~inf).any() else 0.0
-    base = (ref_same - ref64)[~inf].abs().max().item() if (~inf).any() else 0.0
-    assert err <= 2 * base + eps * scale, f"error {err:.3g} > 2 * plain-torch error {base:.3g} + {eps * scale:.3g}"
 
 
 def run3(fn, q, k, v, s, **kw):  # type: ignore[no-untyped-def]
@@ -109,18 +96,18 @@ def test_fast_matches_reference(case: tuple) -> None:  # type: ignore[type-arg]
     B, Tq, Tk, H, Hkv, d, dv, causal, window, sinks = case
     q, k, v, s = make(B, Tq, Tk, H, Hkv, d, dv, sinks=sinks)
     kw = dict(causal=causal, window_size=window)
-    assert_close_to_ref(*run3(attention_torch, q, k, v, s, **kw))
+    close(*run3(attention_torch, q, k, v, s, **kw), eps=1e-6)
     (o, l), (o64, l64), (os_, ls) = run3(attention_torch, q, k, v, s, return_lse=True, **kw)
     assert l.shape == (B, H, Tq) and l.dtype == torch.float32
-    assert_close_to_ref(o, o64, os_)
-    assert_close_to_ref(l, l64, ls)
+    close(o, o64, os_, eps=1e-6)
+    close(l, l64, ls, eps=1e-6)
 
 
 def test_bf16() -> None:
     q, k, v, _ = make(1, 75, 75, 9, 3, 64, 64, dtype=torch.bfloat16)
     fast, ref64, same = run3(attention_torch, q, k, v, None, causal=True, window_size=(16, 0))
     assert fast.dtype == torch.bfloat16
-    assert_close_to_ref(fast, ref64, same, eps=1e-2)  # SDPA rounds P to bf16 before P @ V
+    close(fast, ref64, same, eps=1e-2)  # SDPA rounds P to bf16 before P @ V
 
 
 def test_fully_masked_rows_are_zero() -> None:
@@ -173,8 +160,8 @@ def test_varlen(case: tuple) -> None:  # type: ignore[type-arg]
     torch.testing.assert_close(lse, torch.cat(lses, 1), rtol=1e-6, atol=1e-6)
     # And against the reference (also varlen), with the tolerance rule.
     (fo, fl), (ro, rl), (so, sl) = run3(attention_torch, q, k, v, s, return_lse=True, **kw)
-    assert_close_to_ref(fo, ro, so)
-    assert_close_to_ref(fl, rl, sl)
+    close(fo, ro, so, eps=1e-6)
+    close(fl, rl, sl, eps=1e-6)
 
 
 # ---------------------------------------------------------------- gradients
@@ -209,7 +196,7 @@ def test_gradients(case: tuple) -> None:  # type: ignore[type-arg]
     same = grads(attention_reference, q, k, v, s)
     for name, a, b, c in zip("q k v sinks".split(), fast, ref64, same):
         assert a is not None and a.isfinite().all(), name
-        assert_close_to_ref(a, b, c, eps=2e-6)
+        close(a, b, c, eps=2e-6)
 
 
 # ---------------------------------------------------------------- property test
@@ -227,10 +214,10 @@ def test_property_fast_equals_reference(
     (o, l), (o64, l64), (os_, ls) = run3(
         attention_torch, q, k, v, s, causal=causal, window_size=(left, right), return_lse=True
     )
-    assert_close_to_ref(o, o64, os_)
-    assert_close_to_ref(l, l64, ls)
+    close(o, o64, os_, eps=1e-6)
+    close(l, l64, ls, eps=1e-6)
     o2 = attention_torch(q, k, v, sinks=s, causal=causal, window_size=(left, right))
-    assert_close_to_ref(o2, o64, os_)  # the no-LSE routes (SDPA, decode)
+    close(o2, o64, os_, eps=1e-6)  # the no-LSE routes (SDPA, decode)
 
 
 # ---------------------------------------------------------------- validation and dispatch

@@ -1,6 +1,6 @@
 """Blockwise (flash-style) attention vs the reference: forward, LSE and gradients, plus its O(T) memory.
 
-Tolerance rule (as in test_attention.py): |blockwise - ref64| <= 2 * |ref_same_dtype - ref64| + eps.
+Tolerance rule (tests/ops/tolerance.py): |blockwise - ref64| <= 2 * |ref_same_dtype - ref64| + eps.
 Inputs are fresh random draws each run; the seed is in every failure message.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from attnzoo.ops.attention import attention, attention_reference
 from attnzoo.ops.attention.blockwise import attention_blockwise
+from tests.ops.tolerance import close
 
 
 def fresh_seed() -> int:
@@ -29,21 +30,6 @@ def make(B: int, Tq: int, Tk: int, H: int, Hkv: int, d: int, dv: int, sinks: boo
     k = torch.randn(B, Tk, Hkv, d, generator=g).to(dtype)
     v = torch.randn(B, Tk, Hkv, dv, generator=g).to(dtype)
     return [q, k, v, torch.randn(H, generator=g).to(dtype) if sinks else None]
-
-
-def assert_rule(out: torch.Tensor, ref64: torch.Tensor, same: torch.Tensor, eps: float, what: str) -> None:
-    """The tolerance rule; -inf entries (LSE of dead rows) must match exactly."""
-    out, ref64, same = out.detach().double(), ref64.detach().double(), same.detach().double()
-    assert out.shape == ref64.shape, (what, out.shape, ref64.shape)
-    assert not out.isnan().any(), f"{what}: NaN"
-    inf = torch.isinf(ref64)
-    assert torch.equal(torch.isinf(out), inf) and torch.equal(out[inf], ref64[inf]), f"{what}: inf entries differ"
-    if not (~inf).any():
-        return
-    scale = max(1.0, ref64[~inf].abs().max().item())
-    err = (out - ref64)[~inf].abs().max().item()
-    base = (same - ref64)[~inf].abs().max().item()
-    assert err <= 2 * base + eps * scale, f"{what}: error {err:.3g} > 2 * reference error {base:.3g} + {eps * scale:.3g}"
 
 
 def outputs_and_grads(fn, ts: list[torch.Tensor | None], seed: int, **kw) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -66,7 +52,7 @@ def check_against_reference(ts: list[torch.Tensor | None], seed: int, eps: float
     for name, a, b, c in zip(["out", "lse", "dq", "dk", "dv", "dsinks"], fast, ref64, same):
         assert a is not None and b is not None and c is not None, name
         assert a.dtype == c.dtype, (name, a.dtype, c.dtype)
-        assert_rule(a, b, c, eps, f"{name} (seed={seed}, {kw})")
+        close(a, b, c, eps, f"{name} (seed={seed}, {kw})")
 
 
 # B, Tq, Tk, H, Hkv, d, dv, causal, window, sinks, block_q, block_k

@@ -239,17 +239,10 @@ def test_transformers_torch_ops() -> None:
     KDA (Kimi Linear; equal heads) torch fallbacks, with in-kernel l2norm and an initial state."""
     from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
-    a = make(2, 50, channel=False, seed=31, dtype=torch.float32)
-    args = (a["q"], a["k"], a["v"], a["g"], a["beta"])
-    ho, hs = torch_chunk_gated_delta_rule(*args, chunk_size=16, initial_state=a["initial_state"],
-                                          output_final_state=True, use_qk_l2norm_in_kernel=True)
-    o, s = run(chunk_delta_rule, a, use_qk_l2norm=True)
-    torch.testing.assert_close(o, ho, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s, hs, rtol=1e-5, atol=1e-5)
-    a = make(2, 50, channel=True, seed=32, dtype=torch.float32, hk=HV)
-    args = (a["q"], a["k"], a["v"], a["g"], a["beta"])
-    ko, ks = chunk_kimi_delta_attention(*args, chunk_size=16, initial_state=a["initial_state"],
-                                        output_final_state=True, use_qk_l2norm_in_kernel=True)
-    o, s = run(chunk_delta_rule, a, use_qk_l2norm=True)
-    torch.testing.assert_close(o, ko, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s, ks, rtol=1e-5, atol=1e-5)
+    for theirs, a in ((torch_chunk_gated_delta_rule, make(2, 50, channel=False, seed=31, dtype=torch.float32)),
+                      (chunk_kimi_delta_attention, make(2, 50, channel=True, seed=32, dtype=torch.float32, hk=HV))):
+        ho, hs = theirs(a["q"], a["k"], a["v"], a["g"], a["beta"], chunk_size=16, initial_state=a["initial_state"],
+                        output_final_state=True, use_qk_l2norm_in_kernel=True)
+        o, s = run(chunk_delta_rule, a, use_qk_l2norm=True)
+        torch.testing.assert_close(o, ho, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s, hs, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@
 the Triton interpreter, with ATTNZOO_TRITON_POISON=1 so every kernel output starts as NaN (an element a kernel
 skips fails the no-NaN check).
 
-Tolerance rule (as test_flash_triton.py): |triton - ref64| <= 2 * |ref_fp32 - ref64| + 1e-5 * max(1, |ref64|),
+Tolerance rule (tests/ops/tolerance.py): |triton - ref64| <= 2 * |ref_fp32 - ref64| + 1e-5 * max(1, |ref64|),
 with ref64 the reference on float64 copies of the inputs.
 ATTNZOO_TRITON_TEST_DEVICE=cuda runs the same cases compiled on a GPU instead (no interpreter).
 Shapes are small (dk, dv 16-32, Hv <= 4): the interpreter runs one numpy op per tile op.
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from attnzoo.ops.delta_rule.reference import delta_rule_reference
+from tests.ops.tolerance import close
 from tests.ops.triton_env import DEVICE, INTERPRET, import_kernels, poison_outputs  # noqa: F401  (poison_outputs: an autouse fixture)
 
 (tk,) = import_kernels("attnzoo.ops.delta_rule.triton_kernels")
@@ -66,18 +67,6 @@ def refs(d: dict, **kw) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]: 
     """(float64 reference, float32 reference) -> each (o, final state)."""
     wide = {key: (val.double() if isinstance(val, Tensor) else val) for key, val in d.items()}
     return (delta_rule_reference(*args(wide), **kwargs(wide, **kw)), delta_rule_reference(*args(d), **kwargs(d, **kw)))
-
-
-def close(out: Tensor, ref64: Tensor, ref32: Tensor, eps: float = 1e-5, what: str = "") -> None:
-    out, ref64, ref32 = out.detach().double().cpu(), ref64.detach().double().cpu(), ref32.detach().double().cpu()
-    assert out.shape == ref64.shape, (what, out.shape, ref64.shape)
-    assert not out.isnan().any(), f"{what}: NaN (an element the kernel never wrote?)"
-    if out.numel() == 0:
-        return
-    err = (out - ref64).abs().max().item()
-    base = (ref32 - ref64).abs().max().item()
-    scale = max(1.0, ref64.abs().max().item())
-    assert err <= 2 * base + eps * scale, f"{what}: error {err:.3g} > 2 * reference error {base:.3g} + {eps * scale:.3g}"
 
 
 def check(fn, d: dict, **kw) -> tuple[Tensor, Tensor]:  # type: ignore[no-untyped-def]

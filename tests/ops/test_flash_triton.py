@@ -4,7 +4,7 @@ TRITON_INTERPRET must be set when the kernels are defined (triton.jit reads it t
 imports them with it set and restores the environment; a fixture sets it (and ATTNZOO_TRITON_POISON=1,
 which makes every kernel output start as NaN, so a skipped element fails) around each test.
 
-Tolerance rule (as in test_attention.py): |triton - ref64| <= 2 * |ref_same_dtype - ref64| + eps,
+Tolerance rule (tests/ops/tolerance.py): |triton - ref64| <= 2 * |ref_same_dtype - ref64| + eps,
 for outputs, LSE and every gradient.
 
 ATTNZOO_TRITON_TEST_DEVICE=cuda runs the same cases compiled on a GPU instead (no interpreter).
@@ -17,27 +17,12 @@ import pytest
 import torch
 
 from attnzoo.ops.attention.reference import attention_reference
+from tests.ops.tolerance import close
 from tests.ops.triton_env import DEVICE, INTERPRET, import_kernels, poison_outputs  # noqa: F401  (poison_outputs: an autouse fixture)
 
 import_kernels("attnzoo.ops.attention.triton")
 
 EPS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def close(out: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor, eps: float, what: str = "") -> None:
-    """The tolerance rule; -inf entries (LSE of dead rows) must match exactly; NaN never allowed."""
-    out, ref64, ref_same = out.detach().double(), ref64.detach().double(), ref_same.detach().double()
-    assert out.shape == ref64.shape, (what, out.shape, ref64.shape)
-    assert not out.isnan().any(), f"{what}: NaN (an element the kernel never wrote?)"
-    inf = torch.isinf(ref64)
-    assert torch.equal(torch.isinf(out), inf), f"{what}: infinite entries differ from the reference"
-    assert torch.equal(out[inf], ref64[inf]), what
-    if not (~inf).any():
-        return
-    scale = max(1.0, ref64[~inf].abs().max().item())
-    err = (out - ref64)[~inf].abs().max().item()
-    base = (ref_same - ref64)[~inf].abs().max().item()
-    assert err <= 2 * base + eps * scale, f"{what}: error {err:.3g} > 2 * reference error {base:.3g} + {eps * scale:.3g}"
 
 
 def make(B: int, Tq: int, Tk: int, H: int, Hkv: int, d: int, dv: int, sinks: bool, dtype: torch.dtype,

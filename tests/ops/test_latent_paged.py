@@ -1,6 +1,6 @@
 """MLA decode over a paged latent cache: reference vs a float64 hand computation, the torch form and the
 Triton kernel (in the interpreter on CPU, with ATTNZOO_TRITON_POISON=1 so an unwritten element is NaN)
-vs the reference. Tolerance rule as in test_flash_triton.py: |out - ref64| <= 2 * |ref_same - ref64| + eps.
+vs the reference. Tolerance rule (tests/ops/tolerance.py): |out - ref64| <= 2 * |ref_same - ref64| + eps.
 ATTNZOO_TRITON_TEST_DEVICE=cuda runs the Triton cases compiled on a GPU instead.
 """
 
@@ -16,7 +16,8 @@ import torch
 
 from torch import Tensor
 
-from attnzoo.ops.latent.paged import mla_paged_decode_reference, mla_paged_decode_torch
+from attnzoo.ops.latent.paged import mla_paged_decode, mla_paged_decode_reference, mla_paged_decode_torch
+from tests.ops.tolerance import close
 
 DEVICE = os.environ.get("ATTNZOO_TRITON_TEST_DEVICE", "cpu")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -45,14 +46,6 @@ def _case(lens: list[int], H: int, D: int, page: int, dtype: torch.dtype, seed: 
     cache = torch.randn(P, page, D, generator=g).to(dtype)
     q = torch.randn(len(lens), H, D, generator=g).to(dtype)
     return q, cache, table, torch.tensor(lens, dtype=torch.int32)
-
-
-def close(out: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor, eps: float) -> None:
-    out, ref64, ref_same = out.double(), ref64.double(), ref_same.double()
-    assert out.shape == ref64.shape and not out.isnan().any()
-    err = (out - ref64).abs().max().item()
-    base = (ref_same - ref64).abs().max().item()
-    assert err <= 2 * base + eps * max(1.0, ref64.abs().max().item()), (err, base)
 
 
 def _refs(q: Tensor, cache: Tensor, table: Tensor, lens: Tensor, dv: int, scale: float) -> tuple[Tensor, Tensor]:
@@ -135,3 +128,17 @@ def test_triton_empty_sequence_no_rope_and_poison(interp: Kernel) -> None:
     from attnzoo.ops.triton_host import alloc
     # the poison is on, so every element checked above was written by the kernels
     assert alloc((2,), F32, torch.device(DEVICE)).isnan().all()
+
+
+@needs_triton
+def test_dispatcher_follows_the_attention_backend(interp: Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mla_paged_decode asks the attention family's resolver: "triton" runs the kernel, any other form torch."""
+    case = [t.to(DEVICE) for t in _case([5, 40], 16, 96, 16, F32)]
+    kernel, torch_form = interp(*case, 64, 0.2), mla_paged_decode_torch(*case, 64, 0.2)
+    assert not torch.equal(kernel, torch_form)  # the two forms round differently, so the choice shows
+    assert torch.equal(mla_paged_decode(*case, 64, 0.2, backend="triton"), kernel)
+    assert torch.equal(mla_paged_decode(*case, 64, 0.2, backend="torch"), torch_form)
+    monkeypatch.setenv("ATTNZOO_BACKEND", "blockwise")
+    assert torch.equal(mla_paged_decode(*case, 64, 0.2), torch_form)
+    monkeypatch.setenv("ATTNZOO_BACKEND", "triton")
+    assert torch.equal(mla_paged_decode(*case, 64, 0.2), kernel)

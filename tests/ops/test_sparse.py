@@ -336,10 +336,18 @@ def _topk_sets_agree(scores: torch.Tensor, mine: torch.Tensor, theirs: torch.Ten
     return checked
 
 
-def _hook(module: torch.nn.Module, got: dict) -> torch.utils.hooks.RemovableHandle:
+def _indexer_call(model: torch.nn.Module) -> tuple:
+    """(args, kwargs, output) of layer 1's indexer on one fixed batch of 2 x 24 tokens."""
+    got: dict = {}
+
     def keep(m, a, kw, o):  # type: ignore[no-untyped-def]
         got.setdefault("o", (a, kw, o))  # returns None: the module's output is left alone
-    return module.register_forward_hook(keep, with_kwargs=True)
+    h = model.model.layers[1].self_attn.indexer.register_forward_hook(keep, with_kwargs=True)
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    h.remove()
+    return got["o"]
 
 
 def test_dsa_selection_matches_transformers_indexer():
@@ -352,13 +360,7 @@ def test_dsa_selection_matches_transformers_indexer():
     with torch.no_grad():  # LayerNorm starts as weight 1, bias 0: randomise so the check sees them
         idx.k_norm.weight.normal_(1.0, 0.5)
         idx.k_norm.bias.normal_(0.0, 0.5)
-    got: dict = {}
-    h = _hook(idx, got)
-    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    h.remove()
-    (x, q_resid, (cos, sin), *_), _, top = got["o"]
+    (x, q_resid, (cos, sin), *_), _, top = _indexer_call(model)
     B, T, _ = x.shape
     HI, dI, r = idx.n_heads, idx.head_dim, idx.qk_rope_head_dim
     with torch.no_grad():  # q_I, k_I as the module builds them, then OUR scoring
@@ -387,13 +389,7 @@ def test_msa_selection_matches_transformers_indexer():
     with torch.no_grad():  # zero-centred (1 + w) RMSNorm weights start at 0: randomise
         idx.q_norm.weight.normal_(0.0, 0.5)
         idx.k_norm.weight.normal_(0.0, 0.5)
-    got: dict = {}
-    h = _hook(idx, got)
-    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    h.remove()
-    (x, (cos, sin), *_), _, blocks = got["o"]
+    (x, (cos, sin), *_), _, blocks = _indexer_call(model)
     B, T, _ = x.shape
     G, dI, bs, k = idx.num_heads, idx.head_dim, idx.block_size, idx.topk_blocks
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Triton select-then-attend (forward + backward), run on CPU through the Triton interpreter.
 
 Every output buffer starts as NaN (ATTNZOO_TRITON_POISON=1), so an element a kernel skips fails.
-Tolerance rule (as test_flash_triton.py): |triton - ref64| <= 2 * |ref_same_dtype - ref64| + eps,
+Tolerance rule (tests/ops/tolerance.py): |triton - ref64| <= 2 * |ref_same_dtype - ref64| + eps,
 for outputs, LSE and every gradient. ATTNZOO_TRITON_TEST_DEVICE=cuda runs the same cases compiled.
 """
 
@@ -16,6 +16,7 @@ from attnzoo.ops.sparse.reference import (
     block_sparse_attention_reference,
     sparse_attention_reference,
 )
+from tests.ops.tolerance import close
 from tests.ops.triton_env import DEVICE, INTERPRET, import_kernels, poison_outputs  # noqa: F401  (poison_outputs: an autouse fixture)
 
 (tk,) = import_kernels("attnzoo.ops.sparse.triton_kernels")
@@ -24,20 +25,6 @@ EPS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # triton 3.9's interpreter computes tl.dot on bf16 operands wrongly (it multiplies the raw uint16 bits),
 # so bf16 is only checked compiled on a GPU (as in test_flash_triton.py).
 BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(INTERPRET, reason="interpreter: bf16 tl.dot is wrong"))
-
-
-def close(out: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor, eps: float, what: str) -> None:
-    out, ref64, ref_same = out.detach().cpu().double(), ref64.detach().double(), ref_same.detach().double()
-    assert out.shape == ref64.shape, (what, out.shape, ref64.shape)
-    assert not out.isnan().any(), f"{what}: NaN (an element the kernel never wrote?)"
-    inf = torch.isinf(ref64)
-    assert torch.equal(torch.isinf(out), inf) and torch.equal(out[inf], ref64[inf]), f"{what}: infinities differ"
-    if not (~inf).any():
-        return
-    scale = max(1.0, ref64[~inf].abs().max().item())
-    err = (out - ref64)[~inf].abs().max().item()
-    base = (ref_same - ref64)[~inf].abs().max().item()
-    assert err <= 2 * base + eps * scale, f"{what}: error {err:.3g} > 2 * reference error {base:.3g} + {eps * scale:.3g}"
 
 
 def make(B: int, Tq: int, Tk: int, H: int, Hkv: int, d: int, dv: int, dtype: torch.dtype = torch.float32,

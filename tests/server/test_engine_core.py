@@ -1,7 +1,7 @@
-"""The engine core in its own process: served greedy outputs equal offline `LLM` outputs (stop strings,
-now applied in the API process, included); one step message carries every request's tokens; aborts and
-stop strings reach the core; a killed core fails /health and in-flight streams; no core outlives its API
-process. Plus the step loop itself, run in a thread over a pipe."""
+"""The engine core in its own process: served greedy outputs equal offline `LLM` outputs, RequestOutput for
+RequestOutput (stop strings, applied in the API process by the same assembler, included); one step message
+carries every request's tokens; aborts and stop strings reach the core; a killed core fails /health and
+in-flight streams; no core outlives its API process. Plus the step loop itself, run in a thread over a pipe."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import pytest
 import torch
 
 from attnzoo.engine import LLM, SamplingParams
+from attnzoo.engine.outputs import OutputAssembler, RequestOutput
+from attnzoo.server import engine_client
 from attnzoo.server.core_messages import AddRequest, EngineConfig, Query, Shutdown, StepOutput
 from attnzoo.server.engine_client import EngineClient
 from attnzoo.server.engine_core import EngineCore
@@ -60,6 +62,22 @@ def core_finishes(live, monkeypatch) -> dict[str, tuple[str | None, int]]:
     return seen
 
 
+def served_outputs(monkeypatch) -> dict[str, RequestOutput]:
+    """Filled as the API process assembles: request id -> its latest `RequestOutput` (before it becomes JSON)."""
+    latest: dict[str, RequestOutput] = {}
+
+    class Recording(OutputAssembler):
+        def snapshot(self, *args) -> RequestOutput:
+            latest[self.request_id] = out = super().snapshot(*args)
+            return out
+    monkeypatch.setattr(engine_client, "OutputAssembler", Recording)
+    return latest
+
+
+def completions(out: RequestOutput) -> list[tuple]:
+    return [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in out.outputs]
+
+
 def gone(pid: int) -> bool:
     """Exited (a zombie counts: it runs nothing and holds no memory)."""
     try:
@@ -68,20 +86,29 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_greedy_outputs_equal_offline(live, model):
+def test_greedy_outputs_equal_offline(live, model, monkeypatch):
     assert model.embed_tokens.weight.dtype == torch.float32    # as the `live` core (dtype="float32")
     llm = LLM(model, kv_cache_memory=KV_BYTES)
+    assembled = served_outputs(monkeypatch)
     for prompt in PROMPTS:
         offline = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)[0]
         served = complete(live, prompt=prompt, max_tokens=16, temperature=0, logprobs=0)["choices"][0]
         assert served["text"] == offline.text and served["finish_reason"] == offline.finish_reason
         assert len(served["logprobs"]["tokens"]) == len(offline.token_ids)
-        # a stop string inside the greedy answer: the API process stops where the engine would
+        (out,) = assembled.values()
+        assert completions(out) == completions(offline)
+        assembled.clear()
+        # a stop string inside the greedy answer, in n = 2 completions: the API process stops each where the
+        # engine would (at the token that completes it)
         stop = offline.text.split()[2][:3]
-        offline = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0, stop=[stop]), use_tqdm=False)[0]
-        served = complete(live, prompt=prompt, max_tokens=16, temperature=0, stop=[stop])["choices"][0]
+        offline = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0, stop=[stop], n=2),
+                               use_tqdm=False)[0]
+        served = complete(live, prompt=prompt, max_tokens=16, temperature=0, stop=[stop], n=2)["choices"][0]
         assert (served["text"], served["finish_reason"], served["stop_reason"]) == \
             (offline.text, "stop", stop) == (offline.text, offline.finish_reason, offline.outputs[0].stop_reason)
+        (out,) = assembled.values()
+        assert completions(out) == completions(offline) and len(out.outputs) == 2
+        assembled.clear()
 
 
 def test_one_step_message_carries_several_requests(live, monkeypatch):

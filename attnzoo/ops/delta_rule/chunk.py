@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnzoo.ops.delta_rule.reference import check_inputs
+from attnzoo.ops.delta_rule.reference import setup_inputs
 
 GRAM_BASE = 4          # per-channel gate: blocks this small get exp(gam_i - gam_j) per diagonal, explicitly
 GROUP_ELEMS = 1 << 20  # intra-chunk work is batched over groups of chunks of about this many elements per
@@ -201,15 +201,13 @@ def chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, be
     [B, T, Hv, dk] (log-decay <= 0) or None; beta [B, T, Hv]; initial_state [N, Hv, dk, dv]. Returns
     o [B, T, Hv, dv] in v's dtype and the final state [N, Hv, dk, dv] (float32; float64 for float64
     inputs). Differentiable."""
-    n = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    n, wide, scale = setup_inputs(q, k, v, g, beta, initial_state, cu_seqlens, scale)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     B, T, Hk, dk = q.shape
     Hv, dv = v.shape[2:]
     r, C = Hv // Hk, chunk_size
     out_dtype = v.dtype
-    wide = torch.float64 if v.dtype == torch.float64 else torch.float32
-    scale = dk ** -0.5 if scale is None else scale
     # casts, scale and l2norm happen per group of chunks: no full-length temporaries
     q, k, v, beta = (t.flatten(0, 1) for t in (q, k, v, beta))
     g = beta.new_zeros(B * T, Hv) if g is None else g.flatten(0, 1)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from attnzoo.ops.delta_rule import chunk as _chunk  # module: tests swap its output_buffer
 from attnzoo.ops.delta_rule.chunk import make_layout, needs_grad, prepare_qk, sequences
-from attnzoo.ops.delta_rule.reference import check_inputs
+from attnzoo.ops.delta_rule.reference import check_step_inputs, setup_inputs
 
 
 def _rows(decay: Tensor) -> Tensor:
@@ -38,16 +38,9 @@ def delta_rule_step_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, bet
     """One decode token per sequence: q, k [B, Hk, dk]; v [B, Hv, dv]; g [B, Hv] or [B, Hv, dk] (or None);
     beta [B, Hv]; state [B, Hv, dk, dv] (float32, or any float dtype: computed in it) UPDATED IN PLACE
     (it may be a strided view into a state pool). Returns o [B, Hv, dv] in v's dtype."""
-    if q.dim() != 3 or k.shape != q.shape:
-        raise ValueError(f"q and k must be [batch, key_heads, dk] and equal; got {tuple(q.shape)}, {tuple(k.shape)}")
+    check_step_inputs(q, k, v, g, beta)
     B, Hk, dk = q.shape
-    if v.dim() != 3 or v.shape[0] != B or v.shape[1] % Hk:
-        raise ValueError(f"v must be [{B}, value_heads, dv] with value_heads a multiple of {Hk}, got {tuple(v.shape)}")
     Hv, dv = v.shape[1:]
-    if beta.shape != (B, Hv):
-        raise ValueError(f"beta must be [{B}, {Hv}], got {tuple(beta.shape)}")
-    if g is not None and g.shape not in ((B, Hv), (B, Hv, dk)):
-        raise ValueError(f"g must be [{B}, {Hv}] or [{B}, {Hv}, {dk}], got {tuple(g.shape)}")
     if state.shape != (B, Hv, dk, dv) or not state.is_floating_point():
         raise ValueError(f"state must be a float [{B}, {Hv}, {dk}, {dv}] tensor, "
                          f"got {state.dtype} {tuple(state.shape)}")
@@ -66,12 +59,10 @@ def fused_recurrent_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor 
     """Same contract as delta_rule_reference (and chunk_delta_rule): one step per token, all sequences
     (batch rows or cu_seqlens spans) and heads at once. In-place state updates when no gradient is
     needed, out of place (differentiable) otherwise."""
-    n = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    n, wide, scale = setup_inputs(q, k, v, g, beta, initial_state, cu_seqlens, scale)
     B, T, Hk, dk = q.shape
     Hv, dv = v.shape[2:]
     out_dtype = v.dtype
-    wide = torch.float64 if v.dtype == torch.float64 else torch.float32
-    scale = dk ** -0.5 if scale is None else scale
     # casts, scale, l2norm and exp(g) happen per step: no full-length temporaries
     q, k, v, g, beta = (None if t is None else t.flatten(0, 1) for t in (q, k, v, g, beta))
     r = Hv // Hk

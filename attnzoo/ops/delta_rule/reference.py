@@ -43,6 +43,32 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     return n
 
 
+def setup_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
+                 initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float | None
+                 ) -> tuple[int, torch.dtype, float]:
+    """What every whole-sequence form starts with: `check_inputs`, then (the number of sequences, the compute
+    dtype: float64 for float64 inputs else float32, the scale: dk^-0.5 unless given)."""
+    n = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    wide = torch.float64 if v.dtype == torch.float64 else torch.float32
+    return n, wide, q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def check_step_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                      beta: torch.Tensor) -> None:
+    """Validate the shapes of one decode token per sequence (the state is each form's own)."""
+    if q.dim() != 3 or k.shape != q.shape:
+        raise ValueError(f"q and k must be [batch, key_heads, dk] and equal; got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, Hk, dk = q.shape
+    if v.dim() != 3 or v.shape[0] != B or v.shape[1] % max(Hk, 1):
+        raise ValueError(f"v must be [{B}, value_heads, dv] with value_heads a multiple of {Hk}; got {tuple(v.shape)}")
+    Hv = v.shape[1]
+    if beta.shape != (B, Hv):
+        raise ValueError(f"beta must be [{B}, {Hv}], got {tuple(beta.shape)}")
+    if g is not None and g.shape not in ((B, Hv), (B, Hv, dk)):
+        raise ValueError(f"g must be [{B}, {Hv}] (per head) or [{B}, {Hv}, {dk}] (per key channel), "
+                         f"got {tuple(g.shape)}")
+
+
 def delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                          beta: torch.Tensor, *, scale: float | None = None, initial_state: torch.Tensor | None = None,
                          output_final_state: bool = True, use_qk_l2norm: bool = False,
@@ -51,12 +77,10 @@ def delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     decay; beta [B, T, Hv]; initial_state [N, Hv, dk, dv] (N sequences: B, or len(cu_seqlens) - 1).
     Returns o [B, T, Hv, dv] in v's dtype and the final state [N, Hv, dk, dv] (float32, or float64 for
     float64 inputs). Computes in float64 for float64 inputs, else float32."""
-    n = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    n, wide, scale = setup_inputs(q, k, v, g, beta, initial_state, cu_seqlens, scale)
     B, T, Hk, dk = q.shape
     Hv, dv = v.shape[2:]
     out_dtype = v.dtype
-    wide = torch.float64 if v.dtype == torch.float64 else torch.float32
-    scale = dk ** -0.5 if scale is None else scale
     q, k, v, beta = (t.to(wide) for t in (q, k, v, beta))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)

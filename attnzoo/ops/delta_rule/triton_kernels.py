@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnzoo.ops.delta_rule.reference import check_inputs, delta_rule_reference
+from attnzoo.ops.delta_rule.reference import check_inputs, check_step_inputs, delta_rule_reference
 from attnzoo.ops.triton_host import alloc, dot_precision, interpreting
 
 SUB: int = 16  # sub-chunk rows of kernel 1 (tl.dot's minimum M/N/K)
@@ -621,16 +621,9 @@ def delta_rule_step_triton(
     distinct and < slots (checked when they are on the CPU); a negative index marks a padding entry: its state
     is not touched and its output is 0.
     Any strides are fine for `state` (it is never copied). No autograd."""
-    if q.dim() != 3 or k.shape != q.shape:
-        raise ValueError(f"q and k must be [batch, key_heads, dk] and equal; got {tuple(q.shape)}, {tuple(k.shape)}")
+    check_step_inputs(q, k, v, g, beta)
     B, Hk, dk = q.shape
-    if v.dim() != 3 or v.shape[0] != B or v.shape[1] % max(Hk, 1):
-        raise ValueError(f"v must be [{B}, value_heads, dv] with value_heads a multiple of {Hk}; got {tuple(v.shape)}")
     Hv, dv = v.shape[1:]
-    if beta.shape != (B, Hv):
-        raise ValueError(f"beta must be [{B}, {Hv}], got {tuple(beta.shape)}")
-    if g is not None and g.shape not in ((B, Hv), (B, Hv, dk)):
-        raise ValueError(f"g must be [{B}, {Hv}] (per head) or [{B}, {Hv}, {dk}] (per key channel), got {tuple(g.shape)}")
     if state.dtype != torch.float32:
         raise TypeError(f"state must be float32 (it is updated in place), got {state.dtype}")
     if state_indices is None:

@@ -1,4 +1,5 @@
-"""MLA in PyTorch on top of attnzoo.ops.attention: expanded (prefill) and absorbed (decode) forms."""
+"""MLA in PyTorch: expanded (prefill) and absorbed (decode) forms on top of attnzoo.ops.attention, and the
+absorbed decode over a paged latent cache."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import Tensor
 
 from attnzoo.ops.attention import attention
+from attnzoo.ops.latent.reference import check_paged_decode
 
 
 def mla_expanded(q_nope: Tensor, q_pe: Tensor, c_kv: Tensor, k_pe: Tensor, w_uk: Tensor, w_uv: Tensor, *,
@@ -33,3 +35,28 @@ def mla_absorbed(q_nope: Tensor, q_pe: Tensor, c_kv: Tensor, k_pe: Tensor, w_uk:
     o_lat = attention(q, k, c_kv.unsqueeze(-2), causal=causal, scale=scale,
                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return torch.einsum("...hc,hvc->...hv", o_lat, w_uv)
+
+
+def mla_paged_decode_torch(q: Tensor, cache: Tensor, block_table: Tensor, seq_lens: Tensor, dv: int,
+                           scale: float) -> Tensor:
+    """Batched CPU form: gather whole pages once per sequence (shared by all H heads), then one
+    [H, Dqk] x [Dqk, L] product per sequence and a masked softmax. Same contract as the reference."""
+    check_paged_decode(q, cache, block_table, seq_lens, dv)
+    B, H, D = q.shape
+    ps = cache.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax precision
+    lens = seq_lens.to(cache.device, torch.long)
+    width = -(-int(lens.max()) // ps) if B else 0   # one host sync: pages of the longest sequence
+    if width == 0:
+        return q.new_zeros(B, H, dv)
+    table = block_table[:, :width].to(cache.device, torch.long)
+    used = torch.arange(width, device=cache.device) < (-(-lens // ps))[:, None]
+    pages = torch.where(used, table, 0)   # entries past a sequence's pages may be stale: read page 0 instead
+    # index_select over whole pages of a [pages, page_size * Dqk] view: page-sized copies, not row-sized.
+    k = torch.index_select(cache.reshape(cache.shape[0], -1), 0, pages.reshape(-1)).view(B, width * ps, D).to(acc)
+    s = torch.bmm(q.to(acc), k.transpose(1, 2)).mul_(scale)                    # [B, H, width * page]
+    valid = torch.arange(width * ps, device=cache.device) < lens[:, None]
+    s.masked_fill_(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = torch.exp(s - lse.clamp(min=torch.finfo(acc).min))                   # an empty sequence gives 0
+    return torch.bmm(p, k[..., :dv]).to(q.dtype)

@@ -2,7 +2,7 @@
 
 Grid (batch, head block, split), mirroring attention/triton/paged_decode.py: split c reads tokens
 [c * CHUNK, (c + 1) * CHUNK) of its sequence through the block table and writes a partial (normalised
-output, LSE); paged_decode's combine kernel merges the splits by log-sum-exp.
+output, LSE); paged_decode's `split_context` sizes the splits and `combine_splits` merges them by log-sum-exp.
 
 MQA packing: BLOCK_H query heads share the one latent key, so each program loads a [BLOCK_N, Dqk] cache
 tile once and uses it three times: scores from the latent part (dv dims) plus the rope part (Dqk - dv),
@@ -12,16 +12,16 @@ DeepSeek shape (576 = 512 + 64) instead of padding one 576 tile to 1024.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from attnzoo.ops.attention.triton.flash_fwd import LN2
+from attnzoo.ops.attention.triton.paged_decode import combine_splits, split_context
+from attnzoo.ops.latent.reference import check_paged_decode
+from attnzoo.ops.latent.torch_impl import mla_paged_decode_torch
 from attnzoo.ops.triton_host import alloc, dot_precision, interpreting
-from attnzoo.ops.attention.triton.paged_decode import paged_decode_combine_kernel
-from attnzoo.ops.latent.paged import _check, mla_paged_decode_torch
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def mla_paged_decode_triton(q: Tensor, cache: Tensor, block_table: Tensor, seq_l
                             scale: float, chunk: int | None = None, block_h: int | None = None) -> Tensor:
     """Same contract as mla_paged_decode_reference. chunk: tokens per split (rounded up to the key tile;
     default sized to fill the GPU); block_h: heads per program (a power of two >= 16, tl.dot's minimum M)."""
-    _check(q, cache, block_table, seq_lens, dv)
+    check_paged_decode(q, cache, block_table, seq_lens, dv)
     if q.dtype == torch.float64:  # an oracle dtype, not a production one: Triton fp64 dots are slow or missing
         return mla_paged_decode_torch(q, cache, block_table, seq_lens, dv, scale)
     B, H, D = q.shape
@@ -97,22 +97,13 @@ def mla_paged_decode_triton(q: Tensor, cache: Tensor, block_table: Tensor, seq_l
     q = q if q.stride(-1) == 1 else q.contiguous()
     cache = cache if cache.stride(-1) == 1 else cache.contiguous()
     block_table, seq_lens = block_table.to(q.device, torch.int32), seq_lens.to(q.device, torch.int32)
-    interp = interpreting()
     # Compiled: 16 heads keep the [BLOCK_H, 512] fp32 accumulator in registers; the interpreter runs one
     # numpy op per tile op, so fewer, larger programs are faster there.
-    block_h = block_h or (max(16, min(64, triton.next_power_of_2(H))) if interp else 16)
+    block_h = block_h or (max(16, min(64, triton.next_power_of_2(H))) if interpreting() else 16)
     block_n = 32
     n_hb = -(-H // block_h)
-    max_len = max(block_table.shape[1] * page, 1)  # an upper bound that needs no device sync
-    if chunk is None:
-        sms = 1 if interp else torch.cuda.get_device_properties(q.device).multi_processor_count
-        want = max(1, min(-(-2 * sms // (B * n_hb)), -(-max_len // block_n)))
-        chunk = -(-max_len // want)
-    chunk = -(-chunk // block_n) * block_n
-    S = -(-max_len // chunk)
-    po = alloc((B, H, S, dv), torch.float32, q.device)
-    pl = alloc((B, H, S), torch.float32, q.device)
-    mla_decode_kernel[(B, n_hb, S)](
+    chunk, po, pl = split_context(q, block_table, page, dv, n_hb, block_n, chunk)
+    mla_decode_kernel[(B, n_hb, po.shape[2])](
         q, cache, block_table, seq_lens, po, pl,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
         *po.stride()[:3], *pl.stride()[:2],
@@ -121,8 +112,4 @@ def mla_paged_decode_triton(q: Tensor, cache: Tensor, block_table: Tensor, seq_l
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=triton.next_power_of_2(dv),
         BLOCK_DR=max(16, triton.next_power_of_2(max(dr, 1))), num_warps=4,
     )
-    paged_decode_combine_kernel[(B, H)](
-        po, pl, pl, out, *po.stride()[:3], *pl.stride()[:2], out.stride(0), out.stride(1), H, S, dv,
-        HAS_SINKS=False, BLOCK_S=triton.next_power_of_2(S), BLOCK_DV=triton.next_power_of_2(dv),
-    )
-    return out
+    return combine_splits(po, pl, out)

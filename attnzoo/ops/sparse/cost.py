@@ -15,10 +15,13 @@ group; NSA n_cmp = floor((p - l) / d) + 1 (p >= l), selection min(p, n * l'), wi
 IndexShare runs the indexer on 1 of every F layers: its index and index-projection terms are / F.
 mode="decode": the token at position p = context; mode="prefill": the mean over p = 1 .. context
 (total prefill cost / context). KV bytes: cache bytes read per decode token (indexer keys included).
+Each mechanism's terms are one function (`gqa_terms`, `mla_terms`, ...); `cost_per_token` takes one, or a
+name from `TERMS` (the papers' mechanisms, for the claims and the bench).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -26,7 +29,6 @@ import numpy as np
 CORE = ("attn", "index", "absorb")
 LAYER = ("attn", "index", "absorb", "proj")
 ALL = ("attn", "index", "absorb", "proj", "ffn")
-MECHANISMS = ("gqa", "mla", "dsa", "indexshare", "msa", "nsa")
 
 
 @dataclass(frozen=True)
@@ -94,49 +96,87 @@ class Cost:
         return float(sum(self.parts.get(k, 0.0) for k in include))
 
 
-def _terms(mech: str, p: np.ndarray, c: CostShape) -> tuple[dict[str, np.ndarray | float], np.ndarray]:
-    """FLOP terms and KV bytes for a token that sees p keys (vectorised over p)."""
-    H, D, eb = c.heads, c.hidden, c.bytes_per_elem
-    r, dr, dn, dv_mla = c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
-    zero = np.zeros_like(p)
-    if mech in ("gqa", "msa", "nsa"):
-        dqk, dv, Hkv = c.head_dim, c.v_head_dim, c.kv_heads
-        proj = 2 * D * (H * dqk + Hkv * (dqk + dv)) + 2 * H * dv * D
-        if mech == "gqa":
-            return {"attn": 2 * H * p * (dqk + dv), "index": zero, "proj": proj, "ffn": c.ffn_flops}, \
-                p * Hkv * (dqk + dv) * eb
-        if mech == "msa":
-            n = np.minimum(p, c.index_block * c.index_topk_blocks)
-            HI, dI = c.index_heads, c.index_dim
-            terms = {"attn": 2 * H * n * (dqk + dv), "index": 2 * HI * p * dI,
-                     "proj": proj + 2 * D * (HI * dI + dI), "ffn": c.ffn_flops}
-            return terms, p * dI * eb + Hkv * n * (dqk + dv) * eb
-        n_cmp = np.where(p >= c.nsa_l, (p - c.nsa_l) // c.nsa_d + 1, 0)
-        n_rest = np.minimum(p, c.nsa_n * c.nsa_l_sel) + np.minimum(p, c.nsa_w)
-        # separate K/V per branch (paper): 3x the k/v projections, plus the 3-way gate
-        proj_nsa = 2 * D * (H * dqk + 3 * Hkv * (dqk + dv)) + 2 * H * dv * D + 2 * D * 3 * H
-        terms = {"attn": 2 * H * n_rest * (dqk + dv), "index": 2 * H * n_cmp * (dqk + dv), "proj": proj_nsa,
-                 "ffn": c.ffn_flops}
-        return terms, Hkv * (n_cmp + n_rest) * (dqk + dv) * eb
-    if mech in ("mla", "dsa", "indexshare"):
-        q_proj = 2 * D * c.q_lora_rank + 2 * c.q_lora_rank * H * (dn + dr) if c.q_lora_rank else 2 * D * H * (dn + dr)
-        proj = q_proj + 2 * D * (r + dr) + 2 * H * dv_mla * D
-        absorb = 2 * H * (dn * r + r * dv_mla)
-        if mech == "mla":
-            return {"attn": 2 * H * p * (2 * r + dr), "index": zero, "absorb": absorb, "proj": proj,
-                    "ffn": c.ffn_flops}, p * (r + dr) * eb
-        F = c.index_share if mech == "indexshare" else 1
-        HI, dI = c.index_heads, c.index_dim
-        n = np.minimum(p, c.index_topk)
-        idx_proj = 2 * (c.q_lora_rank or D) * HI * dI + 2 * D * dI + 2 * D * HI
-        terms = {"attn": 2 * H * n * (2 * r + dr), "index": 2 * HI * p * (dI + 1) / F, "absorb": absorb,
-                 "proj": proj + idx_proj / F, "ffn": c.ffn_flops}
-        return terms, p * dI * eb / F + n * (r + dr) * eb
-    raise ValueError(f"unknown mechanism {mech!r}; known: {', '.join(MECHANISMS)}")
+Terms = Callable[[np.ndarray, CostShape], tuple[dict[str, np.ndarray | float], np.ndarray]]
 
 
-def cost_per_token(mechanism: str, context: int, config: CostShape | str, *, mode: str = "decode") -> Cost:
-    """Cost of one token per layer; see the module docstring for what each term counts."""
+def _gqa_proj(c: CostShape) -> float:
+    dqk, dv = c.head_dim, c.v_head_dim
+    return 2 * c.hidden * (c.heads * dqk + c.kv_heads * (dqk + dv)) + 2 * c.heads * dv * c.hidden
+
+
+def gqa_terms(p: np.ndarray, c: CostShape) -> tuple[dict[str, np.ndarray | float], np.ndarray]:
+    """FLOP terms and KV bytes of a token that sees p keys (vectorised over p): softmax attention (GQA)."""
+    H, dqk, dv, Hkv = c.heads, c.head_dim, c.v_head_dim, c.kv_heads
+    return {"attn": 2 * H * p * (dqk + dv), "index": np.zeros_like(p), "proj": _gqa_proj(c), "ffn": c.ffn_flops}, \
+        p * Hkv * (dqk + dv) * c.bytes_per_elem
+
+
+def msa_terms(p: np.ndarray, c: CostShape) -> tuple[dict[str, np.ndarray | float], np.ndarray]:
+    """MSA: GQA over the selected blocks of its group, plus the index branch over every key."""
+    H, dqk, dv, Hkv, eb = c.heads, c.head_dim, c.v_head_dim, c.kv_heads, c.bytes_per_elem
+    n = np.minimum(p, c.index_block * c.index_topk_blocks)
+    HI, dI = c.index_heads, c.index_dim
+    terms = {"attn": 2 * H * n * (dqk + dv), "index": 2 * HI * p * dI,
+             "proj": _gqa_proj(c) + 2 * c.hidden * (HI * dI + dI), "ffn": c.ffn_flops}
+    return terms, p * dI * eb + Hkv * n * (dqk + dv) * eb
+
+
+def nsa_terms(p: np.ndarray, c: CostShape) -> tuple[dict[str, np.ndarray | float], np.ndarray]:
+    """NSA: compressed attention (the selection scores), selected blocks and the window."""
+    H, D, dqk, dv, Hkv = c.heads, c.hidden, c.head_dim, c.v_head_dim, c.kv_heads
+    n_cmp = np.where(p >= c.nsa_l, (p - c.nsa_l) // c.nsa_d + 1, 0)
+    n_rest = np.minimum(p, c.nsa_n * c.nsa_l_sel) + np.minimum(p, c.nsa_w)
+    # separate K/V per branch (paper): 3x the k/v projections, plus the 3-way gate
+    proj = 2 * D * (H * dqk + 3 * Hkv * (dqk + dv)) + 2 * H * dv * D + 2 * D * 3 * H
+    terms = {"attn": 2 * H * n_rest * (dqk + dv), "index": 2 * H * n_cmp * (dqk + dv), "proj": proj,
+             "ffn": c.ffn_flops}
+    return terms, Hkv * (n_cmp + n_rest) * (dqk + dv) * c.bytes_per_elem
+
+
+def _mla_parts(c: CostShape) -> tuple[float, float]:
+    """(projections, absorption) of MLA's absorbed form."""
+    H, D, r, dr, dn, dv = c.heads, c.hidden, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
+    q_proj = 2 * D * c.q_lora_rank + 2 * c.q_lora_rank * H * (dn + dr) if c.q_lora_rank else 2 * D * H * (dn + dr)
+    return q_proj + 2 * D * (r + dr) + 2 * H * dv * D, 2 * H * (dn * r + r * dv)
+
+
+def mla_terms(p: np.ndarray, c: CostShape) -> tuple[dict[str, np.ndarray | float], np.ndarray]:
+    """MLA, absorbed: MQA over the latent (scores over r + dr, values over r)."""
+    r, dr = c.kv_lora_rank, c.qk_rope_head_dim
+    proj, absorb = _mla_parts(c)
+    return {"attn": 2 * c.heads * p * (2 * r + dr), "index": np.zeros_like(p), "absorb": absorb, "proj": proj,
+            "ffn": c.ffn_flops}, p * (r + dr) * c.bytes_per_elem
+
+
+def dsa_terms(p: np.ndarray, c: CostShape, share: int = 1) -> tuple[dict[str, np.ndarray | float], np.ndarray]:
+    """DSA: absorbed MLA over the top-k keys plus the lightning indexer over every key (on 1 of every
+    `share` layers with IndexShare)."""
+    H, D, r, dr = c.heads, c.hidden, c.kv_lora_rank, c.qk_rope_head_dim
+    proj, absorb = _mla_parts(c)
+    HI, dI, F = c.index_heads, c.index_dim, share
+    n = np.minimum(p, c.index_topk)
+    idx_proj = 2 * (c.q_lora_rank or D) * HI * dI + 2 * D * dI + 2 * D * HI
+    terms = {"attn": 2 * H * n * (2 * r + dr), "index": 2 * HI * p * (dI + 1) / F, "absorb": absorb,
+             "proj": proj + idx_proj / F, "ffn": c.ffn_flops}
+    return terms, p * dI * c.bytes_per_elem / F + n * (r + dr) * c.bytes_per_elem
+
+
+def indexshare_terms(p: np.ndarray, c: CostShape) -> tuple[dict[str, np.ndarray | float], np.ndarray]:
+    return dsa_terms(p, c, c.index_share)
+
+
+# the mechanisms of the papers' claims by name (the claims, the bench); a family prices itself with its own
+# terms function (attnzoo/mechanisms/), so a new one adds nothing here
+TERMS: dict[str, Terms] = {"gqa": gqa_terms, "mla": mla_terms, "dsa": dsa_terms, "indexshare": indexshare_terms,
+                           "msa": msa_terms, "nsa": nsa_terms}
+
+
+def cost_per_token(mechanism: str | Terms, context: int, config: CostShape | str, *, mode: str = "decode") -> Cost:
+    """Cost of one token per layer; see the module docstring for what each term counts. mechanism: a name in
+    TERMS or a terms function."""
+    if isinstance(mechanism, str) and mechanism not in TERMS:
+        raise ValueError(f"unknown mechanism {mechanism!r}; known: {', '.join(TERMS)}")
+    terms_of = TERMS[mechanism] if isinstance(mechanism, str) else mechanism
     c = CONFIGS[config] if isinstance(config, str) else config
     if mode == "decode":
         p = np.array([float(context)])
@@ -144,18 +184,18 @@ def cost_per_token(mechanism: str, context: int, config: CostShape | str, *, mod
         p = np.arange(1, context + 1, dtype=np.float64)
     else:
         raise ValueError(f"mode must be 'decode' or 'prefill', got {mode!r}")
-    terms, kv = _terms(mechanism, p, c)
+    terms, kv = terms_of(p, c)
     parts = {k: float(np.mean(np.broadcast_to(v, p.shape))) for k, v in terms.items()}
     return Cost(parts, float(np.mean(kv)))
 
 
-def flops_per_token(mechanism: str, context: int, config: CostShape | str, *, mode: str = "decode",
+def flops_per_token(mechanism: str | Terms, context: int, config: CostShape | str, *, mode: str = "decode",
                     include: tuple[str, ...] = CORE) -> float:
     """FLOPs of one token in one layer (default: the attention core: attn + index + absorb)."""
     return cost_per_token(mechanism, context, config, mode=mode).flops(include)
 
 
-def kv_bytes_per_token(mechanism: str, context: int, config: CostShape | str) -> float:
+def kv_bytes_per_token(mechanism: str | Terms, context: int, config: CostShape | str) -> float:
     """KV-cache bytes one decode token reads in one layer."""
     return cost_per_token(mechanism, context, config).kv_bytes
 

@@ -132,17 +132,8 @@ def paged_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     block_table, seq_lens = block_table.to(q.device, torch.int32), seq_lens.to(q.device, torch.int32)
     block_n = 32 if interpreting() else 64
-    max_len = max(block_table.shape[1] * page, 1)  # an upper bound that needs no device sync
-    if chunk is None:
-        # ~2 waves of programs over the SMs; never less than one key tile per split.
-        sms = 1 if interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
-        want = max(1, min(-(-2 * sms // (B * Hkv)), -(-max_len // block_n)))
-        chunk = -(-max_len // want)
-    chunk = -(-chunk // block_n) * block_n
-    S = -(-max_len // chunk)
-    po = alloc((B, H, S, dv), torch.float32, q.device)
-    pl = alloc((B, H, S), torch.float32, q.device)
-    paged_decode_kernel[(B, Hkv, S)](
+    chunk, po, pl = split_context(q, block_table, page, dv, Hkv, block_n, chunk)
+    paged_decode_kernel[(B, Hkv, po.shape[2])](
         q, k_cache, v_cache, block_table, seq_lens, po, pl,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
         *po.stride()[:3], *pl.stride()[:2],
@@ -152,8 +143,32 @@ def paged_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
         BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv),
         num_warps=4,
     )
+    return combine_splits(po, pl, out, sinks)
+
+
+def split_context(q: Tensor, block_table: Tensor, page: int, dv: int, programs: int, block_n: int,
+                  chunk: int | None) -> tuple[int, Tensor, Tensor]:
+    """Split-context decoding's plan for q [B, H, ...]: keys per split (by default ~2 waves of programs over
+    the SMs, `programs` per sequence, never less than one key tile per split; rounded up to the tile) and the
+    splits' partial outputs [B, H, S, dv] and LSEs [B, H, S] (float32). The block table's width bounds the
+    longest sequence: no device sync."""
+    B, H = q.shape[:2]
+    max_len = max(block_table.shape[1] * page, 1)
+    if chunk is None:
+        sms = 1 if interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+        want = max(1, min(-(-2 * sms // (B * programs)), -(-max_len // block_n)))
+        chunk = -(-max_len // want)
+    chunk = -(-chunk // block_n) * block_n
+    S = -(-max_len // chunk)
+    return chunk, alloc((B, H, S, dv), torch.float32, q.device), alloc((B, H, S), torch.float32, q.device)
+
+
+def combine_splits(po: Tensor, pl: Tensor, out: Tensor, sinks: Tensor | None = None) -> Tensor:
+    """Merge the splits' partials (`split_context`) into out [B, H, dv] by log-sum-exp, the sinks (per head)
+    joining the denominator."""
+    B, H, S, dv = po.shape
     paged_decode_combine_kernel[(B, H)](
-        po, pl, sinks.to(q.device) if sinks is not None else pl, out, *po.stride()[:3], *pl.stride()[:2],
+        po, pl, sinks.to(po.device) if sinks is not None else pl, out, *po.stride()[:3], *pl.stride()[:2],
         out.stride(0), out.stride(1), H, S, dv,
         HAS_SINKS=sinks is not None, BLOCK_S=triton.next_power_of_2(S), BLOCK_DV=triton.next_power_of_2(dv),
     )
