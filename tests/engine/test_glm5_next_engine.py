@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 from attnzoo.engine import LLM, SamplingParams  # noqa: E402
 from attnzoo.layers import IndexerKeys, LatentKV  # noqa: E402
 
+from tests.hf_oracle import hf_greedy  # noqa: E402
 from tests.models.test_glm5_next import VOCAB, make_hf, one_thread  # noqa: E402,F401  (autouse fixture)
 
 NEW = 24
@@ -27,14 +28,7 @@ def case(tmp_path_factory):
     hf.save_pretrained(path, safe_serialization=True)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 30, 13, 1, 40)]
-    refs = []
-    for p in prompts:
-        x = torch.tensor([p])
-        with torch.no_grad():
-            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW,
-                              min_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
-    return attnzoo.load_model(path), prompts, refs
+    return attnzoo.load_model(path), prompts, hf_greedy(hf, prompts, NEW)
 
 
 @pytest.mark.parametrize("chunk", [2048, 7])

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 from attnzoo.engine import LLM, SamplingParams  # noqa: E402
 from attnzoo.layers import LatentKV  # noqa: E402
 
+from tests.hf_oracle import hf_greedy  # noqa: E402
 from tests.models.test_deepseek_v3 import VOCAB, YARN, load  # noqa: E402
 
 NEW = 32
@@ -28,14 +29,7 @@ def references(models):
     hf, _ = models
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 21, 40, 7)]
-    refs = []
-    for p in prompts:
-        x = torch.tensor([p])
-        with torch.no_grad():
-            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW,
-                              min_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
-    return prompts, refs
+    return prompts, hf_greedy(hf, prompts, NEW)
 
 
 @pytest.mark.parametrize("prefix_caching, chunk", [(True, 2048), (False, 2048), (True, 8)])
