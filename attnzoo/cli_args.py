@@ -99,7 +99,8 @@ def host(text: str) -> str:
 
 def add_quantization_arg(p: argparse.ArgumentParser) -> None:
     """--quantization, shared by chat, generate and serve."""
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8", "gguf"],
                    help="weight-only quantised linears (CPU): auto (default) = keep a GGUF file's 4-bit weights as "
                         "int4 when one sequence runs at a time (chat, generate; serve --max-num-seqs 1), float "
-                        "weights for batches; int4/int8 quantise any model; none = float weights")
+                        "weights for batches; int4/int8 quantise any model; gguf = a GGUF file's blocks as "
+                        "shipped through attnzoo's C++ kernel (llama.cpp's scheme); none = float weights")

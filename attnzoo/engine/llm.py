@@ -71,7 +71,7 @@ class LLM:
         tensor_parallel_size=N > 1: N processes (this one and N-1 workers) each hold 1/N of the heads, MLP
         channels, vocabulary and KV cache (engine/tp.py, the rules in models/sharding.py); the model must be a
         transformers checkpoint directory; `close()` stops the workers.
-        quantization ("auto", "none", "int4", "int8"; `models.registry.resolve_quantization`): weight-only
+        quantization ("auto", "none", "int4", "int8", "gguf"; `models.registry.resolve_quantization`): weight-only
         int4/int8 linears when loading by name or path. "auto" (the default) keeps a GGUF file's 4-bit weights
         as int4 on the CPU when max_num_seqs is 1, where that decodes faster, and loads float weights for
         batches, CUDA, deterministic mode and tensor parallelism (`models.registry.auto_quantization`; README

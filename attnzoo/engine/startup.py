@@ -45,7 +45,7 @@ def load_local(model: str | os.PathLike | DecoderLM, dtype: str | torch.dtype, d
             raise ValueError("quantization applies when LLM loads the model; quantise a loaded model with "
                              "attnzoo.layers.quant.quantize_model")
     else:
-        if deterministic and quantization in ("int4", "int8"):
+        if deterministic and quantization in ("int4", "int8", "gguf"):
             raise ValueError("deterministic mode needs float weights (its batch-invariant matmuls): "
                              "use quantization='none'")
         model = load_model(model, dtype, device,
@@ -56,7 +56,7 @@ def load_local(model: str | os.PathLike | DecoderLM, dtype: str | torch.dtype, d
 def start_tensor_parallel(model: str | os.PathLike | DecoderLM, dtype: str | torch.dtype, size: int,
                           deterministic: bool, quantization: str, device: torch.device) -> TensorParallelGroup:
     """Start `size` - 1 worker ranks; each rank, this one included, loads its shard of the checkpoint."""
-    if quantization in ("int4", "int8"):
+    if quantization in ("int4", "int8", "gguf"):
         raise ValueError("tensor parallelism shards float weights: use quantization='none' (or 'auto')")
     if isinstance(model, DecoderLM):
         raise ValueError("tensor_parallel_size > 1 loads each rank's shard from the checkpoint: pass the path "

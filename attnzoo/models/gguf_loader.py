@@ -1,5 +1,6 @@
 """GGUF checkpoints through the `gguf` package: metadata -> ModelConfig, tensors dequantised to float,
-llama.cpp's Q/K row permutation undone, tokenizer and chat template from the metadata."""
+llama.cpp's Q/K row permutation undone, tokenizer and chat template from the metadata; `quantize_gguf` then
+puts the file's own Q4_0/Q4_1/Q8_0 blocks, exactly as shipped, under the model's linears (the C++ kernel)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import numpy as np
 import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
+from torch import nn
 from tqdm import tqdm
 
 from attnzoo.errors import ModelLoadError
+from attnzoo.layers.quant import QuantLinear, quantize_model
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.tokenizer import Tokenizer
 from attnzoo.models.weights import build_model
+from attnzoo.ops.quant import GGUF_TYPES, Blocks, cat_rows, pack, q_kind, unpack_gguf
 
 GGUF_ARCHITECTURES = ("llama", "qwen3")
 # The types we promise (tested); others that gguf can dequantise load too.
@@ -49,7 +53,7 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+def unpermute_qk(w: np.ndarray | torch.Tensor, n_heads: int) -> np.ndarray | torch.Tensor:
     """Inverse of llama.cpp's convert-time permutation, which reorders each head's rows from RoPE's
     half-split pairing (i, i + d/2) to interleaved pairs (2i, 2i+1)."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -161,3 +165,51 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:
     except ModelLoadError:
         model.tokenizer = None  # the model still runs on token ids; text features say why they cannot
     return model
+
+
+# Our fused linears as row concatenations of the checkpoint's matrices (the mechanisms' hf_weights fuse them so
+# for the GGUF architectures; quantize_gguf checks each result against the float weight the model was built from)
+_PARTS = {"attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "attn.o_proj": ("self_attn.o_proj",), "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+          "mlp.down_proj": ("mlp.down_proj",)}
+
+
+def _parts(module: str, cfg: ModelConfig) -> list[str] | None:
+    if module == "lm_head":
+        return ["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+    layer, _, rest = module.removeprefix("layers.").partition(".")
+    return [f"model.layers.{layer}.{p}.weight" for p in _PARTS[rest]] if rest in _PARTS else None
+
+
+def _blocks(t: Any, name: str, cfg: ModelConfig) -> Blocks:
+    b = unpack_gguf(t.data, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
+    if cfg.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
+        b = b.map_rows(lambda a: unpermute_qk(a, heads))
+    return b
+
+
+def quantize_gguf(model: DecoderLM, path: Path) -> dict[str, str]:
+    """Swap the linears of a model load_gguf built from `path` for QuantLinears on the file's own Q4_0, Q4_1
+    and Q8_0 blocks, exactly as shipped (for the C++ kernel, ops/quant_kernels.py). A linear the file stores
+    otherwise (float, K-quants, fused parts of mixed types) is quantised from its float weight to q4_1, the
+    lm_head to q8_0. Returns {name: kind}."""
+    reader, _ = open_gguf(path)
+    tensors = {hf_name(t.name): t for t in reader.tensors if t.tensor_type in GGUF_TYPES and len(t.shape) == 2}
+    done: dict[str, str] = {}
+    for name, lin in list(model.named_modules()):
+        parts = _parts(name, model.config) if isinstance(lin, nn.Linear) else None
+        if not parts or any(p not in tensors for p in parts):
+            continue
+        blocks = [_blocks(tensors[p], p, model.config) for p in parts]
+        if len({b.bits for b in blocks}) > 1:
+            continue
+        fused = cat_rows(blocks)
+        rows = torch.arange(0, fused.shape[0], 7)  # a sample: any other row order or fusion shows in it
+        if not torch.equal(fused.rows(rows).dequantize().to(lin.weight.dtype), lin.weight.detach()[rows]):
+            raise ModelLoadError(f"{name}: the file's blocks {parts} do not make up the loaded weight")
+        qw = pack(fused, q_kind(fused))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(qw, lin.bias))
+        done[name] = qw.kind
+    return done | quantize_model(model, "q4_1")

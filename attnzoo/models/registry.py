@@ -92,26 +92,34 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
     return DTYPES[dtype]
 
 
-QUANTIZATION = ("auto", "none", "int4", "int8")
+QUANTIZATION = ("auto", "none", "int4", "int8", "gguf")
 # GGUF block types "auto" keeps quantised: 4-bit linears as int4 (their codes exactly). Q8_0 files load float:
 # the int8 kernel holds one scale per row, and per-row int8 changed SmolLM2's answers far more than int4 did
-# (bench/results/quant_answers-2026-12-07-cpu-avx2.md).
+# (bench/results/quant_answers-2026-12-07-cpu-avx2.md). "gguf" (our C++ kernel on the file's blocks as
+# shipped, Q8_0's per-32 scales included) is asked for by name only: its 8-bit activations are llama.cpp's
+# scheme and give llama.cpp's answers (the default model's answer to "What is the capital of France?"
+# becomes llama.cpp's "L'Étoile, ..."), so "auto" waits for a results file that weighs speed against answers.
 GGUF_KINDS = {"Q4_0": "int4", "Q4_1": "int4"}
 
 
 def resolve_quantization(quantization: str, path: Path | None, device: str | torch.device | None = None
                          ) -> str | None:
-    """The weight-only kind the linears run in ("int4", "int8") or None (float). "auto" keeps a GGUF file's
-    4-bit linears (Q4_0/Q4_1) as int4 on the CPU and loads float weights otherwise (other files, CUDA).
-    "int4"/"int8" quantise any checkpoint's linears (CPU kernels only). Callers that batch apply
-    `auto_quantization` first: "auto" is float for batches."""
+    """The weight-only kind the linears run in ("int4", "int8", "gguf") or None (float). "auto" keeps a GGUF
+    file's 4-bit linears (Q4_0/Q4_1) as int4 on the CPU and loads float weights otherwise (other files, CUDA).
+    "int4"/"int8" quantise any checkpoint's linears, "gguf" keeps a GGUF file's blocks for our C++ kernel
+    (CPU kernels only; `load_model` says more). Callers that batch apply `auto_quantization` first: "auto" is
+    float for batches."""
     if quantization not in QUANTIZATION:
         raise ValueError(f"unknown quantization {quantization!r}; allowed: {', '.join(QUANTIZATION)}")
     cpu = torch.device(device or "cpu").type == "cpu"
-    if quantization in ("int4", "int8"):
+    if quantization in ("int4", "int8", "gguf"):
         if not cpu:
-            raise ValueError(f"quantization={quantization!r} runs torch's CPU weight-only kernels; on "
+            raise ValueError(f"quantization={quantization!r} runs CPU weight-only kernels; on "
                              f"{torch.device(device).type} use quantization='none'")
+        from attnzoo.ops.quant import HAVE_KERNEL, KERNEL_ERROR
+        if quantization == "gguf" and not HAVE_KERNEL:
+            raise ValueError(f"quantization='gguf' runs attnzoo's C++ kernel, which is not built ({KERNEL_ERROR}); "
+                             "reinstall with a C++ compiler (docs/quantization.md), or use quantization='int4'")
         return quantization
     if quantization == "none" or not cpu or path is None:
         return None
@@ -135,11 +143,17 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
 
     Returns a DecoderLM: `model(input_ids[B, T]) -> logits[B, T, V]`, with `.config` and `.tokenizer`, on
     `device` (default the CPU). dtype: float32 (default, the conformance dtype), bfloat16, or "auto"
-    (decided for `device`, see `resolve_dtype`). quantization (see `resolve_quantization`): the linears are
-    quantised from the float32 weights (a Q4_0/Q4_1 file's 4-bit codes are recovered exactly, see
-    tests/models/test_quantized_load.py) and compute in bfloat16, the dtype those kernels are fast in;
-    the lm_head is int8 (layers/quant.py says why)."""
-    from attnzoo.models.gguf_loader import is_gguf, load_gguf
+    (decided for `device`, see `resolve_dtype`). quantization (see `resolve_quantization`):
+    - "int4"/"int8" (and "auto" where it picks int4): torch's kernels; the linears are quantised from the
+      float32 weights (a Q4_0/Q4_1 file's 4-bit codes are recovered exactly, see
+      tests/models/test_quantized_load.py) and compute in bfloat16, the dtype those kernels are fast in; the
+      lm_head is int8 (layers/quant.py says why);
+    - "gguf": attnzoo's C++ kernel (docs/quantization.md): a GGUF file's Q4_0/Q4_1/Q8_0 matrices keep their
+      blocks exactly as shipped (`gguf_loader.quantize_gguf`), other linears (and other checkpoints') become
+      Q4_1 blocks, the lm_head Q8_0; the rest of the model runs in `dtype` ("auto": fp32 on CPUs without
+      native bf16), the kernel computing in fp32 from either."""
+    from attnzoo.layers.quant import quantize_model
+    from attnzoo.models.gguf_loader import is_gguf, load_gguf, quantize_gguf
     from attnzoo.models.hf_loader import load_hf
 
     path = resolve(name_or_path)
@@ -147,19 +161,24 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
     floats = ("auto", "bfloat16", "bf16", torch.bfloat16)
     if quantization == "auto" and dtype not in floats:
         kind = None                     # a float dtype asked for by name wins over "auto"
-    if kind is not None and dtype not in floats:
+    torch_kernels = kind in ("int4", "int8")
+    if torch_kernels and dtype not in floats:
         raise ValueError(f"quantized weights compute in bfloat16: use dtype 'auto' or 'bfloat16' with "
                          f"quantization={quantization!r}, or quantization='none' for {dtype}")
-    dtype = torch.float32 if kind is not None else resolve_dtype(dtype, device)
-    if path.is_file() and is_gguf(path):
+    dtype = torch.float32 if torch_kernels else resolve_dtype(dtype, device)
+    gguf = path.is_file() and is_gguf(path)
+    if gguf:
         model = load_gguf(path, dtype)
     elif path.is_dir() and (path / "config.json").exists():
         model = load_hf(path, dtype)
     else:
         raise ModelLoadError(f"{path} is neither a GGUF file nor a transformers directory with config.json")
-    if kind is not None:
-        from attnzoo.layers.quant import quantize_model
+    if torch_kernels:
         quantize_model(model, kind, dtype=torch.bfloat16)
         model = model.to(torch.bfloat16)
+    elif kind == "gguf" and gguf:
+        quantize_gguf(model, path)
+    elif kind == "gguf":
+        quantize_model(model, "q4_1")
     model.quantization = kind
     return model.to(device or "cpu")

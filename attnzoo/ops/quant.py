@@ -1,4 +1,5 @@
-"""Weight-only quantised matmuls on the CPU: int4 (grouped, asymmetric) and int8 (per output channel).
+"""Weight-only quantised matmuls on the CPU: int4 (grouped, asymmetric) and int8 (per output channel) through
+torch's kernels, and GGUF's Q4_0/Q4_1/Q8_0 blocks as shipped through our C++ kernel (ops/quant_kernels.py).
 
 Two forms of a quantised weight [N, K] (N output rows, K input features):
 
@@ -16,6 +17,11 @@ GGUF Q4_1 (w = q d + m) is int4 with scale d and zero m + 8 d, Q4_0 (w = (q - 8)
 in fp32 activations. Q8_0 has a scale per 32 inputs, which the int8 kernel cannot hold: `pack` requantises
 it to one scale per row (max |w| / 127; exact where a row's blocks share a scale; measured error on real
 weights in bench/quant_cpu.py), the choice that keeps 8-bit codes at the int8 kernel's speed.
+
+The kinds "q4_0", "q4_1", "q8_0" keep GGUF's blocks of 32 exactly (fp16 d, and m for Q4_1) for
+`attnzoo::q_linear` (ops/quant_kernels.py: activations quantised to 8 bits per 32-block, integer dot products),
+which computes in fp32 whatever the activations' dtype (`load_model(quantization="gguf")` uses them). Where the
+extension is not built (`HAVE_KERNEL`), they run its PyTorch reference: same results, slowly.
 """
 
 from __future__ import annotations
@@ -30,7 +36,11 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
-Kind = Literal["int4", "int8"]
+# HAVE_KERNEL / KERNEL_ERROR: whether attnzoo._C is built, and why not
+from attnzoo.ops.quant_kernels import HAVE_KERNEL, KERNEL_ERROR, pack_q, q_linear, unpack_q  # noqa: F401
+
+Kind = Literal["int4", "int8", "q4_0", "q4_1", "q8_0"]
+Q_KINDS = ("q4_0", "q4_1", "q8_0")   # GGUF blocks of 32 for attnzoo::q_linear
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4 kernel accepts
 INT4_ROWS = 16                    # the int4 packer needs N divisible by this
 HAVE_INT4 = (hasattr(torch, "_weight_int4pack_mm_for_cpu")
@@ -69,6 +79,8 @@ class Blocks:
 def cat_rows(parts: Sequence[Blocks]) -> Blocks:
     """Row concatenation (fused qkv_proj, gate_up_proj) of blocks with the same bits and group size."""
     first = parts[0]
+    if len(parts) == 1:
+        return first
     if any(p.bits != first.bits or p.group_size != first.group_size or p.shape[1] != first.shape[1] for p in parts):
         raise ValueError("cat_rows needs the same bits, group size and K in every part")
     if any(p.m is None for p in parts) and not all(p.m is None for p in parts):
@@ -111,7 +123,9 @@ class QuantWeight:
     """Packed weight for `quant_linear`. int4: packed is torch's CPU int4 layout ([N, K/2] uint8, opaque) when
     `native`, else plain nibbles (byte [n, j] = q[n, 2j] | q[n, 2j+1] << 4); scales is scale_and_zeros
     [K / group_size, N, 2] with w = (q - 8) * scale + zero. int8: packed is q [N, K] int8, scales [N],
-    w = q * scale, group_size = K. The scales' dtype is the compute dtype."""
+    w = q * scale, group_size = K. The scales' dtype is the compute dtype. q4_0/q4_1/q8_0: packed and scales as
+    ops/quant_kernels.pack_q lays them out (scales: fp16 bits in int16), group_size 32; native: the C++ op runs
+    (else its PyTorch reference); the compute dtype is fp32."""
     kind: Kind
     packed: Tensor
     scales: Tensor
@@ -122,7 +136,7 @@ class QuantWeight:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.scales.dtype
+        return torch.float32 if self.kind in Q_KINDS else self.scales.dtype
 
 
 def fit_int4(w: Tensor, group_size: int) -> Blocks:
@@ -142,6 +156,40 @@ def fit_int8(w: Tensor) -> Blocks:
     d = w.abs().amax(1, keepdim=True) / 127
     q = (w / torch.where(d > 0, d, torch.ones_like(d))).round().clamp(-127, 127).to(torch.int8)
     return Blocks(q, d, None, 8, w.shape[1])
+
+
+def fit_q8_0(w: Tensor) -> Blocks:
+    """GGUF Q8_0 of a float weight: per block of 32, d = fp16(max |w| / 127), q = round(w / d)."""
+    N, K = w.shape
+    g = w.float().view(N, K // 32, 32)
+    d = (g.abs().amax(-1) / 127).half().float()
+    q = (g / torch.where(d > 0, d, torch.ones_like(d))[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return Blocks(q.view(N, K), d, None, 8, 32)
+
+
+def q_kind(b: Blocks) -> Kind:
+    """The GGUF block kind that holds b exactly: q8_0 for 8-bit codes with no offset, q4_0 where m = -8 d
+    (what `unpack_gguf` gives for Q4_0), else q4_1; blocks of other sizes are refit by `pack`."""
+    if b.bits == 8:
+        return "q8_0"
+    return "q4_0" if b.m is not None and torch.equal(b.m, -8 * b.d) else "q4_1"
+
+
+def _pack_q(b: Blocks, kind: Kind, native: bool | None) -> QuantWeight:
+    """Blocks -> a q kind: kept exactly when they are that kind (up to fp16 scales), else refit from the
+    dequantised weight (q4_1 asymmetric, q8_0 symmetric; q4_0 holds GGUF's own Q4_0 blocks only)."""
+    N, K = b.shape
+    if K % 32:
+        raise ValueError(f"{kind} needs K divisible by 32, got {K}")
+    if b.group_size != 32 or (kind == "q8_0") != (b.bits == 8) or (b.bits == 8 and b.m is not None):
+        if kind == "q4_0":
+            raise ValueError("q4_0 holds GGUF Q4_0 blocks (w = (q - 8) d); quantise other weights to q4_1")
+        b = fit_int4(b.dequantize(), 32) if kind == "q4_1" else fit_q8_0(b.dequantize())
+    if kind == "q4_0" and q_kind(b) != "q4_0":
+        raise ValueError("these blocks are not Q4_0 (m != -8 d): pack them as q4_1")
+    m = (b.m if b.m is not None else torch.zeros_like(b.d)) if kind == "q4_1" else None
+    codes, scales = pack_q(b.q, b.d, m, kind)
+    return QuantWeight(kind, codes, scales, 32, N, K, HAVE_KERNEL if native is None else native)
 
 
 def _int4_order(N: int, K: int) -> Tensor:
@@ -168,11 +216,14 @@ def _int4_codes(qw: QuantWeight) -> Tensor:
 
 def pack(b: Blocks, kind: Kind | None = None, dtype: torch.dtype = torch.float32,
          native: bool | None = None) -> QuantWeight:
-    """Blocks -> QuantWeight for compute in `dtype`. kind defaults to the blocks' own bits; asking for the
-    other one requantises from the dequantised weight, as does int8 from blocks with more than one group per
-    row (GGUF Q8_0). native=False (or the kernel missing) keeps a plain layout that `quant_linear` multiplies
-    by dequantising (slow; the fallback)."""
+    """Blocks -> QuantWeight for compute in `dtype` (torch kinds; q kinds compute in fp32). kind defaults to
+    the blocks' own bits (int4/int8); asking for another requantises from the dequantised weight, as does int8
+    from blocks with more than one group per row (GGUF Q8_0). native=False (or the kernel missing) keeps a
+    plain layout that `quant_linear` multiplies by dequantising (slow; the fallback); for q kinds it runs
+    the C++ op's PyTorch reference."""
     kind = kind or ("int4" if b.bits == 4 else "int8")
+    if kind in Q_KINDS:
+        return _pack_q(b, kind, native)
     N, K = b.shape
     if kind == "int8":
         if b.group_size != K or b.m is not None or b.bits != 8:
@@ -211,6 +262,9 @@ def quantize_int8(w: Tensor, dtype: torch.dtype | None = None) -> QuantWeight:
 
 def dequantize(qw: QuantWeight) -> Tensor:
     """The reference: the fp32 weight [N, K] the packed form stands for (scales as stored, in their dtype)."""
+    if qw.kind in Q_KINDS:
+        q, d, m = unpack_q(qw.packed, qw.scales, qw.kind, qw.N)
+        return Blocks(q, d, m, 8 if qw.kind == "q8_0" else 4, 32).dequantize()
     if qw.kind == "int8":
         return qw.packed.float() * qw.scales.float()[:, None]
     s = qw.scales.float()
@@ -223,6 +277,9 @@ def quant_linear(x: Tensor, qw: QuantWeight, bias: Tensor | None = None) -> Tens
     """x [..., K] -> x @ w.T (+ bias) [..., N] in x's dtype, computed in the weight's dtype."""
     if x.shape[-1] != qw.K:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {qw.K}")
+    if qw.kind in Q_KINDS:  # fp32 or bf16 activations as they are; other dtypes computed in fp32
+        xq = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+        return q_linear(xq, qw.packed, qw.scales, qw.kind, qw.N, qw.K, bias, qw.native).to(x.dtype)
     flat = x.dim() == 2 and x.dtype == qw.dtype and x.is_contiguous()   # the decode case: no copies, no casts
     x2 = x if flat else x.reshape(-1, qw.K).to(qw.dtype).contiguous()
     if not qw.native:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnzoo.ops.quant import (HAVE_INT4, HAVE_INT8, cat_rows, dequantize, fit_int4, fit_int8, pack, quant_linear,
-                               quantize_int4, quantize_int8, unpack_gguf)
+from attnzoo.ops.quant import (HAVE_INT4, HAVE_INT8, cat_rows, dequantize, fit_int4, fit_int8, fit_q8_0, pack, q_kind,
+                               quant_linear, quantize_int4, quantize_int8, unpack_gguf)
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES  # noqa: E402
@@ -151,3 +151,27 @@ def test_rejects_bad_shapes():
     if HAVE_INT4:
         with pytest.raises(ValueError, match="divisible by 16"):
             quantize_int4(torch.randn(24, 64))
+
+
+def test_q_kinds_keep_gguf_blocks_and_refit_the_rest():
+    """The GGUF kinds (C++ kernel, tests/ops/test_quant_kernels.py): each file type packs as itself, exactly;
+    other blocks are refit (q4_1 asymmetric, q8_0 symmetric per 32), and q4_0 takes Q4_0 blocks only."""
+    N, K = 24, 96
+    for qt in TYPES:
+        b = unpack_gguf(raw_blocks(qt, N, K, seed=9), qt, (N, K))
+        assert q_kind(b) == qt.name.lower()
+        assert torch.equal(dequantize(pack(b, q_kind(b))), b.dequantize())
+    q41 = unpack_gguf(raw_blocks(T.Q4_1, N, K), T.Q4_1, (N, K))
+    with pytest.raises(ValueError, match="q4_1"):
+        pack(q41, "q4_0")
+    w = torch.randn(N, K) * 0.05
+    b8 = fit_q8_0(w)
+    assert b8.d.equal(b8.d.half().float())              # fp16 scales, as GGUF stores them
+    err = (b8.dequantize() - w).abs().view(N, 3, 32)
+    assert (err <= b8.d[..., None] / 2 * (1 + 1e-3)).all()
+    qw = pack(fit_int4(w, 32), "q8_0")                  # requantised from the 4-bit weight
+    assert qw.kind == "q8_0" and rel(dequantize(qw), fit_int4(w, 32).dequantize()) < 0.01
+    qw = pack(fit_int8(w), "q4_1")
+    assert qw.kind == "q4_1" and rel(dequantize(qw), w) < 0.1
+    with pytest.raises(ValueError, match="divisible by 32"):
+        pack(fit_int8(torch.randn(8, 48)), "q8_0")
