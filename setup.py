@@ -1,5 +1,5 @@
-"""Builds attnzoo's optional C++ ops (attnzoo/csrc -> attnzoo._C: quantised linears on GGUF blocks) against the
-torch in the build environment; the metadata is in pyproject.toml. `make` installs with --no-build-isolation so
+"""Builds attnzoo's optional C++ ops (attnzoo/csrc -> attnzoo._C: quantised linears on GGUF blocks, paged
+decode attention) against the torch in the build environment; the metadata is in pyproject.toml. `make` installs with --no-build-isolation so
 the extension is built against the venv's torch.
 
 The extension is optional: without torch at build time, without a C++ compiler, or if compiling fails, the
@@ -65,7 +65,7 @@ def extensions() -> dict:
             finally:
                 self.compiler._compile = compile_one
 
-    sources = ["qlinear.cpp", "qkernel_scalar.cpp"] + (list(ISA_FLAGS) if X86 else [])
+    sources = ["qlinear.cpp", "qkernel_scalar.cpp", "paged_attn.cpp"] + (list(ISA_FLAGS) if X86 else [])
     # at::parallel_for is inline OpenMP in torch's headers: without -fopenmp it runs on one thread (the library
     # then resolves to the libgomp torch has loaded)
     omp = ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []

@@ -13,6 +13,10 @@ import pytest
 if os.environ.get("ATTNZOO_TRITON_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Engines in tests stay eager unless a test asks for the compiled decode step (enforce_eager=False): a background
+# compile per engine would spend the suite's time on Inductor (tests/engine/test_graph.py covers that path).
+os.environ.setdefault("ATTNZOO_ENFORCE_EAGER", "1")
+
 # `make test` runs two pytest-xdist workers (one file per worker at a time): most tests are many small ops that
 # use one core, so the second worker uses the other. Each worker gets its share of the cores for torch's
 # threads and, through OMP_NUM_THREADS, for the processes the tests start (benches, engine cores, TP ranks):

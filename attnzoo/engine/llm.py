@@ -60,7 +60,7 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, seed: int = 0, device: str | torch.device | None = None,
                  deterministic: bool = False, tensor_parallel_size: int = 1, quantization: str = "auto",
-                 detokenize: bool = True):
+                 detokenize: bool = True, enforce_eager: bool | None = None):
         """kv_cache_memory (bytes) or kv_cache_fraction (of the memory available at start-up) sets the KV
         budget; by default it is what max_num_seqs sequences of max_model_len tokens need, capped at
         DEFAULT_KV_CACHE_FRACTION (engine/memory.py) of the available memory and never less than one such
@@ -78,7 +78,10 @@ class LLM:
         "Quantised weights"); a passed-in model runs as it is.
         detokenize=False: outputs carry token ids only (text stays "") and stop strings are the caller's to
         apply (the server's API process does both, with the same `OutputAssembler`, and aborts a sequence that
-        meets one)."""
+        meets one).
+        enforce_eager=True keeps every step eager; otherwise (the default) decode steps move to a compiled graph
+        once a background compile is done (engine/graph.py; not under deterministic mode or tensor
+        parallelism). None reads ATTNZOO_ENFORCE_EAGER=1 from the environment (the test suite sets it)."""
         check_options(page_size, max_num_seqs, max_num_batched_tokens, kv_cache_memory, kv_cache_fraction,
                       tensor_parallel_size)
         # the model and its KV cache live on one device: CUDA when present (paged decode runs the Triton
@@ -136,6 +139,10 @@ class LLM:
         if deterministic:
             check_deterministic(self.model, self.device, page_size)
         self.runner = ModelRunner(self.model, self.kv.layout, deterministic, kv=self.kv)
+        if enforce_eager is None:
+            enforce_eager = os.environ.get("ATTNZOO_ENFORCE_EAGER") == "1"
+        if not (enforce_eager or deterministic or self.tp is not None):
+            self.runner.start_graph(max_num_seqs, self.max_model_len)
         if self.tp is not None:   # the workers build their shards of the cache with this plan
             self.tp.start_caches(self.kv.layout)
         self.sampler = Sampler(torch.Generator().manual_seed(seed))

@@ -9,18 +9,23 @@ the same path) applies the instructions to its tensors and runs the forward; `ru
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from attnzoo.engine.cache_tensors import CacheLayout, CacheOp, CacheTensors
+from attnzoo.engine.graph import DecodeGraph, unsupported
 from attnzoo.engine.paged_cache import PagedKVCache
 from attnzoo.engine.scheduler import StepPlan
 from attnzoo.engine.step import SeqView, build_step
 from attnzoo.layers.batch import Batch
 from attnzoo.models.decoder import DecoderLM
 from attnzoo.ops.batch_invariant import batch_invariant
+from attnzoo.ops.extension import HAVE_KERNEL, KERNEL_ERROR
+
+log = logging.getLogger("attnzoo.engine")
 
 
 @dataclass
@@ -42,6 +47,19 @@ class ModelRunner:
         weight = model.embed_tokens.weight
         self.model, self.deterministic, self.kv = model, deterministic, kv
         self.cache = CacheTensors(model.cache_specs(), layout, weight.dtype, weight.device)
+        self.graph: DecodeGraph | None = None
+
+    def start_graph(self, max_num_seqs: int, max_model_len: int) -> str | None:
+        """Let the compiled decode step take over (engine/graph.py: each batch bucket compiles in the background
+        when a step first needs it); returns why not, if it cannot."""
+        why = unsupported(self.model, self.cache)
+        if why is None and self.cache.device.type == "cpu" and not HAVE_KERNEL:
+            why = f"attnzoo's C++ kernels are not built ({KERNEL_ERROR})"
+        if why is not None:
+            log.info("decode steps run eagerly: %s", why)
+            return why
+        self.graph = DecodeGraph(self.model, self.cache, max_num_seqs, max_model_len)
+        return None
 
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[int]]:
         """Returns (logits [R, V] float32, indices into plan.requests of the R requests that sample)."""
@@ -70,6 +88,11 @@ class ModelRunner:
     @torch.inference_mode()
     def _execute(self, inputs: StepInputs) -> torch.Tensor:
         self.cache.apply(inputs.cache_ops)
+        if self.graph is not None and len(inputs.logits_rows) == len(inputs.ids) == len(inputs.seqs):
+            # a decode-only step (one new token per sequence, each samples): the compiled graph once it is ready
+            logits = self.graph.try_run(inputs.ids, inputs.positions, [s.page_tables for s in inputs.seqs])
+            if logits is not None:
+                return logits.float()
         dev = self.cache.device
         cu = torch.zeros(len(inputs.num_new) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(inputs.num_new).cumsum(0)

@@ -23,7 +23,8 @@ class RotaryEmbedding(nn.Module):
         self._cos, self._sin = rope_cos_sin(torch.arange(n), self.inv_freq, self.attention_factor)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.numel() and int(positions.max()) >= self._cos.shape[0]:
+        # a compiled step reads the table as traced (the engine grows it before compiling: `covers`)
+        if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= self._cos.shape[0]:
             self._grow(2 * int(positions.max()) + 1)
         if self._cos.device != positions.device:
             self._cos, self._sin = self._cos.to(positions.device), self._sin.to(positions.device)

@@ -28,11 +28,8 @@ ISAS = ("scalar", "avx2", "avx512", "avx512_vnni")
 ROWS, BLOCK = 8, 32
 LO, HI = [0, 1, 4, 5], [2, 3, 6, 7]       # rows in the low / high nibbles (Q4) or vectors (Q8) of a chunk
 
-try:  # registers torch.ops.attnzoo.q_linear (setup.py builds it when a compiler is there)
-    from attnzoo import _C  # noqa: F401
-    HAVE_KERNEL, KERNEL_ERROR = True, None
-except (ImportError, OSError) as e:   # not built, or built against another torch
-    HAVE_KERNEL, KERNEL_ERROR = False, f"{type(e).__name__}: {e}"
+# registers torch.ops.attnzoo.q_linear (setup.py builds it when a compiler is there)
+from attnzoo.ops.extension import HAVE_KERNEL, KERNEL_ERROR
 
 if HAVE_KERNEL:
     @torch.library.register_fake("attnzoo::q_linear")

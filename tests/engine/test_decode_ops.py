@@ -1,6 +1,5 @@
-"""A regression guard on the work of a decode step: the ATen ops one layer dispatches (each costs a few
-microseconds on the CPU whatever its size, so a small model's decode speed is mostly their count) and the
-step metadata built once per step, not per request."""
+"""A regression guard on the eager decode step's metadata: built once per step, not per request. (The compiled
+step's Python work is tested in test_graph.py.)"""
 
 from __future__ import annotations
 
@@ -12,12 +11,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from attnzoo.engine import LLM, SamplingParams
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
-
-# Measured: 76 ATen calls (views included) per Llama layer in a pure decode step in fp32, 78 in bf16 (the casts
-# to the fp32 softmax); 105 before q and k shared one rotation and decode got its own attention path. The bound
-# leaves a little room, not a second rotation or a gather.
-MAX_OPS_PER_LAYER = 80
-
 
 class _Count(TorchDispatchMode):
     def __init__(self) -> None:
@@ -48,13 +41,6 @@ def _decode_ops(llm: LLM, seqs: int) -> Counter[str]:
     with _Count() as c:
         llm.runner.execute(llm.runner.prepare(llm.scheduler.schedule())[0])
     return c.ops
-
-
-def test_decode_layer_op_budget():
-    for dtype in (torch.float32, torch.bfloat16):
-        small, big = _decode_ops(_llm(2, dtype, 3), 3), _decode_ops(_llm(6, dtype, 3), 3)
-        per_layer = (sum(big.values()) - sum(small.values())) / 4
-        assert per_layer <= MAX_OPS_PER_LAYER, f"{dtype}: {per_layer} ATen ops per decode layer: {(big - small)}"
 
 
 def test_step_metadata_does_not_grow_with_the_batch():
