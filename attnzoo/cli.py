@@ -36,6 +36,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=cli_args.positive_int, default=None, metavar="N",
                    help="cap the context at N tokens (default: the model's); the KV cache holds one such sequence")
     cli_args.add_quantization_arg(p)
+    cli_args.add_enforce_eager_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +68,7 @@ def _engine(args: argparse.Namespace):
     model = load_model(args.model, dtype=args.dtype, device=default_device(), quantization=args.quantization)
     if model.tokenizer is None:
         raise ModelLoadError(f"{args.model} has no tokenizer attnzoo can build, so it cannot take text")
-    return LLM(model, max_num_seqs=1, max_model_len=args.max_model_len)
+    return LLM(model, max_num_seqs=1, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager or None)
 
 
 def _show_engine_log() -> None:

@@ -97,6 +97,13 @@ def host(text: str) -> str:
     return text
 
 
+def add_enforce_eager_arg(p: argparse.ArgumentParser) -> None:
+    """--enforce-eager, shared by chat, generate and serve."""
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never hand decode steps to the compiled graph (by default it takes over once its background "
+                        "compile is done; docs/engine.md)")
+
+
 def add_quantization_arg(p: argparse.ArgumentParser) -> None:
     """--quantization, shared by chat, generate and serve."""
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8", "gguf"],

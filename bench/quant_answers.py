@@ -13,7 +13,10 @@ GGUF file in the same run. Variants:
   (isolates the quantised weights from the kernels and the activations' dtype);
 - int4 + fp32 act: the int4 kernel with fp32 scales/zeros and fp32 activations;
 - int4, float lm_head: int4 linears with the file's own lm_head (Q8_0 dequantised) in bf16;
-- int8: `quantization="int8"` (every linear requantised to int8 per row, bf16 activations).
+- int8: `quantization="int8"` (every linear requantised to int8 per row, bf16 activations);
+- gguf: `quantization="gguf"` (the file's blocks as shipped through attnzoo's C++ kernel, 8-bit activations per
+  block: llama.cpp's scheme), fp32 elsewhere; "gguf, compiled" the same model with every decode step on the
+  compiled graph (engine/graph.py). The other variants run eagerly.
 Columns: the answer, and how many leading tokens it shares with the fp32 answer and with llama.cpp's.
 """
 
@@ -29,6 +32,7 @@ from common import cpu_flags, machine
 import attnzoo
 from attnzoo import LLM, SamplingParams
 from attnzoo.layers.quant import dequantize_model, quantize_model
+from attnzoo.ops.extension import HAVE_KERNEL
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",
              "Why is the sky blue?", "Write a short story about a robot who learns to paint."]
@@ -38,8 +42,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def answer(model, prompts: list[list[int]], n: int, eos: list[int]) -> tuple[list[list[int]], float]:
-    llm = LLM(model, max_num_seqs=1, enable_prefix_caching=False)
+def answer(model, prompts: list[list[int]], n: int, eos: list[int], compiled: bool = False
+           ) -> tuple[list[list[int]], float]:
+    """compiled: every decode step on the compiled graph (compiled before the clock starts), else eager."""
+    llm = LLM(model, max_num_seqs=1, enable_prefix_caching=False, enforce_eager=not compiled)
+    if compiled:
+        llm.runner.graph.compile(1)
     sp = SamplingParams(max_tokens=n, temperature=0, stop_token_ids=eos)
     t0 = time.perf_counter()
     outs = [o.token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     eos = list(tok.eos_token_ids)
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     int4 = attnzoo.load_model(args.model, dtype="bfloat16", quantization="int4")
+    gguf = attnzoo.load_model(args.model, dtype="float32", quantization="gguf") if HAVE_KERNEL else None
 
     def quantized(act: torch.dtype, **kw) -> torch.nn.Module:
         m = copy.deepcopy(fp32)
@@ -121,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         "int4 + fp32 act": lambda: quantized(torch.float32),
         "int4, float lm_head": lambda: quantized(torch.bfloat16, overrides={"lm_head": None}).to(torch.bfloat16),
         "int8": lambda: attnzoo.load_model(args.model, dtype="bfloat16", quantization="int8"),
+        "gguf": lambda: gguf,
+        "gguf, compiled": lambda: gguf,
     }
     if args.variants:
         keep = {"fp32", *args.variants.split(";")}
@@ -128,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     answers, secs, forced = {}, {}, {}
     for label, make in variants.items():
         model = make()
-        answers[label], secs[label] = answer(model, prompts, args.tokens, eos)
+        if model is None:
+            continue   # gguf without the C++ kernels
+        answers[label], secs[label] = answer(model, prompts, args.tokens, eos, compiled=label.endswith("compiled"))
         if label == "fp32":
             seqs = [p + a for p, a in zip(prompts, answers["fp32"])]
         forced[label] = forced_logits(model, seqs)

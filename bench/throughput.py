@@ -11,18 +11,22 @@ attnzoo (fp32) must equal transformers' for one request, and each bf16 model mus
 twin on the next-token argmax of every prompt. Single-stream decode tok/s is measured too.
 
 A third attnzoo row keeps the GGUF's 4-bit linears quantised (int4, lm_head int8: `quantization="int4"`;
-bf16 activations, which a CPU without native bf16 converts in software). Prefill: time to the first token
+bf16 activations, which a CPU without native bf16 converts in software); two more run the file's blocks as
+shipped through attnzoo's C++ kernel (`quantization="gguf"`), eagerly and with every decode step on the compiled
+graph (engine/graph.py; the buckets the workload meets are compiled before the clock starts, and the compiled
+step's greedy tokens must equal the eager step's first). Prefill: time to the first token
 of a 1,000-token prompt. Its peer is llama.cpp on the same file: with --llama-bench (the path of a
 llama-bench binary built from llama.cpp's source) its single-stream decode (tg) runs in the same sitting,
 and where llama-cpp-python imports, its low-level API runs the same prompt through a Python loop
 (llama_decode + argmax per token), the loop an engine would run.
 
---quick: 4 short requests, the float dtype "auto" picks on this CPU and int4: a smoke test of the script.
+--quick: 4 short requests, the float dtype "auto" picks on this CPU, int4 and gguf eager: a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import statistics
@@ -37,6 +41,7 @@ import attnzoo
 from attnzoo.engine import LLM, SamplingParams
 from attnzoo.layers.quant import dequantize_model
 from attnzoo.models.registry import resolve
+from attnzoo.ops.extension import HAVE_KERNEL
 
 
 def workload(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -159,38 +164,61 @@ def main(argv: list[str] | None = None) -> None:
     if o.token_ids != ref:
         raise SystemExit(f"FAILED: attnzoo fp32 engine tokens {o.token_ids} != transformers {ref}; no speed reported")
     ours["int4"] = attnzoo.load_model(args.model, dtype="bfloat16", quantization="int4")
+    if HAVE_KERNEL:   # the file's blocks through attnzoo's C++ kernel, eager and on the compiled decode step
+        ours["gguf"] = attnzoo.load_model(args.model, dtype="float32", quantization="gguf")
+        if not args.quick:   # compiling takes minutes on 2 cores: not for a smoke test
+            ours["gguf, compiled"] = ours["gguf"]
     for d, m in ours.items():
-        if d is torch.float32:
+        if d is torch.float32 or d == "gguf, compiled":
             continue
-        # int4 against its own weights in fp32 (random-token prompts are full of near-ties, which 4-bit
-        # weights of the float model tip either way); bf16 against fp32
-        ref_model = dequantize_model(m) if d == "int4" else fp32
+        # int4 and gguf against their own weights in fp32 (random-token prompts are full of near-ties, which
+        # 4-bit weights of the float model tip either way); bf16 against fp32
+        ref_model = dequantize_model(copy.deepcopy(m)) if d in ("int4", "gguf") else fp32
         with torch.no_grad():
             agree = sum(int(m(torch.tensor([p]), last_only=True)[0, -1].argmax() ==
                             ref_model(torch.tensor([p]), last_only=True)[0, -1].argmax()) for p in prompts)
         if agree < 0.9 * len(prompts):
             raise SystemExit(f"FAILED: {d} next-token argmax agrees with fp32 on only {agree}/{len(prompts)} prompts")
-    print(f"# correctness: attnzoo fp32 engine = transformers for {n_check} greedy tokens; bf16 argmax agrees "
-          f"with fp32, int4's with its own weights dequantised to fp32, on >= 90 % of the prompts")
+    if "gguf, compiled" in ours:   # the compiled step gives the eager step's tokens (fp32: near-ties are rare)
+        eager_llm, graph_llm = (LLM(fp32, kv_cache_memory=256 << 20, enforce_eager=e) for e in (True, False))
+        graph_llm.runner.graph.compile(1)
+        sp = SamplingParams(max_tokens=n_check, temperature=0, ignore_eos=True)
+        a, b = ([o.token_ids for o in x.generate([prompts[0]], sp, use_tqdm=False)] for x in (eager_llm, graph_llm))
+        if a != b:
+            raise SystemExit(f"FAILED: compiled decode tokens {b} != eager {a}; no speed reported")
+    both = " (and the compiled decode step = the eager one)" if "gguf, compiled" in ours else ""
+    print(f"# correctness: attnzoo fp32 engine = transformers for {n_check} greedy tokens{both}; bf16 argmax agrees with fp32, int4's and gguf's with their own weights "
+          f"dequantised to fp32, on >= 90 % of the prompts")
 
     pad = fp32.tokenizer.eos_token_ids[0]
-    rows = []
+    rows, hf_rates = [], {}
     for d in ours:
-        if d not in dtypes and d != "int4":
+        if d not in dtypes and not isinstance(d, str):
             continue
-        # the int4 model's float peer in transformers is its bf16 twin (transformers has no int4 CPU path here);
-        # --quick reuses the float model it has loaded (a GGUF load in transformers takes ~30 s on 2 cores)
-        peer = (dtypes[0] if args.quick else torch.bfloat16) if d == "int4" else d
-        name = (f"int4 (lm_head int8), vs transformers {str(peer).removeprefix('torch.')}" if d == "int4"
-                else str(d).replace("torch.", ""))
-        llm = LLM(ours[d], kv_cache_memory=1 << 30, max_num_seqs=max(64, args.num_requests))
+        # the int4 model's float peer in transformers is its bf16 twin (transformers has no int4 CPU path here),
+        # gguf's the fp32 one; --quick reuses the float model it has loaded (a GGUF load in transformers takes
+        # ~30 s on 2 cores)
+        peer = (dtypes[0] if args.quick else torch.bfloat16) if d == "int4" else \
+            dtypes[0] if isinstance(d, str) and args.quick else torch.float32 if isinstance(d, str) else d
+        tag = {"int4": "int4 (lm_head int8)", "gguf": "gguf (C++ kernel), eager",
+               "gguf, compiled": "gguf (C++ kernel), compiled step"}
+        name = f"{tag[d]}, vs transformers {str(peer).removeprefix('torch.')}" if d in tag else \
+            str(d).replace("torch.", "")
+        compiled = d == "gguf, compiled"
+        llm = LLM(ours[d], kv_cache_memory=1 << 30, max_num_seqs=max(64, args.num_requests),
+                  enforce_eager=not compiled)
+        if compiled:   # the buckets this workload meets, compiled before any clock starts
+            for rows_ in {1, 2, args.num_requests}:
+                llm.runner.graph.compile(llm.runner.graph.bucket(rows_))
         run_attnzoo(llm, prompts[:2], 4)  # warm-up
         ours_tps = statistics.median(run_attnzoo(llm, prompts, args.output_len) for _ in range(2))
         if peer not in theirs:
             theirs[peer] = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=peer).eval()
-        hf_tps = run_hf(theirs[peer], prompts, args.output_len, pad)
+        if peer not in hf_rates:
+            hf_rates[peer] = (run_hf(theirs[peer], prompts, args.output_len, pad),
+                              single_stream_hf(theirs[peer], prompts[0], min(64, 4 * args.output_len)))
+        hf_tps, s_hf = hf_rates[peer]
         s_ours = single_stream_attnzoo(llm, prompts[0], min(64, 4 * args.output_len))
-        s_hf = single_stream_hf(theirs[peer], prompts[0], min(64, 4 * args.output_len))
         pre = prefill_attnzoo(llm, 64 if args.quick else 1000)
         rows.append((name, ours_tps, hf_tps, s_ours, s_hf, pre))
     print(f"\n{args.num_requests} requests, input {args.min_input}-{args.max_input} random tokens, "
@@ -201,16 +229,17 @@ def main(argv: list[str] | None = None) -> None:
     for name, a, h, sa, sh, pre in rows:
         print(f"| {name} | {a:.0f} | {h:.0f} | {a / h:.2f}x | {sa:.1f} | {sh:.1f} | {sa / sh:.2f}x | {pre:.0f} |")
     n = min(64, 4 * args.output_len)
-    mine = next((sa for name, _, _, sa, _, _ in rows if name.startswith("int4")), None)
+    mine_name, mine = max(((name, sa) for name, _, _, sa, _, _ in rows), key=lambda r: r[1])
+    mine_name = mine_name.split(", vs")[0]
     loop = llama_cpp_python_decode(str(path), prompts[0], n, torch.get_num_threads())
     if loop is not None:
         print(f"\nllama.cpp through llama-cpp-python (eval + argmax per token, {torch.get_num_threads()} threads, "
-              f"{path.name} as shipped): {loop:.1f} tok/s single-stream decode; attnzoo int4 {mine:.1f} "
+              f"{path.name} as shipped): {loop:.1f} tok/s single-stream decode; attnzoo {mine_name} {mine:.1f} "
               f"({mine / loop:.2f}x)")
     if args.llama_bench:
         tg = llama_cpp_decode(args.llama_bench, str(path), n, torch.get_num_threads())
         print(f"\nllama.cpp (llama-bench tg{n}, {torch.get_num_threads()} threads, {path.name} as shipped): "
-              f"{tg:.1f} tok/s single-stream decode; attnzoo int4 {mine:.1f} ({mine / tg:.2f}x)")
+              f"{tg:.1f} tok/s single-stream decode; attnzoo {mine_name} {mine:.1f} ({mine / tg:.2f}x)")
 
 
 if __name__ == "__main__":
