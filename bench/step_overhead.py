@@ -4,7 +4,8 @@ engine's own work (scheduling, step metadata, per-layer op dispatch, sampling, b
     python bench/step_overhead.py [--rows 1 64 256] [--steps 50] [--quick]
 
 Each row count runs that many greedy requests (16-token prompts, EOS ignored) to a steady decode state,
-then times `LLM.step()`; the table splits the median step into its phases. Correctness first: a decode
+eagerly and on the compiled decode step (engine/graph.py; its bucket compiled before the clock), then times
+`LLM.step()`; the table splits the median step into its phases. Correctness first: a decode
 step's logits must equal a full recomputation of the same sequences.
 """
 
@@ -80,9 +81,11 @@ def check(llm: LLM) -> None:
             assert err < 1e-4, f"decode logits differ from a full recomputation by {err}"
 
 
-def measure(rows: int, steps: int) -> dict[str, float]:
+def measure(rows: int, steps: int, compiled: bool) -> dict[str, float]:
     llm = LLM(tiny_model(), max_num_seqs=max(rows, 1), max_num_batched_tokens=max(2048, 16 * rows),
-              kv_cache_memory=64 << 20, enable_prefix_caching=False)
+              kv_cache_memory=64 << 20, enable_prefix_caching=False, enforce_eager=not compiled)
+    if compiled:   # before the clock: decode steps of `rows` rows then run on the compiled graph
+        llm.runner.graph.compile(llm.runner.graph.bucket(rows))
     params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
     for i in range(rows):
         llm.add_request([(7 * i + t) % 500 + 1 for t in range(16)], params)
@@ -108,18 +111,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--quick", action="store_true", help="a smoke test: 1 and 8 rows, 5 steps")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: 1 and 8 rows, 5 steps, eager only")
     args = ap.parse_args(argv)
+    modes = [False, True]
     if args.quick:
-        args.rows, args.steps = [1, 8], 5
+        args.rows, args.steps, modes = [1, 8], 5, [False]
     print(f"# machine: {machine()}; CPU flags: {cpu_flags()}")
     print(f"# model: 2 layers, hidden 64, fp32; median of {args.steps} decode steps; ms per step")
-    print("| running requests | total | schedule | prepare | forward | sample | other (append, stops, outputs) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| running requests | decode step | total | schedule | prepare | forward | sample | "
+          "other (append, stops, outputs) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in args.rows:
-        m = measure(r, args.steps)
-        print(f"| {r} | {m['total']:.2f} | {m['schedule']:.2f} | {m['prepare']:.2f} | {m['forward']:.2f} | "
-              f"{m['sample']:.2f} | {m['other']:.2f} |")
+        for compiled in modes:
+            m = measure(r, args.steps, compiled)
+            print(f"| {r} | {'compiled' if compiled else 'eager'} | {m['total']:.2f} | {m['schedule']:.2f} | "
+                  f"{m['prepare']:.2f} | {m['forward']:.2f} | {m['sample']:.2f} | {m['other']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
