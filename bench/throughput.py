@@ -127,6 +127,23 @@ def llama_cpp_decode(binary: str, gguf: str, n: int, threads: int) -> float:
     return float(json.loads(out)[0]["avg_ts"])
 
 
+def vllm_offline(python: str, hf_model, prompts: list[list[int]], out_len: int, single_len: int) -> dict:
+    """vLLM on the same workload (bench/vllm_offline.py in vLLM's own venv) from the GGUF dequantised to a
+    transformers directory (fp32 safetensors; vLLM runs it without a tokenizer, on token ids)."""
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        hf_model.save_pretrained(d)
+        job = {"model": d, "prompts": prompts, "output_len": out_len, "single": prompts[0], "single_len": single_len,
+               "prefill": workload(2, 1000, 1000, 1)}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        out = subprocess.run([python, os.path.join(os.path.dirname(__file__), "vllm_offline.py")], input=json.dumps(job),
+                             capture_output=True, text=True, env=env, timeout=3600)
+    if out.returncode:
+        raise SystemExit(f"vLLM failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -138,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench binary: its "
                     "single-stream decode on the same GGUF, in the same run")
+    ap.add_argument("--vllm-python", default=None, metavar="PATH", help="the python of a venv with vllm installed: "
+                    "vLLM's offline engine (fp32) on the same workload, in the same run (bench/vllm_offline.py)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
     args = ap.parse_args(argv)
     if args.quick:  # one float dtype (the one "auto" picks on this CPU) and the int4 row
@@ -236,6 +255,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nllama.cpp through llama-cpp-python (eval + argmax per token, {torch.get_num_threads()} threads, "
               f"{path.name} as shipped): {loop:.1f} tok/s single-stream decode; attnzoo {mine_name} {mine:.1f} "
               f"({mine / loop:.2f}x)")
+    if args.vllm_python:
+        v = vllm_offline(args.vllm_python, theirs.get(torch.float32) or AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32).eval(), prompts, args.output_len, n)
+        same = sum(a == b for a, b in zip(v["first"], o.token_ids))
+        batch_name, batch = max(((name, a) for name, a, *_ in rows), key=lambda r: r[1])
+        pre_name, pre = max(((name, p) for name, *_, p in rows), key=lambda r: r[1])
+        print(f"\nvLLM fp32 offline (same {args.num_requests} requests, {torch.get_num_threads()} threads; loaded in "
+              f"{v['load']:.0f} s; its first 16 greedy tokens of prompt 0 equal attnzoo fp32's at {same}/16): "
+              f"{v['batch']:.0f} tok/s, attnzoo's best {batch:.0f} ({batch_name.split(', vs')[0]}, "
+              f"{batch / v['batch']:.2f}x); single-stream {v['single']:.1f} tok/s, attnzoo {mine:.1f} "
+              f"({mine / v['single']:.2f}x); 1,000-token prefill {v['prefill']:.0f} tok/s, attnzoo's best {pre:.0f} "
+              f"({pre_name.split(', vs')[0]}, {pre / v['prefill']:.2f}x)")
     if args.llama_bench:
         tg = llama_cpp_decode(args.llama_bench, str(path), n, torch.get_num_threads())
         print(f"\nllama.cpp (llama-bench tg{n}, {torch.get_num_threads()} threads, {path.name} as shipped): "

@@ -1,18 +1,20 @@
 """The decode step as one static function over persistent buffers, compiled whole by Inductor.
 
-A decode-only step (every sequence adds one token and samples) reads its inputs from buffers allocated once:
-the token ids, their positions and, per page table, each row's slot for the new K/V, its block table and its
-key count. B rows run as the smallest bucket of the ladder 1, 2, 4, ... (capped at max_num_seqs) that holds
-them; a padded row has no slot (nothing is written) and no keys (its output is zeros and is dropped), so it
-never changes a real row. The function has no Python-level branching on the data: `torch.compile(fullgraph=True)`
-turns each bucket into one graph whose attention is the `attnzoo::paged_decode` op (one call per layer) and
-whose norms, RoPE and activations are fused; the Python left per token is the buffer fill and one call.
-The same static step is what a CUDA graph would capture (not run: no GPU is lent to this project now).
+A decode-only step (every sequence adds one token and samples) reads its inputs from buffers allocated once per
+batch bucket: the token ids, their positions and, per page table, each row's slot for the new K/V, its block
+table and its key count. B rows run in the smallest bucket of the ladder 1, 2, 4, ... (capped at max_num_seqs)
+that holds them; a padded row has no slot (nothing is written) and no keys (its output is zeros and is
+dropped), so it never changes a real row. The function has no Python-level branching on the data:
+`torch.compile(fullgraph=True, cpp_wrapper)` makes it one graph whose attention is the `attnzoo::paged_decode`
+op (one call per layer) and whose norms, RoPE and activations are fused; the Python left per token is the buffer
+fill and one call. Bucket 1 gets a graph of its own (static shapes); the buckets above it share one graph whose
+batch size is symbolic, so two compiles cover the ladder. The same bucketed static step is what a CUDA graph
+would capture (not written: no GPU is lent to this project now).
 
-Compiling takes tens of seconds, so it never delays an answer: `start()` compiles in a background thread
-(logged when it starts and ends) while the eager engine serves; from then on the runner hands every decode step
-it supports to the compiled graph (`ready`). Models whose layers keep more than plain K/V (latents, indexer
-keys, recurrent states) stay eager: `unsupported` says why.
+Compiling takes tens of seconds to minutes, so it never delays an answer: the first decode step that needs a
+graph queues it (`try_run` -> `request`), a background thread compiles it (logged when it starts and when it is
+ready) while the eager engine serves, and from then on those buckets run compiled. Models whose layers keep
+more than plain K/V (latents, indexer keys, recurrent states) stay eager: `unsupported` says why.
 """
 
 from __future__ import annotations
@@ -133,26 +135,32 @@ class DecodeGraph:
         It runs on buffers of padding of its own, so nothing is written and eager steps beside are untouched."""
         if size in self.compiled or self.failed:
             return
+        serves = [size] if size == 1 else [s for s in self.sizes if s > 1]
         t0 = time.perf_counter()
-        log.info("compiling the decode step for %d rows in the background; eager steps serve meanwhile", size)
+        log.info("compiling the decode step for %s rows in the background; eager steps serve meanwhile",
+                 serves if len(serves) > 1 else size)
         try:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.sizes))
             # built outside inference mode like the engine's own buffers (a guard tells the two kinds apart)
             pad = StepBuffers.padding(self.shape[0], size, self.shape[1], self.cache.device)
+            if size > 1:   # one graph with a symbolic batch serves every bucket above 1 (one compile, not one each)
+                for t, dim in zip(pad.args(), (0, 0, 1, 1, 1)):
+                    torch._dynamo.mark_dynamic(t, dim)
             with torch.inference_mode():
                 self.fn(*pad.args())
         except Exception as e:  # noqa: BLE001 - a model Inductor cannot compile keeps serving eagerly
             self.failed = f"{type(e).__name__}: {e}"
             log.warning("the decode step did not compile (%s); serving eagerly", self.failed)
             return
-        self.compiled.add(size)
-        log.info("compiled decode step for %d rows ready after %.1f s", size, time.perf_counter() - t0)
+        self.compiled.update(serves)
+        log.info("compiled decode step for %s rows ready after %.1f s", serves if len(serves) > 1 else size,
+                 time.perf_counter() - t0)
 
     def request(self, size: int) -> None:
         """Queue a bucket for the background thread (started on the first request)."""
-        if size in self._queued or self.failed:
+        key = min(size, 2)   # bucket 1, or the one graph of every bucket above it
+        if key in self._queued or self.failed:
             return
-        self._queued.add(size)
+        self._queued.add(key)
         self._pending.put(size)
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="attnzoo-compile", daemon=True)
