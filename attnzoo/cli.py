@@ -60,15 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace, one_shot: bool = False):
     """The engine for one interactive stream: one sequence, so the default KV budget is one sequence at the
-    context (pages are touched only as the conversation fills them)."""
+    context (pages are touched only as the conversation fills them). one_shot (generate): always eager, since
+    a compile started by one answer would outlive it (the process would wait for it before exiting)."""
     from attnzoo.engine import LLM
     from attnzoo.models.registry import default_device, load_model
     model = load_model(args.model, dtype=args.dtype, device=default_device(), quantization=args.quantization)
     if model.tokenizer is None:
         raise ModelLoadError(f"{args.model} has no tokenizer attnzoo can build, so it cannot take text")
-    return LLM(model, max_num_seqs=1, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager or None)
+    eager = True if one_shot else args.enforce_eager or None
+    return LLM(model, max_num_seqs=1, max_model_len=args.max_model_len, enforce_eager=eager)
 
 
 def _show_engine_log() -> None:
@@ -111,7 +113,7 @@ def _stream(llm, prompt_ids: list[int], params, out=sys.stdout) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    llm = _engine(args)
+    llm = _engine(args, one_shot=True)
     tok = llm.tokenizer
     text = args.prompt if args.raw or not tok.chat_template else \
         tok.apply_chat_template([{"role": "user", "content": args.prompt}])

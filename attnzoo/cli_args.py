@@ -100,8 +100,9 @@ def host(text: str) -> str:
 def add_enforce_eager_arg(p: argparse.ArgumentParser) -> None:
     """--enforce-eager, shared by chat, generate and serve."""
     p.add_argument("--enforce-eager", action="store_true",
-                   help="never hand decode steps to the compiled graph (by default it takes over once its background "
-                        "compile is done; docs/engine.md)")
+                   help="never hand decode steps to the compiled graph (by default chat and serve compile it in the "
+                        "background once a session has decoded a while, and it takes over when ready; generate, a "
+                        "one-shot command, is always eager; docs/engine.md)")
 
 
 def add_quantization_arg(p: argparse.ArgumentParser) -> None:

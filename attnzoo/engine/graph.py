@@ -11,8 +11,8 @@ fill and one call. Bucket 1 gets a graph of its own (static shapes); the buckets
 batch size is symbolic, so two compiles cover the ladder. The same bucketed static step is what a CUDA graph
 would capture (not written: no GPU is lent to this project now).
 
-Compiling takes tens of seconds to minutes, so it never delays an answer: the first decode step that needs a
-graph queues it (`try_run` -> `request`), a background thread compiles it (logged when it starts and when it is
+Compiling takes tens of seconds to minutes, so it never delays an answer: once COMPILE_AFTER decode steps have
+needed a graph it is queued (`try_run` -> `request`), a background thread compiles it (logged when it starts and when it is
 ready) while the eager engine serves, and from then on those buckets run compiled. Models whose layers keep
 more than plain K/V (latents, indexer keys, recurrent states) stay eager: `unsupported` says why.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import queue
 import threading
 import time
 import types
@@ -37,6 +36,8 @@ from attnzoo.models.decoder import DecoderLM
 from attnzoo.ops.attention.paged_decode import paged_decode
 
 log = logging.getLogger("attnzoo.engine")
+
+COMPILE_AFTER = 64   # eager decode steps a graph could have run before it is compiled (see `request`)
 
 
 def ladder(max_num_seqs: int) -> list[int]:
@@ -110,11 +111,13 @@ class DecodeGraph:
         # engine in the process (another model) never meets its graphs (`run` skips the guards that would tell)
         forward = types.FunctionType(DecodeGraph.forward.__code__.replace(), globals(), "forward")
         self.fn = torch.compile(types.MethodType(forward, self), fullgraph=True, dynamic=False,
-                                options={"cpp_wrapper": True})
+                                options={"cpp_wrapper": True, "compile_threads": 1})
         self.compiled: set[int] = set()   # buckets whose graph is ready
         self.failed: str | None = None    # why compiling failed: the engine stays eager
-        self._pending: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._pending: list[int] = []
+        self._lock = threading.Lock()
         self._queued: set[int] = set()
+        self._asked: dict[int, int] = {}
         self._worker: threading.Thread | None = None
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
@@ -156,19 +159,30 @@ class DecodeGraph:
                  time.perf_counter() - t0)
 
     def request(self, size: int) -> None:
-        """Queue a bucket for the background thread (started on the first request)."""
+        """Count an eager step that bucket `size` could have run; queue its graph for the background thread after
+        COMPILE_AFTER of them. A short run (one `generate`) never starts a compile: the thread is not a daemon (a
+        daemon thread stopped inside torch's C++ at interpreter exit aborts the process), so a process that ends
+        while it compiles waits for it."""
         key = min(size, 2)   # bucket 1, or the one graph of every bucket above it
-        if key in self._queued or self.failed:
+        self._asked[key] = self._asked.get(key, 0) + 1
+        if key in self._queued or self.failed or self._asked[key] < COMPILE_AFTER:
             return
         self._queued.add(key)
-        self._pending.put(size)
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="attnzoo-compile", daemon=True)
-            self._worker.start()
+        with self._lock:
+            self._pending.append(size)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="attnzoo-compile")
+                self._worker.start()
 
     def _work(self) -> None:
-        while not self.failed:
-            self.compile(self._pending.get())
+        """Compile what is queued, then end (a later request starts a new worker)."""
+        while True:
+            with self._lock:
+                if not self._pending or self.failed:
+                    self._worker = None
+                    return
+                size = self._pending.pop(0)
+            self.compile(size)
 
     def try_run(self, ids: list[int], positions: list[int], page_tables: list[list[list[int]]]) -> torch.Tensor | None:
         """The step on its bucket's graph if that is compiled (logits [B, V]); else None, and the bucket is queued."""
