@@ -255,6 +255,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nllama.cpp through llama-cpp-python (eval + argmax per token, {torch.get_num_threads()} threads, "
               f"{path.name} as shipped): {loop:.1f} tok/s single-stream decode; attnzoo {mine_name} {mine:.1f} "
               f"({mine / loop:.2f}x)")
+    if args.llama_bench:
+        tg = llama_cpp_decode(args.llama_bench, str(path), n, torch.get_num_threads())
+        print(f"\nllama.cpp (llama-bench tg{n}, {torch.get_num_threads()} threads, {path.name} as shipped): "
+              f"{tg:.1f} tok/s single-stream decode; attnzoo {mine_name} {mine:.1f} ({mine / tg:.2f}x)")
+
     if args.vllm_python:
         v = vllm_offline(args.vllm_python, theirs.get(torch.float32) or AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32).eval(), prompts, args.output_len, n)
@@ -267,10 +272,6 @@ def main(argv: list[str] | None = None) -> None:
               f"{batch / v['batch']:.2f}x); single-stream {v['single']:.1f} tok/s, attnzoo {mine:.1f} "
               f"({mine / v['single']:.2f}x); 1,000-token prefill {v['prefill']:.0f} tok/s, attnzoo's best {pre:.0f} "
               f"({pre_name.split(', vs')[0]}, {pre / v['prefill']:.2f}x)")
-    if args.llama_bench:
-        tg = llama_cpp_decode(args.llama_bench, str(path), n, torch.get_num_threads())
-        print(f"\nllama.cpp (llama-bench tg{n}, {torch.get_num_threads()} threads, {path.name} as shipped): "
-              f"{tg:.1f} tok/s single-stream decode; attnzoo {mine_name} {mine:.1f} ({mine / tg:.2f}x)")
 
 
 if __name__ == "__main__":
