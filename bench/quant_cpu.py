@@ -4,7 +4,7 @@
     python bench/quant_cpu.py [--model smollm2] [--new-tokens 64] [--repeats 7] [--quick] [--no-model]
                               [--crossover]
 
---quick: M = 1 and 32, a tenth of the calls per timing, four whole-model variants (bf16, int4, int8, GGUF
+--quick: M = 1 and 32, a tenth of the calls per timing, three whole-model variants on two prompts (bf16, int4, GGUF
 blocks), 8 tokens, one timed run: a smoke test. Prints the C++ kernel's ISA (which SIMD path ran).
 
 1. Per SmolLM2-135M matrix (K x N; the separate projections and the fused ones the engine runs), M = 1
@@ -220,7 +220,8 @@ def agreement(outs: list[list[int]], ref: list[list[int]]) -> str:
 def whole_model(model_name: str, n: int, n_check: int, quick: bool = False) -> None:
     base = attnzoo.load_model(model_name, dtype="bfloat16")
     tok = base.tokenizer
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+               for q in QUESTIONS[:2 if quick else None]]
 
     def quantized(kind: str, overrides: dict | None):
         def build():
@@ -240,8 +241,8 @@ def whole_model(model_name: str, n: int, n_check: int, quick: bool = False) -> N
                 "int8, lm_head bf16": quantized("int8", {"lm_head": None}), "int8, lm_head int8": quantized("int8", {})}
     if HAVE_KERNEL:
         variants |= {gguf: shipped("float32"), "GGUF blocks (quantization=gguf), bf16 model": shipped("bfloat16")}
-    if quick:   # one variant per kind of kernel, one timed run each
-        variants = {k: v for k, v in variants.items() if k in ("bf16 (float)", int4, "int8, lm_head int8", gguf)}
+    if quick:   # the float reference and one variant per 4-bit kernel, one timed run each, two prompts
+        variants = {k: v for k, v in variants.items() if k in ("bf16 (float)", int4, gguf)}
     kernel = f"C++ kernel: {quant_kernels.config()['isa']}" if HAVE_KERNEL else "C++ kernel not built"
     print(f"\n## 3. whole model: {model_name} loaded in bf16, quantize_model from its float weights, or its GGUF "
           f"blocks as shipped ({kernel}); greedy, 1 stream, {n} new tokens (best of {1 if quick else 3}); "

@@ -132,8 +132,14 @@ def vllm_offline(python: str, hf_model, prompts: list[list[int]], out_len: int, 
     transformers directory (fp32 safetensors; vLLM runs it without a tokenizer, on token ids)."""
     import os
     import tempfile
+    from transformers import AutoModelForCausalLM
+    cfg = copy.deepcopy(hf_model.config)   # transformers keeps a GGUF's weights packed and will not save them:
+    if hasattr(cfg, "quantization_config"):   # a plain model of the same config takes the (float) state dict
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict({k: torch.as_tensor(v).float() for k, v in hf_model.state_dict().items()})
     with tempfile.TemporaryDirectory() as d:
-        hf_model.save_pretrained(d)
+        plain.save_pretrained(d)
         job = {"model": d, "prompts": prompts, "output_len": out_len, "single": prompts[0], "single_len": single_len,
                "prefill": workload(2, 1000, 1000, 1)}
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -141,7 +147,10 @@ def vllm_offline(python: str, hf_model, prompts: list[list[int]], out_len: int, 
                              capture_output=True, text=True, env=env, timeout=3600)
     if out.returncode:
         raise SystemExit(f"vLLM failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = [x for x in out.stdout.splitlines() if x.startswith('{"batch"')]   # vLLM logs to stdout too
+    if not lines:
+        raise SystemExit(f"vLLM printed no result:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench binary: its "
                     "single-stream decode on the same GGUF, in the same run")
+    ap.add_argument("--quant", default="int4,gguf", help="comma list of the quantised rows: int4, gguf (eager and "
+                    "compiled)")
     ap.add_argument("--vllm-python", default=None, metavar="PATH", help="the python of a venv with vllm installed: "
                     "vLLM's offline engine (fp32) on the same workload, in the same run (bench/vllm_offline.py)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
@@ -182,8 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval(), prompts[0], n_check)
     if o.token_ids != ref:
         raise SystemExit(f"FAILED: attnzoo fp32 engine tokens {o.token_ids} != transformers {ref}; no speed reported")
-    ours["int4"] = attnzoo.load_model(args.model, dtype="bfloat16", quantization="int4")
-    if HAVE_KERNEL:   # the file's blocks through attnzoo's C++ kernel, eager and on the compiled decode step
+    quant = args.quant.split(",") if args.quant else []
+    if "int4" in quant:
+        ours["int4"] = attnzoo.load_model(args.model, dtype="bfloat16", quantization="int4")
+    if HAVE_KERNEL and "gguf" in quant:   # the file's blocks through attnzoo's C++ kernel, eager and on the compiled decode step
         ours["gguf"] = attnzoo.load_model(args.model, dtype="float32", quantization="gguf")
         if not args.quick:   # compiling takes minutes on 2 cores: not for a smoke test
             ours["gguf, compiled"] = ours["gguf"]
