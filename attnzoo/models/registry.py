@@ -98,7 +98,9 @@ QUANTIZATION = ("auto", "none", "int4", "int8", "gguf")
 # (bench/results/quant_answers-2026-12-07-cpu-avx2.md). "gguf" (our C++ kernel on the file's blocks as
 # shipped, Q8_0's per-32 scales included) is asked for by name only: its 8-bit activations are llama.cpp's
 # scheme and give llama.cpp's answers (the default model's answer to "What is the capital of France?"
-# becomes llama.cpp's "L'Étoile, ..."), so "auto" waits for a results file that weighs speed against answers.
+# becomes llama.cpp's "L'Étoile, ..."). The results files weigh both (throughput-2026-12-07-cpu-avx2-compiled.md:
+# the fastest path; quant_answers-2026-12-07-cpu-avx2-gguf.md: llama.cpp's answers): making it the default trades
+# the demo's right answer for llama.cpp's wrong one, a product decision left open (docs/quantization.md).
 GGUF_KINDS = {"Q4_0": "int4", "Q4_1": "int4"}
 
 
