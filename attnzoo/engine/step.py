@@ -14,11 +14,6 @@ from attnzoo.engine.cache_tensors import CacheTensors
 from attnzoo.layers.batch import Batch, Context, Span
 from attnzoo.layers.cache_spec import CacheKind, CacheSpec, CompressedKV, RecurrentState
 from attnzoo.ops.attention.paged import PagedPlan, paged_attention_planned, plan_paged
-from attnzoo.ops.attention.paged_decode import paged_decode
-from attnzoo.ops.extension import HAVE_KERNEL
-# Off: with it, two quantised-decode tests left their near-tie bounds (int4 0.107 > 0.1, gguf argmax agreement
-# 0.875 < 0.9; bench/results/failures-2026-12-07-cpu-avx2-paged-decode.md). The compiled step uses the op.
-EAGER_PAGED_DECODE = False
 
 
 @dataclass
@@ -67,29 +62,19 @@ class PagedStep:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, *,
                window_size: tuple[int, int], scale: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
-        kc, vc, table = self._pools(layer_idx)
-        plan = self.plans[table]
-        if EAGER_PAGED_DECODE and HAVE_KERNEL and q.device.type == "cpu" and not plan.prefill and not plan.key_block:
-            # a decode-only step: the C++ op writes the K/V and reads the pages in place, one call per layer
-            return paged_decode(q, kc, vc, k, v, self.slot_maps[table], plan.decode_block_table,
-                                plan.decode_seq_lens, q.shape[-1] ** -0.5 if scale is None else scale,
-                                window_size[0], sinks)
-        self._write_kv(layer_idx, k, v)
-        return paged_attention_planned(q, kc, vc, plan, window_size=window_size, scale=scale, sinks=sinks)
-
-    def _pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The layer's head-major pools [Hkv, pages, page_size, d] and its page table."""
-        gi, j = self.cache.layer_group[(layer_idx, CacheKind.KV)]
-        g = self.cache.groups[gi]
-        return g.tensors["k"][j], g.tensors["v"][j], g.table
+        kc, vc, table = self._write_kv(layer_idx, k, v)
+        return paged_attention_planned(q, kc, vc, self.plans[table], window_size=window_size, scale=scale,
+                                       sinks=sinks)
 
     def _write_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Store this step's k/v [N, Hkv, d]; the layer's pools and table (`_pools`)."""
-        kc, vc, table = self._pools(layer_idx)
-        slots = self.slot_maps[table]
+        """Store this step's k/v [N, Hkv, d]; the layer's head-major pools [Hkv, pages, page_size, d] and table."""
+        gi, j = self.cache.layer_group[(layer_idx, CacheKind.KV)]
+        g = self.cache.groups[gi]
+        kc, vc = g.tensors["k"][j], g.tensors["v"][j]
+        slots = self.slot_maps[g.table]
         kc.view(kc.shape[0], -1, kc.shape[-1])[:, slots] = k.transpose(0, 1).to(kc.dtype)
         vc.view(vc.shape[0], -1, vc.shape[-1])[:, slots] = v.transpose(0, 1).to(vc.dtype)
-        return kc, vc, table
+        return kc, vc, g.table
 
     def store(self, layer_idx: int, spec: CacheSpec, *new: torch.Tensor) -> Context:
         if spec.kind is CacheKind.COMPRESSED:
