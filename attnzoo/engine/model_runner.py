@@ -50,8 +50,8 @@ class ModelRunner:
         self.graph: DecodeGraph | None = None
 
     def start_graph(self, max_num_seqs: int, max_model_len: int) -> str | None:
-        """Let the compiled decode step take over (engine/graph.py: each batch bucket compiles in the background
-        when a step first needs it); returns why not, if it cannot."""
+        """Let the compiled decode step take over (engine/graph.py: its graphs compile in the background once
+        eager decode steps have needed them a while); returns why not, if it cannot."""
         why = unsupported(self.model, self.cache)
         if why is None and self.cache.device.type == "cpu" and not HAVE_KERNEL:
             why = f"attnzoo's C++ kernels are not built ({KERNEL_ERROR})"
