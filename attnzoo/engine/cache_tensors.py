@@ -1,8 +1,8 @@
 """The paged cache's tensors, one set per rank: the page tensors of each cache group and the recurrent-state
 slots (with their prefix-cache snapshots). The page accounting (`PagedKVCache`, engine/paged_cache.py) runs on
 rank 0 only and never touches a tensor: it records what must happen to them (`CacheOp`s: zero pages handed
-out, zero a state slot taken, copy a state into a snapshot or back) and each step carries those instructions
-to every rank, whose `ModelRunner` applies them to its own head shard before the forward (vLLM's and
+out, zero a state slot taken, copy a state into a snapshot or back, stash a state before a speculative verify
+step and put it back when its drafts are rejected) and each step carries those instructions to every rank, whose `ModelRunner` applies them to its own head shard before the forward (vLLM's and
 SGLang's split: the scheduler owns the ids, the workers own the memory).
 
 Every rank builds its `CacheTensors` from the same `CacheLayout` (rank 0's plan) and its own model's cache
@@ -27,6 +27,7 @@ class CacheLayout:
     groups: list[tuple[list[int], int, int]]  # per cache group (`group_specs` order): layers, table, pages
     state_slots: int
     snapshot_slots: int
+    stash: bool = False                     # speculative decoding on a recurrent model: a stash per state slot
 
 
 # The instructions, in the order the accounting recorded them (see `CacheTensors.apply`).
@@ -58,7 +59,19 @@ class RestoreState:
     slot: int
 
 
-CacheOp = ZeroPages | ZeroState | SaveState | RestoreState
+@dataclass(frozen=True)
+class StashState:
+    """A verify step is about to run drafts through a sequence's recurrent state: keep a copy of the state."""
+    slot: int
+
+
+@dataclass(frozen=True)
+class UnstashState:
+    """Drafts were rejected: the state goes back to the copy (the kept tokens are recomputed from it)."""
+    slot: int
+
+
+CacheOp = ZeroPages | ZeroState | SaveState | RestoreState | StashState | UnstashState
 
 
 @dataclass
@@ -137,6 +150,9 @@ class CacheTensors:
         self.states = StateTensors(recurrent, layout.state_slots, dtype, device) if recurrent else None
         self.snapshots = StateTensors(recurrent, layout.snapshot_slots, dtype, device) \
             if recurrent and layout.snapshot_slots else None
+        # uninitialised like the rest: only the slots that are stashed ever take memory
+        self.stash = StateTensors(recurrent, layout.state_slots, dtype, device) \
+            if recurrent and layout.stash else None
 
     def apply(self, ops: list[CacheOp]) -> None:
         """Carry out one step's instructions, before its forward. The state instructions run in the order
@@ -156,6 +172,10 @@ class CacheTensors:
                 self.states.copy(op.slot, self.snapshots, op.snapshot)
             elif isinstance(op, RestoreState):
                 self.snapshots.copy(op.snapshot, self.states, op.slot)
+            elif isinstance(op, StashState):
+                self.states.copy(op.slot, self.stash, op.slot)
+            elif isinstance(op, UnstashState):
+                self.stash.copy(op.slot, self.states, op.slot)
             else:
                 raise TypeError(f"not a cache instruction: {op!r}")
         for table, ps in pages.items():

@@ -23,7 +23,9 @@ from attnzoo.engine.model_runner import ModelRunner
 from attnzoo.engine.outputs import OutputAssembler, RequestMetrics, RequestOutput
 from attnzoo.engine.request import Request
 from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_generator
-from attnzoo.engine.scheduler import Scheduler, SchedulerConfig
+from attnzoo.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from attnzoo.engine.speculative import SpecStats, SpeculativeConfig, make_drafter
+from attnzoo.engine.cache_tensors import StashState, UnstashState
 from attnzoo.engine.startup import check_count, check_deterministic, check_options, load_local, start_tensor_parallel
 from attnzoo.engine.tp import EngineDeadError, TensorParallelGroup
 from attnzoo.models.decoder import DecoderLM
@@ -60,7 +62,8 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, seed: int = 0, device: str | torch.device | None = None,
                  deterministic: bool = False, tensor_parallel_size: int = 1, quantization: str = "auto",
-                 detokenize: bool = True, enforce_eager: bool | None = None):
+                 detokenize: bool = True, enforce_eager: bool | None = None,
+                 speculative_config: dict | str | SpeculativeConfig | None = None):
         """kv_cache_memory (bytes) or kv_cache_fraction (of the memory available at start-up) sets the KV
         budget; by default it is what max_num_seqs sequences of max_model_len tokens need, capped at
         DEFAULT_KV_CACHE_FRACTION (engine/memory.py) of the available memory and never less than one such
@@ -81,7 +84,12 @@ class LLM:
         meets one).
         enforce_eager=True keeps every step eager; otherwise (the default) decode steps move to a compiled graph
         once a background compile is done (engine/graph.py; not under deterministic mode or tensor
-        parallelism). None reads ATTNZOO_ENFORCE_EAGER=1 from the environment (the test suite sets it)."""
+        parallelism). None reads ATTNZOO_ENFORCE_EAGER=1 from the environment (the test suite sets it).
+        speculative_config (vLLM's keys, a dict or JSON text; engine/speculative.py): draft tokens per request
+        and verify them in one step, e.g. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max":
+        4, "prompt_lookup_min": 2}; outputs are the target's (greedy: the same tokens, sampled: the same
+        distribution); each output counts its drafted and accepted tokens."""
+        spec = SpeculativeConfig.parse(speculative_config)   # a bad config fails before anything loads
         check_options(page_size, max_num_seqs, max_num_batched_tokens, kv_cache_memory, kv_cache_fraction,
                       tensor_parallel_size)
         # the model and its KV cache live on one device: CUDA when present (paged decode runs the Triton
@@ -138,6 +146,11 @@ class LLM:
         self.deterministic, self.detokenize = deterministic, detokenize
         if deterministic:
             check_deterministic(self.model, self.device, page_size)
+        self.spec_config, self.drafter = spec, None
+        if spec is not None:
+            self.drafter = make_drafter(spec, self.model, self.max_model_len, self.device)
+            self.kv.stash = self.kv.states is not None   # a copy of each verified state, for rejected drafts
+        self.spec_stats = SpecStats()
         self.runner = ModelRunner(self.model, self.kv.layout, deterministic, kv=self.kv)
         if enforce_eager is None:
             enforce_eager = os.environ.get("ATTNZOO_ENFORCE_EAGER") == "1"
@@ -244,9 +257,13 @@ class LLM:
         changed (finished groups are then forgotten)."""
         if self.tp is not None and self.tp.dead is not None:
             raise EngineDeadError(self.tp.dead)
+        if self.drafter is not None:   # drafts for the requests whose prompt is computed
+            self.drafter.propose([r for r in self.scheduler.running if r.num_computed >= len(r.prompt_ids)])
         plan = self.scheduler.schedule()
         if plan.empty:
             return self._collect(set())
+        if self.kv.stash:
+            self.kv.ops.extend(StashState(r.state_slot) for r in plan.requests if r.spec_ids)
         if self.tp is None:
             logits, sampling = self.runner.run(plan)
         else:
@@ -259,19 +276,55 @@ class LLM:
         now = time.monotonic()
         for req, n in zip(plan.requests, plan.num_new):
             req.num_computed += n
-        reqs = [plan.requests[i] for i in sampling]
-        result = self.sampler(logits, [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs],
-                              self.eos_token_ids) if reqs else None
         changed = set()
-        for j, req in enumerate(reqs):
+        for req, toks, lps in self._sample(plan, sampling, logits):
             req.first_token_time = req.first_token_time or now
-            self._append(req, result.token_ids[j], result.logprobs[j])
+            for tok, lp in zip(toks, lps):
+                self._append(req, tok, lp)
+                if req.finished:
+                    break
             changed.add(req.request_id)
         for req in plan.requests:
             if not req.finished:
                 self.kv.cache_prefix(req)
                 self.kv.release_window(req)
         return self._collect(changed)
+
+    def _sample(self, plan: StepPlan, sampling: list[int], logits: torch.Tensor
+                ) -> list[tuple[Request, list[int], list[dict[int, float] | None]]]:
+        """Each sampling request's new tokens and their logprobs. With drafts, the verify rows decide how many
+        drafts stay (`Sampler.verify`); the rest are rolled back: KV-like caches just count fewer computed
+        tokens (later steps overwrite the rejected rows), recurrent states go back to their stash and the
+        kept tokens are recomputed with the next step's."""
+        reqs = [plan.requests[i] for i in sampling]
+        if not reqs:
+            return []
+        if not any(r.spec_ids for r in reqs):
+            result = self.sampler(logits, [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids)
+                                           for r in reqs], self.eos_token_ids)
+            return [(r, [t], [lp]) for r, t, lp in zip(reqs, result.token_ids, result.logprobs)]
+        rows = [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids + r.spec_ids[:j])
+                for r in reqs for j in range(len(r.spec_ids) + 1)]
+        emitted, result = self.sampler.verify(logits, rows, self.eos_token_ids, [r.spec_ids for r in reqs])
+        out, i = [], 0
+        for k, toks in zip(sampling, emitted):
+            r = plan.requests[k]
+            drafted, accepted = len(r.spec_ids), len(toks) - 1
+            if drafted:
+                rejected = drafted - accepted
+                if rejected and r.state_slot is not None:   # back to the state before this step's chunk
+                    self.kv.ops.append(UnstashState(r.state_slot))
+                    r.num_computed -= plan.num_new[k]
+                else:
+                    r.num_computed -= rejected
+                r.num_draft_tokens += drafted
+                r.num_accepted_tokens += accepted
+                self.drafter.observe(r, drafted, accepted)
+                self.spec_stats.record(drafted, accepted)
+                r.spec_ids = []
+            out.append((r, toks, result.logprobs[i:i + len(toks)]))
+            i += len(toks)
+        return out
 
     def _append(self, req: Request, tok: int, logprob: dict[int, float] | None) -> None:
         """Token-level stops (eos, stop_token_ids, length) here; then the group's assembler, whose stop strings
@@ -302,7 +355,9 @@ class LLM:
             first = g.children[0]
             metrics = RequestMetrics(first.arrival_time, first.first_scheduled_time, first.first_token_time,
                                      max((r.finished_time or 0) for r in g.children) if done else None)
-            outs.append(g.asm.snapshot(first.cached_tokens, metrics, sum(r.num_preemptions for r in g.children)))
+            spec = (sum(r.num_draft_tokens for r in g.children), sum(r.num_accepted_tokens for r in g.children))
+            outs.append(g.asm.snapshot(first.cached_tokens, metrics, sum(r.num_preemptions for r in g.children),
+                                       spec))
             if done:
                 del self._groups[rid]
                 for r in g.children:

@@ -62,7 +62,8 @@ class ModelRunner:
         return None
 
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[int]]:
-        """Returns (logits [R, V] float32, indices into plan.requests of the R requests that sample)."""
+        """Returns (logits [R, V] float32, indices into plan.requests of the requests that sample): a sampling
+        request owns 1 + len(spec_ids) consecutive rows (its drafts' verify rows)."""
         inputs, samplers = self.prepare(plan)
         return self.execute(inputs), samplers
 
@@ -74,8 +75,8 @@ class ModelRunner:
             ids.extend(req.token(t) for t in range(start, start + n))
             pos.extend(range(start, start + n))
             offset += n
-            if start + n == req.num_tokens:   # the chunk reaches the end: this request samples
-                rows.append(offset - 1)
+            if start + n == req.num_tokens + len(req.spec_ids):   # the chunk reaches the end: it samples
+                rows.extend(range(offset - 1 - len(req.spec_ids), offset))   # and verifies its drafts
                 samplers.append(i)
         seqs = [SeqView([list(t) for t in r.page_tables], r.num_computed, r.state_slot) for r in plan.requests]
         return StepInputs(ids, pos, list(plan.num_new), seqs, rows, self.kv.take_ops()), samplers

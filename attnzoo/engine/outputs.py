@@ -56,6 +56,8 @@ class RequestOutput:
     metrics: RequestMetrics
     delta_text: str = ""                 # streaming: text added since the previous snapshot
     num_preemptions: int = 0
+    num_draft_tokens: int = 0            # speculative decoding: drafts verified, over all completions
+    num_accepted_tokens: int = 0         # of which the target kept
 
     # single-completion conveniences (n == 1)
     @property
@@ -115,7 +117,8 @@ class OutputAssembler:
             s.finish_reason, s.stop_reason = finish_reason, stop_reason
         return False
 
-    def snapshot(self, cached_tokens: int, metrics: RequestMetrics, num_preemptions: int) -> RequestOutput:
+    def snapshot(self, cached_tokens: int, metrics: RequestMetrics, num_preemptions: int,
+                 spec: tuple[int, int] = (0, 0)) -> RequestOutput:
         """The request now. metrics are the engine's; a request that ended here (a stop string) before the
         engine reported it finished gets now as its finished time."""
         done = self.finished
@@ -130,4 +133,4 @@ class OutputAssembler:
         metrics = RequestMetrics(metrics.arrival_time, metrics.first_scheduled_time, metrics.first_token_time,
                                  self.finished_time if done else None)
         return RequestOutput(self.request_id, self.prompt_ids, comps, done, cached_tokens, metrics, delta,
-                             num_preemptions)
+                             num_preemptions, *spec)

@@ -87,6 +87,7 @@ class PagedKVCache:
         when no layer attends to the full context (0: no prefix caching for such a model)."""
         self.page_size, self.num_pages = page_size, num_pages
         self.ops: list[CacheOp] = []   # what the ranks' tensors must do before the next forward, in order
+        self.stash = False   # recurrent layers under speculative decoding: a copy of the states drafts run on
         recurrent = recurrent_specs(specs)
         if recurrent and num_state_slots < 1:
             raise ValueError("this model has recurrent-state layers: give the cache num_state_slots >= 1")
@@ -131,7 +132,7 @@ class PagedKVCache:
         return CacheLayout(self.page_size, [t.window for t in self.tables],
                            [(g.layer_ids, g.table, g.pool.capacity) for g in self.groups],
                            self.states.num_slots if self.states else 0,
-                           self.snapshots.num_slots if self.snapshots else 0)
+                           self.snapshots.num_slots if self.snapshots else 0, self.stash)
 
     def take_ops(self) -> list[CacheOp]:
         """The tensor instructions recorded since the last call, in order (once per step)."""

@@ -33,6 +33,10 @@ class Request:
     state_slot: int | None = None       # its slot in the recurrent-state pool (delta-rule layers)
     keep_at: set[int] = field(default_factory=set)  # hybrids: token counts whose window pages / states the tree keeps
     cached_tokens: int = 0              # prompt tokens served from the prefix cache (first admission)
+    spec_ids: list[int] = field(default_factory=list)   # this step's draft tokens (engine/speculative.py)
+    num_draft_tokens: int = 0           # drafts verified so far
+    num_accepted_tokens: int = 0        # of which the target kept
+    drafter: Any = None                 # the drafter's per-request state (an n-gram index, the adaptive k)
     num_preemptions: int = 0
     finish_reason: str | None = None    # stop | length | abort
     stop_reason: int | None = None      # the stop token id that ended it (stop strings: engine/outputs.py)
@@ -46,8 +50,12 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def token(self, i: int) -> int:
+        """Token i of prompt + output + this step's drafts."""
         p = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < p else self.output_ids[i - p]
+        if i < p:
+            return self.prompt_ids[i]
+        i -= p
+        return self.output_ids[i] if i < len(self.output_ids) else self.spec_ids[i - len(self.output_ids)]
 
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids

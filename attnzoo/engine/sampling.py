@@ -175,21 +175,90 @@ class Sampler:
         tokens = x.argmax(-1).tolist()  # final for greedy rows
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
         if rand:
-            params = [rows[i].params for i in rand]
-            if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-                z = self.filter_logits(x[rand], params)  # sorts the vocabulary: only when a filter is on
-            else:
-                z = x[rand] / torch.tensor([p.temperature for p in params], device=x.device)[:, None]
             # Inverse-CDF sampling: one uniform per row from the row's own generator keeps seeded requests
             # batch-independent, at the cost of a cumsum rather than multinomial's per-row passes.
-            cdf = z.softmax(-1).cumsum(-1)
-            u = torch.cat([torch.rand(1, generator=g, device=g.device if g is not None else "cpu")
-                           for g in (rows[i].generator or self.generator for i in rand)])
+            cdf = self._probs(x, rows, rand).cumsum(-1)
+            u = torch.cat([self._uniform(rows[i]) for i in rand])
             u = (u.to(cdf.device) * cdf[:, -1]).clamp(min=torch.finfo(cdf.dtype).tiny)[:, None]
             picked = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)[:, 0].tolist()
             for j, i in enumerate(rand):
                 tokens[i] = picked[j]
+        return self._result(raw_lp, want_lp, rows, tokens)
 
+    def _probs(self, x: torch.Tensor, rows: list[SamplingRow], rand: list[int]) -> torch.Tensor:
+        """The sampling distribution [len(rand), V] of the non-greedy rows of the processed logits x."""
+        params = [rows[i].params for i in rand]
+        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+            z = self.filter_logits(x[rand], params)  # sorts the vocabulary: only when a filter is on
+        else:
+            z = x[rand] / torch.tensor([p.temperature for p in params], device=x.device)[:, None]
+        return z.softmax(-1)
+
+    def _uniform(self, row: SamplingRow) -> torch.Tensor:
+        g = row.generator or self.generator
+        return torch.rand(1, generator=g, device=g.device if g is not None else "cpu")
+
+    def _draw(self, probs: torch.Tensor, row: SamplingRow) -> int:
+        """One token from probs [V] (unnormalised is fine) by inverse CDF with the row's generator."""
+        cdf = probs.cumsum(-1)
+        u = (self._uniform(row).to(cdf.device) * cdf[-1]).clamp(min=torch.finfo(cdf.dtype).tiny)
+        return int(torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1))
+
+    @torch.inference_mode()
+    def verify(self, logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: list[int],
+               drafts: list[list[int]]) -> tuple[list[list[int]], SampleResult]:
+        """Speculative verification. Request i owns len(drafts[i]) + 1 consecutive rows: row j is the target's
+        distribution after the request's tokens and drafts[i][:j] (its SamplingRow's output_ids include them,
+        so penalties and min_tokens see the drafts). A greedy request keeps drafts while they equal the argmax;
+        a sampled one keeps draft d with probability p(d) and on rejection draws from p without d,
+        renormalised: the standard rule for a point-mass draft, so each emitted token is distributed exactly as
+        the target's. Either way one token of the target's own follows the kept drafts. Returns the tokens
+        each request emits (kept drafts plus that token) and, per row, the flat SampleResult of the rows
+        that emitted (logprobs as __call__ gives them)."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows) or sum(len(d) + 1 for d in drafts) != len(rows):
+            raise ValueError(f"logits {tuple(logits.shape)} must have one row per draft plus one per request "
+                             f"({sum(len(d) + 1 for d in drafts)}) and match the {len(rows)} sampling rows")
+        want_lp = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        raw_lp = logits[want_lp].float().log_softmax(-1) if want_lp else None
+        x = self.process_logits(logits, rows, eos_token_ids)
+        argmax = x.argmax(-1).tolist()
+        rand = [i for i, r in enumerate(rows) if not r.params.greedy]
+        probs = self._probs(x, rows, rand) if rand else None
+        where = {i: j for j, i in enumerate(rand)}
+        emitted: list[list[int]] = []
+        tokens = list(argmax)           # per row: the token it emitted (rows that emitted nothing keep argmax)
+        used: list[int] = []            # the rows that emitted, in order
+        i = 0
+        for d in drafts:
+            out = []
+            for j in range(len(d) + 1):
+                row = rows[i + j]
+                if row.params.greedy:
+                    tok = argmax[i + j]
+                    ok = j < len(d) and tok == d[j]
+                else:
+                    p = probs[where[i + j]]
+                    if j < len(d) and float(self._uniform(row)) < float(p[d[j]]):
+                        tok, ok = d[j], True
+                    elif j < len(d):
+                        tok, ok = self._draw(p.clone().index_fill_(0, torch.tensor([d[j]]), 0.0), row), False
+                    else:
+                        tok, ok = self._draw(p, row), False
+                tokens[i + j] = tok
+                out.append(tok)
+                used.append(i + j)
+                if not ok:
+                    break
+            emitted.append(out)
+            i += len(d) + 1
+        full = self._result(raw_lp, want_lp, rows, tokens)
+        keep = lambda xs: [xs[r] for r in used]  # noqa: E731
+        return emitted, SampleResult(keep(full.token_ids), keep(full.logprobs), keep(full.sampled_logprobs))
+
+    @staticmethod
+    def _result(raw_lp: torch.Tensor | None, want_lp: list[int], rows: list[SamplingRow],
+                tokens: list[int]) -> SampleResult:
+        """Per row: the token, and its raw logprob plus the top-n where the row asked for logprobs."""
         logprobs: list[dict[int, float] | None] = [None] * len(rows)
         sampled: list[float | None] = [None] * len(rows)
         if raw_lp is not None:

@@ -49,6 +49,7 @@ class Scheduler:
         self.running.remove(req)
         self.kv.free(req)
         req.status, req.num_computed = Status.WAITING, 0
+        req.spec_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -61,7 +62,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = self.kv.chunk(req, min(req.num_tokens - req.num_computed, budget))
+            # drafts (speculative decoding) ride along as extra tokens after the last sampled one
+            n = self.kv.chunk(req, min(req.num_tokens + len(req.spec_ids) - req.num_computed, budget))
+            if req.spec_ids and not self.kv.allocate(req, req.num_computed + n):
+                req.spec_ids = []                  # drafts never cost another request its pages
+                n = self.kv.chunk(req, min(req.num_tokens - req.num_computed, budget))
             while not self.kv.allocate(req, req.num_computed + n):
                 victim = self.running[-1]          # the newest
                 self._preempt(victim)
@@ -70,6 +75,7 @@ class Scheduler:
                     break
             if req.status is not Status.RUNNING:
                 break
+            del req.spec_ids[max(0, req.num_computed + n - req.num_tokens):]   # drafts the budget cut off
             plan.requests.append(req)
             plan.num_new.append(n)
             budget -= n

@@ -152,3 +152,49 @@ def test_seeded_request_is_batch_independent():
     assert seeded_run(seed=42, position=2, batch=4) == alone
     assert seeded_run(seed=42, position=3, batch=4) == alone
     assert seeded_run(seed=43, position=0, batch=1) != alone
+
+
+# ---- speculative verification (Sampler.verify) ----------------------------------------------------
+
+CHI2_DF5_P001 = 20.52   # chi-square critical value, 5 degrees of freedom, p = 0.001
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_verify_greedy_keeps_the_agreeing_prefix_plus_one():
+    logits = torch.randn(7, V)
+    best = logits.argmax(-1).tolist()
+    drafts = [[best[0], best[1], (best[2] + 1) % V], [best[4], best[5]]]   # 2 kept, then a miss; all 2 kept
+    rows = [row(temperature=0)] * 7
+    emitted, res = Sampler().verify(logits, rows, [], drafts)
+    assert emitted == [best[:3], best[4:7]]
+    assert res.token_ids == best[:3] + best[4:7]
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 4)])
+def test_verify_sampled_keeps_the_target_distribution(temperature, top_k):
+    """A request with drafts [d0, d1] over a 6-token vocabulary: its first emitted token is distributed as row 0's
+    target distribution and, given the first was d0, its second as row 1's, whatever the drafts (one likely,
+    one unlikely under the target)."""
+    v = 6
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, v, generator=g) * 1.5
+    params = SamplingParams(temperature=temperature, top_k=top_k)
+    target = Sampler.filter_logits(logits, [params] * 3).softmax(-1) if top_k else (logits / temperature).softmax(-1)
+    d0, d1 = int(target[0].argmax()), int(target[1].argmin())
+    sampler = Sampler(torch.Generator().manual_seed(1))
+    first, second = torch.zeros(v), torch.zeros(v)
+    batch = 500                                           # requests per verify call, all alike
+    rows = [SamplingRow(params, None, [1], [])] * 3 * batch
+    for _ in range(6):
+        for out in sampler.verify(logits.repeat(batch, 1), rows, [], [[d0, d1]] * batch)[0]:
+            first[out[0]] += 1
+            if out[0] == d0:
+                second[out[1]] += 1
+    for counts, p in ((first, target[0]), (second, target[1])):
+        keep = p > 0
+        assert not counts[~keep].any()                    # nothing outside the target's support
+        assert _chi2(counts[keep], p[keep]) < CHI2_DF5_P001, (counts, p)
