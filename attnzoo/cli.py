@@ -37,6 +37,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="cap the context at N tokens (default: the model's); the KV cache holds one such sequence")
     cli_args.add_quantization_arg(p)
     cli_args.add_enforce_eager_arg(p)
+    cli_args.add_speculative_config_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,8 @@ def _engine(args: argparse.Namespace, one_shot: bool = False):
     if model.tokenizer is None:
         raise ModelLoadError(f"{args.model} has no tokenizer attnzoo can build, so it cannot take text")
     eager = True if one_shot else args.enforce_eager or None
-    return LLM(model, max_num_seqs=1, max_model_len=args.max_model_len, enforce_eager=eager)
+    return LLM(model, max_num_seqs=1, max_model_len=args.max_model_len, enforce_eager=eager,
+               speculative_config=args.speculative_config)
 
 
 def _show_engine_log() -> None:

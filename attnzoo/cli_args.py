@@ -1,4 +1,5 @@
-"""argparse pieces shared by the command line: one way to check a port, a size, a count or a fraction.
+"""argparse pieces shared by the command line: one way to check a port, a size, a count, a fraction or a
+speculative-decoding config.
 
 Each type raises ArgumentTypeError saying what was wrong and what is allowed; `ArgumentParser` prints
 any parse error as one line, `attnzoo: error: argument --port: ...`, and exits with status 2.
@@ -11,7 +12,10 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from attnzoo.engine.speculative import SpeculativeConfig
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -112,3 +116,20 @@ def add_quantization_arg(p: argparse.ArgumentParser) -> None:
                         "int4 when one sequence runs at a time (chat, generate; serve --max-num-seqs 1), float "
                         "weights for batches; int4/int8 quantise any model; gguf = a GGUF file's blocks as "
                         "shipped through attnzoo's C++ kernel (llama.cpp's scheme); none = float weights")
+
+
+def speculative_config(text: str) -> SpeculativeConfig:
+    """--speculative-config: vLLM's JSON, checked here (engine/speculative.py) so a bad one costs no load."""
+    from attnzoo.engine.speculative import SpeculativeConfig
+    try:
+        return SpeculativeConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_speculative_config_arg(p: argparse.ArgumentParser) -> None:
+    """--speculative-config, shared by chat, generate and serve."""
+    p.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s keys as JSON, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4}\' (methods: ngram, or draft_model with "model": a smaller model '
+                        'with the same vocabulary); the output distribution stays the model\'s')

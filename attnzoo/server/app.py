@@ -22,7 +22,7 @@ def build_app(engine: EngineClient, model_name: str, *, model_aliases: set[str] 
     """The app reads the core's messages while it runs (lifespan) and stops the core when it stops.
     `app.state.engine` is the `EngineClient`, for tests and debugging (`query_sync("pages")` etc.)."""
     limits = limits or ServerLimits()
-    metrics = ServerMetrics(model_name)
+    metrics = ServerMetrics(model_name, speculative=engine.info.speculative)
     state = ServerState(engine, metrics, model_name, set(model_aliases or ()), api_key, limits, stall_timeout_s)
 
     @asynccontextmanager

@@ -31,6 +31,7 @@ class EngineInfo:
     vocab_size: int
     threads: int
     worker_pids: list[int]           # tensor-parallel workers (ranks 1..N-1), started by the core
+    speculative: bool = False        # a speculative_config is on: the spec_decode metrics exist
 
 
 # ---- API -> core ----------------------------------------------------------------------------------------
@@ -77,6 +78,8 @@ class GroupDelta:
     cached_tokens: int
     metrics: RequestMetrics
     num_preemptions: int
+    num_draft_tokens: int = 0        # speculative decoding, over the group's completions so far
+    num_accepted_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -85,6 +88,9 @@ class EngineStats:
     waiting: int
     kv_usage: float
     num_preemptions: int             # since start
+    spec_drafted: int = 0            # draft tokens verified since start
+    spec_accepted: int = 0           # of which kept
+    spec_lengths: list[int] = field(default_factory=list)   # acceptance lengths (kept + 1) of this step's verifies
 
 
 @dataclass(slots=True)

@@ -229,7 +229,8 @@ class EngineClient:
             # the one difference from offline: a stop string met here is the core's to abort (late tokens ignored)
             stopped = [d.index for d in g.seqs
                        if st.asm.add(d.index, d.token_ids, d.logprobs, d.finish_reason, d.stop_reason)]
-            out = st.asm.snapshot(g.cached_tokens, g.metrics, g.num_preemptions)
+            out = st.asm.snapshot(g.cached_tokens, g.metrics, g.num_preemptions,
+                                  (g.num_draft_tokens, g.num_accepted_tokens))
             if stopped and not g.finished:
                 self._send([Abort(g.request_id, i) for i in stopped])
             total = sum(len(c.token_ids) for c in out.outputs)

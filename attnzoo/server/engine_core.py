@@ -45,7 +45,7 @@ def core_main(config: EngineConfig, conn: Connection) -> None:
     try:
         workers = [p.pid for p in llm.tp.procs] if llm.tp is not None else []
         conn.send(EngineInfo(llm.tokenizer, llm.max_model_len, llm.kv.num_pages * llm.kv.page_size,
-                             llm.model.config.vocab_size, threads, workers))
+                             llm.model.config.vocab_size, threads, workers, llm.spec_config is not None))
         EngineCore(llm, conn).run()
     finally:
         llm.close()
@@ -139,11 +139,12 @@ class EngineCore:
                                          c.finish_reason, c.stop_reason))
                     sent[c.index] = len(c.token_ids)
             groups.append(GroupDelta(out.request_id, seqs, out.finished, out.cached_tokens, out.metrics,
-                                     out.num_preemptions))
+                                     out.num_preemptions, out.num_draft_tokens, out.num_accepted_tokens))
             if out.finished:
                 del self._sent[out.request_id]
-        s = self.llm.scheduler
-        stats = EngineStats(len(s.running), len(s.waiting), self.llm.kv.usage, s.num_preemptions)
+        s, spec = self.llm.scheduler, self.llm.spec_stats
+        stats = EngineStats(len(s.running), len(s.waiting), self.llm.kv.usage, s.num_preemptions, spec.drafted,
+                            spec.accepted, spec.take_lengths())
         self.conn.send(StepOutput(groups, stats, self._accepted, self._rejected))
         self._accepted, self._rejected = [], []
 

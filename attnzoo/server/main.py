@@ -57,6 +57,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="auto = bfloat16 where the device computes it natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16), else float32")
     cli_args.add_quantization_arg(p)
     cli_args.add_enforce_eager_arg(p)
+    cli_args.add_speculative_config_arg(p)
     p.add_argument("--log-level", default="info", type=str.lower,
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.add_argument("--deterministic", action="store_true",
@@ -110,7 +111,7 @@ def serve(args: argparse.Namespace) -> None:
         dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, kv_cache_fraction=args.kv_cache_fraction,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, deterministic=args.deterministic,
         tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
-        enforce_eager=args.enforce_eager or None), log_level=level))
+        enforce_eager=args.enforce_eager or None, speculative_config=args.speculative_config), log_level=level))
     name = args.served_model_name or args.model
     app = build_app(engine, name, model_aliases={args.model}, api_key=args.api_key, limits=limits)
     host = f"[{args.host}]" if ":" in args.host else args.host

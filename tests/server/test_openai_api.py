@@ -135,6 +135,7 @@ def test_health_metrics_tokenize(live, client):
                  "num_preemptions_total", "request_success_total", "time_to_first_token_seconds",
                  "inter_token_latency_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
         assert f"attnzoo:{name}" in text, name
+    assert "spec_decode" not in text    # only with --speculative-config (tests/server/test_speculative_server.py)
     ids = httpx.post(live.url + "/tokenize", json={"prompt": "hello world"}).json()
     assert ids["count"] == len(ids["tokens"]) > 0
     back = httpx.post(live.url + "/detokenize", json={"tokens": ids["tokens"]}).json()
