@@ -148,7 +148,7 @@ class LLM:
             check_deterministic(self.model, self.device, page_size)
         self.spec_config, self.drafter = spec, None
         if spec is not None:
-            self.drafter = make_drafter(spec, self.model, self.max_model_len, self.device)
+            self.drafter = make_drafter(spec, self.model, self.max_model_len, self.device, self.scheduler)
             self.kv.stash = self.kv.states is not None   # a copy of each verified state, for rejected drafts
         self.spec_stats = SpecStats()
         self.runner = ModelRunner(self.model, self.kv.layout, deterministic, kv=self.kv)
@@ -416,8 +416,10 @@ class LLM:
             self._collect(set())
 
     def check_integrity(self) -> None:
-        """No page leaked or double-owned; callable at any time."""
+        """No page leaked or double-owned (the draft model's cache too); callable at any time."""
         self.kv.check_integrity(self.scheduler.running)
+        if hasattr(self.drafter, "check_integrity"):
+            self.drafter.check_integrity()
 
     def clear_prefix_cache(self) -> None:
         if self.kv.radix is not None:

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from attnzoo.models.decoder import DecoderLM
 
 METHODS = ("ngram", "draft_model", "mtp")
 MAX_SPECULATIVE_TOKENS = 16   # a verify chunk is k + 1 rows per request: beyond this acceptance never pays
@@ -30,7 +33,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_max: int | None = None     # ngram: longest n-gram matched (default: prompt_lookup_min or 4)
     prompt_lookup_min: int | None = None     # ngram: shortest (default: prompt_lookup_max or 2, at most max)
-    model: str | None = None                 # draft_model: path or name of the smaller model
+    model: "str | DecoderLM | None" = None   # draft_model: path or name of the smaller model, or a loaded one
     adaptive: bool = True                    # lower k per request while its drafts are rejected
 
     @classmethod
@@ -188,13 +191,15 @@ class SpecStats:
         return out
 
 
-def make_drafter(cfg: SpeculativeConfig, model: Any, max_model_len: int, device: Any) -> Drafter:
-    """The drafter for cfg on this target model; a method the model cannot use is a ValueError."""
+def make_drafter(cfg: SpeculativeConfig, model: Any, max_model_len: int, device: Any, scheduler: Any = None
+                 ) -> Drafter:
+    """The drafter for cfg on this target model; a method the model cannot use is a ValueError. scheduler: the
+    engine's (its limits and cache size the draft model's cache)."""
     if cfg.method == "ngram":
         return Drafter(cfg, max_model_len)
     if cfg.method == "draft_model":
         from attnzoo.engine.draft_model import DraftModelDrafter
-        return DraftModelDrafter(cfg, model, max_model_len, device)
+        return DraftModelDrafter(cfg, model, max_model_len, device, scheduler)
     # MTP heads ship with DeepSeek-V3, Qwen3-Next/3.5, MiMo-V2-Flash and GLM checkpoints, but the loaders skip them
     raise ValueError("speculative_config.method 'mtp' is not available: attnzoo's loaders do not load "
                      "multi-token-prediction layers yet (use 'ngram' or 'draft_model')")
