@@ -178,6 +178,7 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "quant_cpu": "int4/int8 weight-only matmuls vs fp32/bf16 linears, and a quantised model's decode",
            "quant_answers": "the default model's greedy answers with float, int4, int8 weights and llama.cpp",
            "step_overhead": "host time of a decode step on a tiny model: the engine's own work, per phase",
+           "speculative": "n-gram speculative decoding: copy and free-writing tok/s with and without drafts",
            "arena_speed": "every arena contestant's training step: checked against the torch forms, then timed"}
 
 

@@ -37,7 +37,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "seeds: replays a reported failure, or tries new cases; repeatable")
 
 
+# The longest files start first: `--dist loadfile` hands files out in collection order, and a long file taken
+# last keeps one worker busy after the other has finished.
+LONGEST_FIRST = ["tests/test_bench_models.py", "tests/test_bench_ops.py", "tests/arena/test_ddp.py",
+                 "tests/server/test_disconnects.py", "tests/engine/test_speculative.py", "tests/engine/test_llm.py"]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))   # stable: the rest keep order
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: pass --runslow to run")

@@ -59,8 +59,12 @@ def _load(name: str, path: Path) -> DecoderLM:
     return _hf(name, path)
 
 
-FAMILIES = ["llama", "mistral", "qwen3", "cohere2", "mimo_v2_flash", "deepseek_v3", "qwen3_next", "qwen3_5",
-            "kimi_linear", "deepseek_v32", "glm_moe_dsa", "minimax_m3", "glm5_next", "arena-nsa", "arena:gdn_hybrid_3_1"]
+# CI runs one family per cache kind (full K/V, sliding window, MLA latent, delta-rule state beside attention,
+# DSA indexer keys, MSA index keys, NSA compressed rows); --runslow adds the families that repeat those kinds
+_SLOW = ["qwen3", "cohere2", "mimo_v2_flash", "qwen3_5", "kimi_linear", "glm_moe_dsa", "glm5_next",
+         "arena:gdn_hybrid_3_1"]
+FAMILIES = ["llama", "mistral", "deepseek_v3", "qwen3_next", "deepseek_v32", "minimax_m3", "arena-nsa"] + \
+    [pytest.param(f, marks=pytest.mark.slow) for f in _SLOW]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -1,4 +1,4 @@
-"""64 concurrent streams, a quarter of which hang up mid-stream, plus non-streaming clients that time out:
+"""32 concurrent streams, a quarter of which hang up mid-stream, plus non-streaming clients that time out:
 every surviving stream ends with [DONE], and afterwards no KV page is held."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from tests.server.conftest import assert_no_leak, live_server
 
-N_CLIENTS = 64
+N_CLIENTS = 32
 
 
 @pytest.fixture(scope="module")
