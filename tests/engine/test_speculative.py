@@ -225,3 +225,21 @@ def test_ngram_end_to_end_with_n_logprobs_and_stops(tmp_path) -> None:
     got_stop = llm.generate(ps[:1], params_stop, use_tqdm=False)[0]
     assert got_stop.token_ids == want_stop.token_ids and got_stop.finish_reason == "stop"
     llm.check_integrity()
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_deterministic_mode_is_bit_exact_on_the_default_model(dtype) -> None:
+    """Batch-invariant kernels give a token the same bits in a verify chunk as in a decode row: with n-gram drafts
+    the default model's greedy tokens and their logprobs are bit-identical to those without, beside another
+    request. (bf16 is emulated on CPUs without it: slow there, so --runslow.)"""
+    text = "Repeat exactly: the cat sat on the mat, the cat sat on the mat, the dog sat on the log."
+    params = SamplingParams(max_tokens=16, temperature=0, logprobs=1)
+    outs = []
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 3, "adaptive": False}):
+        llm = LLM(dtype=dtype, deterministic=True, max_num_seqs=2, max_model_len=256, speculative_config=spec)
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+        outs.append(llm.generate([prompt, "Count from one to ten:"], params, use_tqdm=False))
+        llm.check_integrity()
+    assert llm.spec_stats.accepted > 0
+    for a, b in zip(*outs):
+        assert a.token_ids == b.token_ids and a.outputs[0].logprobs == b.outputs[0].logprobs
