@@ -73,6 +73,7 @@ class ModelConfig:
     norm: str = "rms"                 # rms | layer (mean-centred, weight only: Cohere)
     parallel_block: bool = False      # x + attn(ln(x)) + mlp(ln(x)) with one norm (Cohere)
     logit_scale: float = 1.0          # logits multiplied by this (Cohere)
+    num_mtp_layers: int = 0           # multi-token-prediction modules loaded into model.mtp (DeepSeek-V3)
     plugins: dict[str, Any] = field(default_factory=dict)   # plug-in families' configs by field name
 
     def __post_init__(self) -> None:

@@ -1,5 +1,6 @@
 """A decoder-only LM assembled from a per-layer list: one forward for training,
-scoring and serving, over a packed token stream described by a `Batch`."""
+scoring and serving, over a packed token stream described by a `Batch`; DeepSeek-V3's MTP modules, where
+loaded, in `mtp` (models/mtp.py)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ class DecoderLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.build_rotary()
+        from attnzoo.models.mtp import MTPLayer  # (mtp.py builds its block from this module's DecoderLayer)
+        self.mtp = nn.ModuleList(MTPLayer(cfg, self) for _ in range(cfg.num_mtp_layers))  # DeepSeek-V3's MTP
 
     def build_rotary(self) -> None:
         """RoPE tables are computed, not loaded: the default one, and per layer type where the config says
@@ -79,20 +82,25 @@ class DecoderLM(nn.Module):
     def cache_specs(self) -> list[CacheSpec | tuple[CacheSpec, ...]]:
         return [layer.attn.cache_spec() for layer in self.layers]
 
-    def forward_batch(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """input_ids [N] (packed) -> logits [len(batch.logits_rows) or N, V]."""
+    def forward_batch(self, input_ids: torch.Tensor, batch: Batch, return_hidden: bool = False
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [N] (packed) -> logits [len(batch.logits_rows) or N, V]; with return_hidden also the
+        last layer's output at those rows, before the final norm (what the MTP modules read)."""
         x = self.embed_tokens(input_ids)
         for layer, rope in zip(self.layers, self.ropes(batch.positions)):
             x = layer(x, rope, batch)
         if batch.logits_rows is not None:
             x = x[batch.logits_rows]
         logits = self.lm_head(self.norm(x))
-        return logits * self.config.logit_scale if self.config.logit_scale != 1.0 else logits
+        logits = logits * self.config.logit_scale if self.config.logit_scale != 1.0 else logits
+        return (logits, x) if return_hidden else logits
 
     def forward(self, input_ids: torch.Tensor, cache: ContiguousKVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, return_hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only). With a cache, the
-        tokens continue the cached sequences and the cache advances by T."""
+        tokens continue the cached sequences and the cache advances by T. return_hidden: (logits, hidden),
+        hidden [B, T or 1, H] the last layer's output before the final norm."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -103,7 +111,10 @@ class DecoderLM(nn.Module):
         batch = Batch.dense(B, T, start, input_ids.device, cache)
         if last_only:
             batch.logits_rows = torch.arange(T - 1, B * T, T, device=input_ids.device)
-        logits = self.forward_batch(input_ids.reshape(-1), batch)
+        # the flag goes only where asked: a subclass's forward_batch (Glm5NextLM) does not take it
+        out = self.forward_batch(input_ids.reshape(-1), batch, return_hidden=True) if return_hidden \
+            else (self.forward_batch(input_ids.reshape(-1), batch),)
         if cache is not None:
             cache.length += T
-        return logits.view(B, -1, logits.shape[-1])
+        out = tuple(t.view(B, -1, t.shape[-1]) for t in out)
+        return out if return_hidden else out[0]

@@ -16,6 +16,7 @@ from attnzoo.mechanisms import hf_readers
 from attnzoo.mechanisms.common import hf_rope
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
+from attnzoo.models.mtp import mtp_layers
 from attnzoo.models.weights import build_model
 
 
@@ -80,6 +81,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> DecoderLM:
     if "model.language_model.embed_tokens.weight" in tensors:  # multimodal (Qwen3.5, GLM-5.3-Flash): the text model
         tensors = {k.replace("model.language_model.", "model.", 1): t for k, t in tensors.items()
                    if k.startswith(("model.language_model.", "lm_head."))}
+    cfg.num_mtp_layers = mtp_layers(raw, cfg, tensors)
     model = build_model(cfg, tensors, dtype)
     from attnzoo.models.tokenizer import Tokenizer
     model.tokenizer = Tokenizer.from_hf_dir(path, cfg)

@@ -11,6 +11,7 @@ vocabulary split in ceil(V/N) rows per rank (the last padded with zero rows).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -133,6 +134,7 @@ def load_hf_shard(path: Path, ctx: ParallelContext, dtype: torch.dtype = torch.f
     """A transformers checkpoint directory -> this rank's part of the model (each tensor read as its slice).
     `model.config` stays the full model's; `model.local_config` is what the rank's layers were built with."""
     from attnzoo.models.hf_loader import checkpoint_files, config_from_hf
+    from attnzoo.models.mtp import mtp_tensor
     from attnzoo.models.weights import build_model
 
     path = Path(path)
@@ -148,6 +150,7 @@ def load_hf_shard(path: Path, ctx: ParallelContext, dtype: torch.dtype = torch.f
     local = local_config(cfg, ctx)
     files = checkpoint_files(path)
     tensors: dict[str, torch.Tensor] = {}
+    mtp_skipped = 0
     for f in files:
         try:
             with safe_open(str(path / f), framework="pt") as st:
@@ -157,9 +160,15 @@ def load_hf_shard(path: Path, ctx: ParallelContext, dtype: torch.dtype = torch.f
                     if multimodal and not key.startswith(("model.language_model.", "lm_head.")):
                         continue  # vision towers: not the text model
                     name = key.replace("model.language_model.", "model.", 1)
+                    if mtp_tensor(name, cfg):   # MTP modules have no tensor-parallel split: not read
+                        mtp_skipped += 1
+                        continue
                     tensors[name] = read_slice(st, key, name, cfg, ctx)
         except Exception as e:  # safetensors raises several error types for missing/corrupt files
             raise ModelLoadError(f"{path / f} could not be read as safetensors: {e}") from None
+    if mtp_skipped:
+        logging.getLogger("attnzoo.models").info("tensor parallelism loads no MTP layers: %d tensors left unread",
+                                                 mtp_skipped)
     model = build_model(local, tensors, dtype)
     parallelize(model, cfg, ctx)
     model.config, model.local_config = cfg, local

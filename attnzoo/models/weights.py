@@ -13,6 +13,7 @@ from attnzoo.mechanisms.common import take
 from attnzoo.models.config import ModelConfig
 from attnzoo.models.decoder import DecoderLM
 from attnzoo.models.glm5_next import Glm5NextLM
+from attnzoo.models.mtp import mtp_block_config
 
 
 ZERO_CENTRED_NORMS = ("qwen3_next", "qwen3_5", "minimax_m3")  # RMSNorm weights stored as w, applied as (1 + w)
@@ -34,14 +35,37 @@ def _convert(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str,
            "norm.weight": take(tensors, "model.norm.weight")}
     out["lm_head.weight"] = out["embed_tokens.weight"] if cfg.tie_word_embeddings else take(tensors, "lm_head.weight")
     for i in range(cfg.num_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        for norm in ("input_layernorm",) if cfg.parallel_block else ("input_layernorm", "post_attention_layernorm"):
-            out[dst + norm + ".weight"] = take(tensors, src + norm + ".weight")
-        out.update(attention_hf_weights(cfg, tensors, src, dst + "attn.", i))
-        out.update(ffn.hf_weights(cfg, tensors, src, dst + "mlp.", i))
-        if cfg.hyper is not None:
-            out.update(hyper.hf_weights(cfg, tensors, src, dst, i))
+        out.update(layer_hf_weights(cfg, tensors, i, f"layers.{i}."))
+    for k in range(cfg.num_mtp_layers):
+        out.update(mtp_hf_weights(cfg, tensors, k, out["lm_head.weight"]))
     return out
+
+
+def layer_hf_weights(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], i: int, dst: str) -> dict[str, torch.Tensor]:
+    """Decoder layer i's tensors (model.layers.i.*) under our prefix dst."""
+    src, out = f"model.layers.{i}.", {}
+    for norm in ("input_layernorm",) if cfg.parallel_block else ("input_layernorm", "post_attention_layernorm"):
+        out[dst + norm + ".weight"] = take(tensors, src + norm + ".weight")
+    out.update(attention_hf_weights(cfg, tensors, src, dst + "attn.", i))
+    out.update(ffn.hf_weights(cfg, tensors, src, dst + "mlp.", i))
+    if cfg.hyper is not None:
+        out.update(hyper.hf_weights(cfg, tensors, src, dst, i))
+    return out
+
+
+def mtp_hf_weights(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], k: int, lm_head: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+    """MTP module k (model.layers.{num_layers + k}.*) -> mtp.k.*. Its copies of the embedding and of the LM
+    head (shared_head.head) are not kept, the main model's serve; a shipped head that differs from the main
+    lm_head is kept as the module's own."""
+    i = cfg.num_layers + k
+    src, dst = f"model.layers.{i}.", f"mtp.{k}."
+    out = {dst + n: take(tensors, src + n) for n in ("enorm.weight", "hnorm.weight", "eh_proj.weight")}
+    out[dst + "norm.weight"] = take(tensors, src + "shared_head.norm.weight")
+    head = tensors.get(src + "shared_head.head.weight")
+    if head is not None and not torch.equal(head, lm_head):
+        out[dst + "lm_head.weight"] = head
+    return {**out, **layer_hf_weights(mtp_block_config(cfg), tensors, i, dst + "block.")}
 
 
 def model_class(cfg: ModelConfig) -> type[DecoderLM]:
@@ -69,6 +93,9 @@ def build_model(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], dtype: to
     state = convert_hf_state_dict(cfg, tensors)
     with _SkipRandomInit():
         model = model_class(cfg)(cfg)
+        for k, layer in enumerate(model.mtp):   # an MTP head of its own (mtp_hf_weights keeps it where it differs)
+            if f"mtp.{k}.lm_head.weight" in state:
+                layer.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
     expected = {k for k in model.state_dict()}
     for name, t in state.items():
         want = model.get_parameter(name).shape
