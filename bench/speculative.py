@@ -12,8 +12,11 @@ Rows: each weight format the default model loads as (quantization "auto" picks i
 compiled (engine/graph.py; compiled before the clock; a verify step with drafts runs eagerly). 32 concurrent:
 the six prompts, numbered, 32 requests at once (quantization "auto" gives float weights for batches).
 
-Correctness first: every answer with drafting must equal the answer without it, token for token; otherwise the
-bench stops before printing a speed. Peer: llama-cpp-python's `LlamaPromptLookupDecoding` (llama.cpp's prompt
+Correctness first, before any speed: every token a drafted run emits must be the target's greedy choice given the
+tokens before it (one teacher-forced forward per answer); with fp32 weights the answers must also equal the
+plain run's token for token. bf16 activations (the int4 row) and 8-bit activations (gguf) round differently in a
+verify chunk than in a decode row, so there a choice within 0.5 logits of the top may differ from the plain
+run's and the answers part after it (the table counts the answers that stayed equal). Peer: llama-cpp-python's `LlamaPromptLookupDecoding` (llama.cpp's prompt
 lookup drafts) against its plain greedy loop on the same file and prompts, where llama_cpp imports.
 
 --quick: one prompt per workload, 24 tokens, the auto row only: a smoke test.
@@ -80,6 +83,19 @@ def single_stream(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[
     return tokens / dt, answers, (accepted + verifies) / verifies if verifies else float("nan")
 
 
+@torch.inference_mode()
+def off_greedy(llm: LLM, prompt: list[int], answer: list[int], tol: float) -> int:
+    """Tokens of `answer` that are not the target's greedy choice given what precedes them (teacher-forced, one
+    full forward), beyond a top-2 logit gap of `tol` (bf16 and quantised weights round differently in a verify
+    chunk than in a decode row, so a near-tie may go either way; fp32 runs use tol 0 and must agree)."""
+    if not answer:
+        return 0
+    logits = llm.model(torch.tensor([prompt + answer]))[0, len(prompt) - 1: -1].float()
+    top2 = logits.topk(2, -1).values
+    picked = logits.gather(-1, torch.tensor(answer)[:, None])[:, 0]
+    return int(((picked < top2[:, 0]) & (top2[:, 0] - picked > tol)).sum())
+
+
 def concurrent(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     t0 = time.perf_counter()
@@ -141,16 +157,21 @@ def main(argv: list[str] | None = None) -> None:
             if compiled:
                 llm.runner.graph.compile(1)
             res[drafting] = {w: single_stream(llm, ps, args.max_tokens) for w, ps in ids.items()}
+        exact = llm.model.embed_tokens.weight.dtype == torch.float32 and quant == "none"
         for w in workloads:
             base, fast = res[False][w], res[True][w]
-            if fast[1] != base[1]:
-                raise SystemExit(f"FAILED: {name} {w}: answers with drafts differ from those without; no speed")
-            rows.append((name, w, base[0], fast[0], fast[2], sum(map(len, base[1]))))
+            same = sum(a == b for a, b in zip(base[1], fast[1]))
+            off = sum(off_greedy(llm, p, a, 0.0 if exact else 0.5) for p, a in zip(ids[w], fast[1]))
+            if off or (exact and same < len(base[1])):
+                raise SystemExit(f"FAILED: {name} {w}: {off} drafted-run tokens are not the target's greedy choice "
+                                 f"({same}/{len(base[1])} answers equal the plain run's); no speed")
+            rows.append((name, w, base[0], fast[0], fast[2], sum(map(len, base[1])), f"{same}/{len(base[1])}"))
     print("\nsingle stream (each prompt alone)\n")
-    print("| weights | workload | plain tok/s | n-gram tok/s | speed-up | tokens per verify | answer tokens |")
-    print("|---|---|---|---|---|---|---|")
-    for name, w, a, b, acc, n in rows:
-        print(f"| {name} | {w} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {acc:.2f} | {n} |")
+    print("| weights | workload | plain tok/s | n-gram tok/s | speed-up | tokens per verify | answer tokens | "
+          "answers = plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, w, a, b, acc, n, same in rows:
+        print(f"| {name} | {w} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {acc:.2f} | {n} | {same} |")
 
     if not args.quick:
         texts = COPY + FREE
@@ -159,11 +180,14 @@ def main(argv: list[str] | None = None) -> None:
         for drafting in (False, True):
             llm = LLM(args.model, max_num_seqs=32, enforce_eager=True, speculative_config=spec if drafting else None)
             got[drafting] = concurrent(llm, batch, args.max_tokens)
-        if got[True][1] != got[False][1]:
-            raise SystemExit("FAILED: 32 concurrent: answers with drafts differ from those without; no speed")
+        same = sum(x == y for x, y in zip(got[False][1], got[True][1]))
+        # fp32, but batches of different shapes round differently: a near-tie (1e-3) may go either way
+        off = sum(off_greedy(llm, p, t, 1e-3) for p, t in zip(batch, got[True][1]))
+        if off:
+            raise SystemExit(f"FAILED: 32 concurrent: {off} drafted-run tokens are not the target's greedy choice")
         a, b = got[False][0], got[True][0]
-        print(f"\n32 concurrent requests (the six prompts, numbered; quantization auto = float for batches, eager): "
-              f"plain {a:.1f} tok/s, n-gram {b:.1f} tok/s ({b / a:.2f}x)")
+        print(f"\n32 concurrent requests (the six prompts, numbered; quantization auto = float for batches, eager; "
+              f"{same}/32 answers equal the plain run's): plain {a:.1f} tok/s, n-gram {b:.1f} tok/s ({b / a:.2f}x)")
 
     peer = llama_cpp_lookup(str(resolve(args.model)), ids["copy"] + ids["free"], args.max_tokens, args.k,
                             tok.eos_token_ids) if not args.quick else None
