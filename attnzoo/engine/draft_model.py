@@ -59,15 +59,19 @@ class DraftModelDrafter(Drafter):
         DecoderLM. The cache holds max_num_seqs sequences of max_model_len tokens, but no more tokens than the
         target's own cache (the shadows hold about what the target's requests hold)."""
         super().__init__(cfg, max_model_len)
-        dtype = target.embed_tokens.weight.dtype
-        seqs, tokens = scheduler.cfg.max_num_seqs, scheduler.cfg.max_num_batched_tokens
-        self.model = load_local(cfg.model, dtype, device, "auto", seqs, False)
+        self.model = load_local(cfg.model, target.embed_tokens.weight.dtype, device, "auto",
+                                scheduler.cfg.max_num_seqs, False)
         check_draft(self.model, target)
+        self._start(scheduler, "draft model")
+
+    def _start(self, scheduler: Scheduler, what: str) -> None:
+        """self.model's cache and eager runner, and no shadows yet."""
+        seqs, tokens = scheduler.cfg.max_num_seqs, scheduler.cfg.max_num_batched_tokens
         # positions past the draft's own context are not drafted
-        self.draft_len = min(max_model_len, self.model.config.max_position_embeddings)
+        self.draft_len = min(self.max_model_len, self.model.config.max_position_embeddings)
         specs, dtype = self.model.cache_specs(), self.model.embed_tokens.weight.dtype
         # a sliding table also holds one step's catch-up and every shadow's drafts beyond its window
-        chunk = tokens + seqs * cfg.num_speculative_tokens
+        chunk = tokens + seqs * self.cfg.num_speculative_tokens
         fixed, per_seq = sequence_bytes(specs, PAGE_SIZE, dtype, seqs, chunk, self.draft_len)
         full = scheduler.kv.tables[0] if scheduler.kv.tables and scheduler.kv.tables[0].window is None else None
         n = seqs if full is None else max(1, min(seqs, -(-full.pool.capacity * scheduler.kv.page_size
@@ -75,26 +79,33 @@ class DraftModelDrafter(Drafter):
         plan = plan_cache(specs, PAGE_SIZE, dtype, fixed + n * per_seq, seqs, chunk, self.draft_len)
         self.kv = PagedKVCache(specs, plan.num_pages, PAGE_SIZE, enable_prefix_caching=False,
                                window_pages=plan.window_pages)
-        log.info("draft model cache: %d pages x %d tokens, %s", plan.num_pages, PAGE_SIZE, gib(plan.total_bytes))
+        log.info("%s cache: %d pages x %d tokens, %s", what, plan.num_pages, PAGE_SIZE, gib(plan.total_bytes))
         self.runner = ModelRunner(self.model, self.kv.layout, kv=self.kv)
         self.step_tokens = tokens
         self.shadows: dict[str, tuple[Request, Request]] = {}   # request id -> (the target request, its shadow)
 
     def propose(self, reqs: list[Request]) -> None:
-        live = {r.request_id: r for r in reqs}
-        for rid, (target, shadow) in list(self.shadows.items()):
-            if live.get(rid) is not target:   # finished, aborted, preempted (or its id reused)
-                self.kv.free(shadow)
-                del self.shadows[rid]
+        self._drop_shadows({r.request_id: r for r in reqs})
         todo = []
         for r in reqs:
             r.spec_ids = []
             k = min(self.budget(r), self.draft_len - r.num_tokens)
             if k > 0:
                 todo.append((r, self._sync(r), k))
+        self._draft(todo)
+
+    def _drop_shadows(self, live: dict[str, Request]) -> None:
+        for rid, (target, shadow) in list(self.shadows.items()):
+            if live.get(rid) is not target:   # finished, aborted, preempted (or its id reused)
+                self.kv.free(shadow)
+                del self.shadows[rid]
+
+    def _draft(self, todo: list[tuple[Request, Request, int]]) -> None:
+        """(request, its synced shadow, k): k drafts for each request (fewer where pages or the step's budget
+        run out): one batched forward catches the shadows up and drafts one token, one-token forwards the rest."""
         plan, budget = StepPlan([], []), self.step_tokens
-        for _, s, _ in todo:   # catch up (the whole rest of a shadow, or a chunk of it) and draft one token
-            n = min(s.num_tokens - s.num_computed, budget)
+        for r, s, _ in todo:   # catch up (the whole rest of a shadow, or a chunk of it) and draft one token
+            n = min(self._ready(r, s), budget)
             if n and self.kv.allocate(s, s.num_computed + n):
                 plan.requests.append(s)
                 plan.num_new.append(n)
@@ -110,6 +121,10 @@ class DraftModelDrafter(Drafter):
             drafting = self._forward(plan)
         for r, s, k in todo:
             r.spec_ids = s.output_ids[:k]
+
+    def _ready(self, r: Request, s: Request) -> int:
+        """How many of shadow s's uncomputed tokens it can compute now: all (a draft model reads tokens only)."""
+        return s.num_tokens - s.num_computed
 
     def _sync(self, r: Request) -> Request:
         """r's shadow, holding r's tokens; rows past what the shadow and r agree on count as not computed."""

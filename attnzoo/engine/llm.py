@@ -152,6 +152,7 @@ class LLM:
             self.kv.stash = self.kv.states is not None   # a copy of each verified state, for rejected drafts
         self.spec_stats = SpecStats()
         self.runner = ModelRunner(self.model, self.kv.layout, deterministic, kv=self.kv)
+        self.runner.want_hidden = hasattr(self.drafter, "on_forward")   # the MTP drafter reads the hidden states
         if enforce_eager is None:
             enforce_eager = os.environ.get("ATTNZOO_ENFORCE_EAGER") == "1"
         if not (enforce_eager or deterministic or self.tp is not None):
@@ -273,6 +274,8 @@ class LLM:
             except EngineDeadError:
                 self._abort_all()   # pending requests end; their pages go back before the error propagates
                 raise
+        if self.runner.want_hidden:   # before num_computed moves: the rows' positions start there
+            self.drafter.on_forward(plan, self.runner.hidden)
         now = time.monotonic()
         for req, n in zip(plan.requests, plan.num_new):
             req.num_computed += n

@@ -1,6 +1,6 @@
 """Turns a scheduled step into one model forward: packed input ids, positions, cu_seqlens, the paged
 cache handle (slot mapping and gather plans built once per step, not per layer), and logits only
-for the rows that sample.
+for the rows that sample (with `want_hidden`, also every row's last-layer output: the MTP drafter's input).
 
 Every rank has a runner, and each runner owns its rank's cache tensors (`CacheTensors`: its head shard).
 `prepare` (rank 0, which holds the page accounting) reduces a step to plain data (`StepInputs`: the
@@ -48,6 +48,9 @@ class ModelRunner:
         self.model, self.deterministic, self.kv = model, deterministic, kv
         self.cache = CacheTensors(model.cache_specs(), layout, weight.dtype, weight.device)
         self.graph: DecodeGraph | None = None
+        # keep each eager forward's last-layer output at every row in `hidden` (the MTP drafter reads it)
+        self.want_hidden = False
+        self.hidden: torch.Tensor | None = None
 
     def start_graph(self, max_num_seqs: int, max_model_len: int) -> str | None:
         """Let the compiled decode step take over (engine/graph.py: its graphs compile in the background once
@@ -89,7 +92,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _execute(self, inputs: StepInputs) -> torch.Tensor:
         self.cache.apply(inputs.cache_ops)
-        if self.graph is not None and len(inputs.logits_rows) == len(inputs.ids) == len(inputs.seqs):
+        if self.graph is not None and not self.want_hidden and \
+                len(inputs.logits_rows) == len(inputs.ids) == len(inputs.seqs):
             # a decode-only step (one new token per sequence, each samples): the compiled graph once it is ready
             logits = self.graph.try_run(inputs.ids, inputs.positions, [s.page_tables for s in inputs.seqs])
             if logits is not None:
@@ -100,5 +104,9 @@ class ModelRunner:
         batch = Batch(positions=torch.tensor(inputs.positions, device=dev), cu_seqlens=cu.to(dev),
                       cache=build_step(self.cache, inputs.seqs, inputs.num_new),
                       logits_rows=torch.tensor(inputs.logits_rows, dtype=torch.long, device=dev))
-        logits = self.model.forward_batch(torch.tensor(inputs.ids, device=dev), batch)
+        ids = torch.tensor(inputs.ids, device=dev)
+        if self.want_hidden:
+            logits, self.hidden = self.model.forward_batch(ids, batch, return_hidden=True)
+        else:   # (a model's forward_batch need not take the flag: Glm5NextLM's does not)
+            logits = self.model.forward_batch(ids, batch)
         return logits.float()

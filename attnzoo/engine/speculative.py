@@ -12,6 +12,8 @@ greedy and sampled requests alike: the output distribution is the target's, what
   index per request (n-gram -> where its latest occurrence ends) is updated as tokens arrive: O(new tokens)
   per step, whatever the context length.
 - `draft_model`: a smaller model with the same vocabulary decodes k tokens greedily (engine/draft_model.py).
+- `mtp`: the model's own multi-token-prediction layer (DeepSeek-V3's) drafts greedily from the target's hidden
+  states (engine/mtp_drafter.py).
 """
 
 from __future__ import annotations
@@ -200,6 +202,9 @@ def make_drafter(cfg: SpeculativeConfig, model: Any, max_model_len: int, device:
     if cfg.method == "draft_model":
         from attnzoo.engine.draft_model import DraftModelDrafter
         return DraftModelDrafter(cfg, model, max_model_len, device, scheduler)
-    # MTP heads ship with DeepSeek-V3, Qwen3-Next/3.5, MiMo-V2-Flash and GLM checkpoints, but the loaders skip them
-    raise ValueError("speculative_config.method 'mtp' is not available: attnzoo's loaders do not load "
-                     "multi-token-prediction layers yet (use 'ngram' or 'draft_model')")
+    if not len(getattr(model, "mtp", ())):   # (tensor parallelism loads none either)
+        raise ValueError("speculative_config.method 'mtp': this model has no multi-token-prediction layers "
+                         "(DeepSeek-V3 checkpoints with num_nextn_predict_layers and their weights; other "
+                         "families' MTP layers are not loaded yet)")
+    from attnzoo.engine.mtp_drafter import MTPDrafter
+    return MTPDrafter(cfg, model, max_model_len, device, scheduler)

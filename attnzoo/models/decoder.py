@@ -85,13 +85,11 @@ class DecoderLM(nn.Module):
     def forward_batch(self, input_ids: torch.Tensor, batch: Batch, return_hidden: bool = False
                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [N] (packed) -> logits [len(batch.logits_rows) or N, V]; with return_hidden also the
-        last layer's output at those rows, before the final norm (what the MTP modules read)."""
+        last layer's output at every row [N, H], before the final norm (what the MTP modules read)."""
         x = self.embed_tokens(input_ids)
         for layer, rope in zip(self.layers, self.ropes(batch.positions)):
             x = layer(x, rope, batch)
-        if batch.logits_rows is not None:
-            x = x[batch.logits_rows]
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x if batch.logits_rows is None else x[batch.logits_rows]))
         logits = logits * self.config.logit_scale if self.config.logit_scale != 1.0 else logits
         return (logits, x) if return_hidden else logits
 
@@ -100,7 +98,7 @@ class DecoderLM(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only). With a cache, the
         tokens continue the cached sequences and the cache advances by T. return_hidden: (logits, hidden),
-        hidden [B, T or 1, H] the last layer's output before the final norm."""
+        hidden [B, T, H] the last layer's output before the final norm (every position, even with last_only)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape

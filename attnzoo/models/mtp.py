@@ -1,4 +1,5 @@
-"""DeepSeek-V3's multi-token prediction (MTP) modules (technical report §2.2), on the full-sequence path.
+"""DeepSeek-V3's multi-token prediction (MTP) modules (technical report §2.2): `forward` over full sequences,
+`forward_batch` over a packed step with a cache (the engine's MTP drafter, engine/mtp_drafter.py).
 
 The (first) module at position i reads h_i, the main model's last-layer output, and the embedding of the next
 token t_{i+1}, and predicts t_{i+2}:
@@ -58,17 +59,28 @@ class MTPLayer(nn.Module):
         self.norm = make_norm(cfg)   # shared_head.norm
         self.lm_head: nn.Linear | None = None   # the main model's unless the loader sets one
 
-    def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, return_hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, T, H]: the main model's h_0..h_{T-1} (`DecoderLM.forward(..., return_hidden=True)`);
-        next_ids [B, T]: t_1..t_T -> logits [B, T, V] for t_2..t_{T+1}."""
-        main = self._main[0]
+        next_ids [B, T]: t_1..t_T -> logits [B, T, V] for t_2..t_{T+1} (and the block's output [B, T, H])."""
         B, T, H = hidden.shape
+        out = self.forward_batch(hidden.reshape(B * T, H), next_ids.reshape(-1), Batch.dense(B, T, 0, hidden.device),
+                                 return_hidden=True)
+        logits, x = (t.view(B, T, -1) for t in out)
+        return (logits, x) if return_hidden else logits
+
+    def forward_batch(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: Batch, return_hidden: bool = False
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The packed form (what the engine's MTP drafter runs, engine/mtp_drafter.py): hidden [N, H] and
+        next_ids [N] -> logits at batch.logits_rows (all rows when None); return_hidden: also the block's
+        output at every row, before the norm (what a chained draft reads in place of h)."""
+        main = self._main[0]
         e = self.enorm(main.embed_tokens(next_ids))
-        x = self.eh_proj(torch.cat([e, self.hnorm(hidden)], dim=-1)).reshape(B * T, H)
-        batch = Batch.dense(B, T, 0, hidden.device)
+        x = self.eh_proj(torch.cat([e, self.hnorm(hidden)], dim=-1))
         x = self.block(x, main.ropes(batch.positions)[-1], batch)   # the block has the last layer's type
         head = main.lm_head if self.lm_head is None else self.lm_head
-        return head(self.norm(x)).view(B, T, -1)
+        logits = head(self.norm(x if batch.logits_rows is None else x[batch.logits_rows]))
+        return (logits, x) if return_hidden else logits
 
 
 def mtp_layers(raw: dict[str, Any], cfg: ModelConfig, names: Collection[str]) -> int:
