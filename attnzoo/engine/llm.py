@@ -258,7 +258,9 @@ class LLM:
         changed (finished groups are then forgotten)."""
         if self.tp is not None and self.tp.dead is not None:
             raise EngineDeadError(self.tp.dead)
+        start = time.perf_counter()
         if self.drafter is not None:   # drafts for the requests whose prompt is computed
+            self.drafter.throttle.tick()
             self.drafter.propose([r for r in self.scheduler.running if r.num_computed >= len(r.prompt_ids)])
         plan = self.scheduler.schedule()
         if plan.empty:
@@ -279,8 +281,12 @@ class LLM:
         now = time.monotonic()
         for req, n in zip(plan.requests, plan.num_new):
             req.num_computed += n
-        changed = set()
+        changed, emitted = set(), 0
+        verified = any(r.spec_ids for r in plan.requests)
+        decode_only = len(sampling) == len(plan.requests) and \
+            all(n == 1 + len(r.spec_ids) for r, n in zip(plan.requests, plan.num_new))
         for req, toks, lps in self._sample(plan, sampling, logits):
+            emitted += len(toks)
             req.first_token_time = req.first_token_time or now
             for tok, lp in zip(toks, lps):
                 self._append(req, tok, lp)
@@ -291,6 +297,8 @@ class LLM:
             if not req.finished:
                 self.kv.cache_prefix(req)
                 self.kv.release_window(req)
+        if self.drafter is not None and decode_only:   # what drafting earns: engine/speculative.py, Throttle
+            self.drafter.throttle.observe(verified, emitted, time.perf_counter() - start)
         return self._collect(changed)
 
     def _sample(self, plan: StepPlan, sampling: list[int], logits: torch.Tensor

@@ -113,7 +113,7 @@ class NgramIndex:
 
 @dataclass
 class AdaptiveK:
-    """Per request: how many tokens to draft next. Starts at k; each verify moves the running acceptance rate
+    """Per request (`Throttle` is the engine-wide rule): how many tokens to draft next. Starts at k; each verify moves the running acceptance rate
     (an exponential average) and k follows it: a request whose drafts keep failing drafts fewer, then none for
     a while (doubling the pause while drafts keep failing), so speculation costs a free-writing request at most
     a verify row now and then."""
@@ -139,6 +139,44 @@ class AdaptiveK:
 
 
 @dataclass
+class Throttle:
+    """Engine-wide: drafting must pay in tokens per second. Decode steps are timed whole (propose, schedule,
+    forward, sample, bookkeeping); an exponential average of tokens/s is kept for steps that verified drafts and
+    for steps that did not. When verifying is the slower of the two, drafting pauses for `backoff` steps
+    (doubling while it keeps losing, up to 1024) and is then tried again: a verify step costs more than a decode
+    step (several rows through every matmul; eager where decode steps may run a compiled graph), so drafts that
+    are seldom kept would otherwise make a request slower, not faster."""
+    rate: dict[bool, float] = field(default_factory=dict)   # verified drafts? -> tokens/s
+    samples: int = 0          # verify steps since drafting (re)started
+    pause: int = 0
+    backoff: int = 16
+
+    @property
+    def paused(self) -> bool:
+        return self.pause > 0
+
+    def tick(self) -> None:
+        """Once per engine step, before drafting."""
+        if self.pause > 0:
+            self.pause -= 1
+            if self.pause == 0:   # measure afresh: the workload may have changed meanwhile
+                self.rate.pop(True, None)
+                self.samples = 0
+
+    def observe(self, verified: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        r = tokens / seconds
+        self.rate[verified] = r if verified not in self.rate else 0.8 * self.rate[verified] + 0.2 * r
+        self.samples += verified
+        if verified and self.samples >= 4 and False in self.rate:
+            if self.rate[True] < self.rate[False]:
+                self.pause, self.backoff = self.backoff, min(self.backoff * 2, 1024)
+            else:
+                self.backoff = 16
+
+
+@dataclass
 class _DraftState:
     index: NgramIndex | None
     k: AdaptiveK
@@ -150,8 +188,11 @@ class Drafter:
 
     def __init__(self, cfg: SpeculativeConfig, max_model_len: int):
         self.cfg, self.max_model_len = cfg, max_model_len
+        self.throttle = Throttle()
 
     def budget(self, req: Any) -> int:
+        if self.cfg.adaptive and self.throttle.paused:
+            return 0
         st = self.state(req)
         k = st.k.next_k() if self.cfg.adaptive else self.cfg.num_speculative_tokens
         # the token after the drafts is the target's own: drafting the last allowed token would be wasted

@@ -21,7 +21,7 @@ import attnzoo  # noqa: E402
 from attnzoo.arena import mechanisms  # noqa: E402
 from attnzoo.engine import LLM, SamplingParams  # noqa: E402
 from attnzoo.engine.cache_plan import sequence_bytes  # noqa: E402
-from attnzoo.engine.speculative import AdaptiveK, Drafter, NgramIndex, SpeculativeConfig  # noqa: E402
+from attnzoo.engine.speculative import AdaptiveK, Drafter, NgramIndex, SpeculativeConfig, Throttle  # noqa: E402
 from attnzoo.models import DecoderLM  # noqa: E402
 
 from tests.engine.test_hybrid_prefix_cache import _arena, _hf, _peaked  # noqa: E402
@@ -192,6 +192,27 @@ def test_adaptive_k_backs_off_and_recovers() -> None:
     for _ in range(8):
         k.update(k.next_k(), 4)
     assert k.next_k() == 4
+
+
+def test_throttle_pauses_drafting_that_loses_tokens_per_second() -> None:
+    t = Throttle()
+    for _ in range(3):
+        t.observe(False, 1, 0.010)                  # plain decode: 100 tok/s
+    for _ in range(4):
+        assert not t.paused
+        t.observe(True, 2, 0.025)                   # verifying: 80 tok/s
+    assert t.paused and t.pause == 16
+    for _ in range(16):
+        t.tick()
+    assert not t.paused and True not in t.rate      # tried again, measured afresh
+    for _ in range(4):
+        t.observe(True, 2, 0.025)
+    assert t.pause == 32                            # still losing: a longer pause
+    for _ in range(32):
+        t.tick()
+    for _ in range(4):
+        t.observe(True, 4, 0.025)                   # 160 tok/s: drafting pays now
+    assert not t.paused and t.backoff == 16
 
 
 def _peaked_llama(path: Path) -> DecoderLM:
