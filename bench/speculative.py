@@ -9,7 +9,8 @@ Workloads (chat-templated, greedy, the model's own EOS ends an answer):
 Each prompt runs alone (single stream); tokens/s is the answer's tokens over the wall time of the whole request.
 Rows: each weight format the default model loads as (quantization "auto" picks int4 for one sequence on the CPU,
 "none" is float, "gguf" the file's blocks through attnzoo's C++ kernel), eager, and gguf with its decode step
-compiled (engine/graph.py; compiled before the clock; a verify step with drafts runs eagerly). 32 concurrent:
+compiled (engine/graph.py; compiled before the clock; verify steps run on the same graph, in the buckets above
+one row). 32 concurrent:
 the six prompts, numbered, 32 requests at once (quantization "auto" gives float weights for batches).
 
 Correctness first, before any speed: every token a drafted run emits must be the target's greedy choice given the
@@ -154,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         for drafting in (False, True):
             llm = LLM(args.model, max_num_seqs=1, quantization=quant, enforce_eager=not compiled,
                       speculative_config=spec if drafting else None)
-            if compiled:
-                llm.runner.graph.compile(1)
+            if compiled:   # the decode bucket, and with drafts the shared graph of the verify steps' buckets
+                for size in llm.runner.graph.sizes[:2]:
+                    llm.runner.graph.compile(size)
             res[drafting] = {w: single_stream(llm, ps, args.max_tokens) for w, ps in ids.items()}
         exact = llm.model.embed_tokens.weight.dtype == torch.float32 and quant == "none"
         for w in workloads:

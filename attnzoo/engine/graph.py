@@ -1,6 +1,7 @@
 """The decode step as one static function over persistent buffers, compiled whole by Inductor.
 
-A decode-only step (every sequence adds one token and samples) reads its inputs from buffers allocated once per
+A decode-only step (every sequence adds one token and samples; or a verify step, its last token and its drafts,
+every row sampling) reads its inputs from buffers allocated once per
 batch bucket: the token ids, their positions and, per page table, each row's slot for the new K/V, its block
 table and its key count. B rows run in the smallest bucket of the ladder 1, 2, 4, ... (capped at max_num_seqs)
 that holds them; a padded row has no slot (nothing is written) and no keys (its output is zeros and is

@@ -156,7 +156,9 @@ class LLM:
         if enforce_eager is None:
             enforce_eager = os.environ.get("ATTNZOO_ENFORCE_EAGER") == "1"
         if not (enforce_eager or deterministic or self.tp is not None):
-            self.runner.start_graph(max_num_seqs, self.max_model_len)
+            # verify steps (a sequence's last token and its drafts, all sampling) run on the graph too
+            rows = max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+            self.runner.start_graph(rows, self.max_model_len)
         if self.tp is not None:   # the workers build their shards of the cache with this plan
             self.tp.start_caches(self.kv.layout)
         self.sampler = Sampler(torch.Generator().manual_seed(seed))

@@ -52,16 +52,17 @@ class ModelRunner:
         self.want_hidden = False
         self.hidden: torch.Tensor | None = None
 
-    def start_graph(self, max_num_seqs: int, max_model_len: int) -> str | None:
+    def start_graph(self, max_rows: int, max_model_len: int) -> str | None:
         """Let the compiled decode step take over (engine/graph.py: its graphs compile in the background once
-        eager decode steps have needed them a while); returns why not, if it cannot."""
+        eager decode steps have needed them a while); max_rows: the most rows a step that can run on it has (a
+        decode row per sequence, plus its drafts when drafting); returns why not, if it cannot."""
         why = unsupported(self.model, self.cache)
         if why is None and self.cache.device.type == "cpu" and not HAVE_KERNEL:
             why = f"attnzoo's C++ kernels are not built ({KERNEL_ERROR})"
         if why is not None:
             log.info("decode steps run eagerly: %s", why)
             return why
-        self.graph = DecodeGraph(self.model, self.cache, max_num_seqs, max_model_len)
+        self.graph = DecodeGraph(self.model, self.cache, max_rows, max_model_len)
         return None
 
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[int]]:
@@ -92,10 +93,13 @@ class ModelRunner:
     @torch.inference_mode()
     def _execute(self, inputs: StepInputs) -> torch.Tensor:
         self.cache.apply(inputs.cache_ops)
-        if self.graph is not None and not self.want_hidden and \
-                len(inputs.logits_rows) == len(inputs.ids) == len(inputs.seqs):
-            # a decode-only step (one new token per sequence, each samples): the compiled graph once it is ready
-            logits = self.graph.try_run(inputs.ids, inputs.positions, [s.page_tables for s in inputs.seqs])
+        if self.graph is not None and not self.want_hidden and len(inputs.logits_rows) == len(inputs.ids):
+            # every row samples: a decode step (one row per sequence) or a verify step (a sequence's last token and
+            # its drafts). The compiled graph runs either once it is ready: its attention op writes every row's K/V
+            # before any row attends, each row over its own key count, so a sequence's rows are causal among
+            # themselves as in a chunk
+            tables = [s.page_tables for s, n in zip(inputs.seqs, inputs.num_new) for _ in range(n)]
+            logits = self.graph.try_run(inputs.ids, inputs.positions, tables)
             if logits is not None:
                 return logits.float()
         dev = self.cache.device

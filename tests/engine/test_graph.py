@@ -43,23 +43,36 @@ def test_ladder():
 
 def test_compiled_matches_eager():
     """Three requests decode as 3 rows (bucket 4: one padded row), then 2, then 1, each step on its compiled
-    bucket; the tokens equal the eager engine's."""
+    bucket; the tokens equal the eager engine's. Then the same requests with drafts (the known answer, one wrong
+    token in every other proposal): verify steps (a sequence's last token and its drafts) run on the graph too,
+    drafts are kept and rejected, and the tokens are still the eager engine's."""
+    from tests.engine.test_speculative import AnswerDrafter
     model = hybrid()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (3, 17, 9)]
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (30, 20, 12)]
     expect = [o.outputs[0].token_ids for o in _engine(model, eager=True).generate(prompts, params)]
-    llm = _engine(model, eager=False)
+    llm = LLM(model, kv_cache_memory=1 << 20, page_size=4, max_num_seqs=4, enforce_eager=False,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 2, "adaptive": False})
     graph = llm.runner.graph
+    assert graph.sizes == [1, 2, 4, 8, 12]   # up to 4 sequences of 1 + 2 rows
     for size in graph.sizes:
         graph.compile(size)
-    assert graph.failed is None and graph.compiled == {1, 2, 4}
+    assert graph.failed is None and graph.compiled == set(graph.sizes)
     runs = []
     run = graph.run
     graph.run = lambda *a: runs.append(a[-1]) or run(*a)
+    drafter, llm.drafter = llm.drafter, None
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == expect
     assert set(runs) == {1, 2, 4}   # every decode step ran compiled, the 3-row ones padded to 4
+    llm.drafter = AnswerDrafter(llm, {tuple(p): a for p, a in zip(prompts, expect)})
+    llm.spec_stats.drafted = llm.spec_stats.accepted = 0
+    runs.clear()
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == expect
+    assert 0 < llm.spec_stats.accepted < llm.spec_stats.drafted
+    assert max(runs) >= 8   # 3 sequences with drafts: 9 rows in bucket 12 (or 7 in 8)
     llm.check_integrity()
 
 
