@@ -150,6 +150,8 @@ class Throttle:
     samples: int = 0          # verify steps since drafting (re)started
     pause: int = 0
     backoff: int = 16
+    since_plain: int = 0      # steps since the last plain decode step was timed
+    PROBE_EVERY = 64          # in a batch some request drafts nearly every step: pause briefly to time plain steps
 
     @property
     def paused(self) -> bool:
@@ -157,6 +159,10 @@ class Throttle:
 
     def tick(self) -> None:
         """Once per engine step, before drafting."""
+        self.since_plain += 1
+        if self.pause == 0 and self.since_plain > self.PROBE_EVERY:
+            self.pause, self.since_plain = 2, 0   # two plain steps: a fresh baseline, then drafting resumes
+            return
         if self.pause > 0:
             self.pause -= 1
             if self.pause == 0:   # measure afresh: the workload may have changed meanwhile
@@ -169,6 +175,8 @@ class Throttle:
         r = tokens / seconds
         self.rate[verified] = r if verified not in self.rate else 0.8 * self.rate[verified] + 0.2 * r
         self.samples += verified
+        if not verified:
+            self.since_plain = 0
         if verified and self.samples >= 4 and False in self.rate:
             if self.rate[True] < self.rate[False]:
                 self.pause, self.backoff = self.backoff, min(self.backoff * 2, 1024)

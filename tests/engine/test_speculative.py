@@ -213,6 +213,10 @@ def test_throttle_pauses_drafting_that_loses_tokens_per_second() -> None:
     for _ in range(4):
         t.observe(True, 4, 0.025)                   # 160 tok/s: drafting pays now
     assert not t.paused and t.backoff == 16
+    probe = Throttle()
+    for _ in range(Throttle.PROBE_EVERY + 1):
+        probe.tick()                                # every step drafted: no plain step timed ...
+    assert probe.paused                             # ... so two plain steps are taken to time one
 
 
 def _peaked_llama(path: Path) -> DecoderLM:
