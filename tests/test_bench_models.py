@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
-BENCHES = ["generate_cpu", "throughput", "deterministic", "soak", "quant_cpu", "quant_answers", "speculative"]
+# the suite's time budget (15 minutes on a 2-core CPU): the benches whose --quick alone takes 30 s to 2.5 min there
+# run with --runslow (`make test-all`); generate_cpu stands for them in `make test`
+_SLOW = ["throughput", "deterministic", "soak", "quant_cpu", "quant_answers", "speculative"]
+BENCHES = ["generate_cpu"] + [pytest.param(b, marks=pytest.mark.slow) for b in _SLOW]
 
 
 def run_quick(name: str) -> None:

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from attnzoo import distributed
@@ -52,6 +53,7 @@ def test_two_processes_follow_one_process_loss_curve(tmp_path: Path) -> None:
     assert h1.lm[-1] < h1.lm[0]   # it learned something: the comparison is not between two flat lines
 
 
+@pytest.mark.slow   # 70 s on a 2-core CPU; test_two_processes_follow_one_process_loss_curve covers DDP in `make test`
 def test_arena_cli_nproc_2(tmp_path: Path) -> None:
     from attnzoo.arena.cli import main
     out = tmp_path / "arena"
