@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from attnzoo.engine.cache_plan import check_servable, plan_cache, sequence_bytes
+from attnzoo.engine.cache_tensors import StashState, UnstashState
 from attnzoo.engine.paged_cache import PagedKVCache
 from attnzoo.engine.memory import available_memory, gib, kv_budget
 from attnzoo.engine.model_runner import ModelRunner
@@ -25,7 +26,6 @@ from attnzoo.engine.request import Request
 from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from attnzoo.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from attnzoo.engine.speculative import SpecStats, SpeculativeConfig, make_drafter
-from attnzoo.engine.cache_tensors import StashState, UnstashState
 from attnzoo.engine.startup import check_count, check_deterministic, check_options, load_local, start_tensor_parallel
 from attnzoo.engine.tp import EngineDeadError, TensorParallelGroup
 from attnzoo.models.decoder import DecoderLM

@@ -2,7 +2,7 @@
 rule. A drafter proposes up to k tokens for a request whose prompt is computed; the engine appends them to
 the request (`Request.spec_ids`), runs the last sampled token and the drafts as one chunk (k + 1 rows, each
 writing its KV or state), and the sampler keeps the longest prefix the target agrees with plus one token of
-its own (`Sampler.verify`). Rows past the kept prefix are rolled back by the engine (`LLM._accept`).
+its own (`Sampler.verify`). Rows past the kept prefix are rolled back by the engine (`LLM._sample`).
 
 Every drafter here proposes one token per position (a point mass), so the acceptance rule is exact for
 greedy and sampled requests alike: the output distribution is the target's, whatever the drafts.
