@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from attnzoo.engine.cache_plan import check_servable, plan_cache, sequence_bytes
-from attnzoo.engine.cache_tensors import StashState, UnstashState
+from attnzoo.engine.cache_tensors import StashState
 from attnzoo.engine.paged_cache import PagedKVCache
 from attnzoo.engine.memory import available_memory, gib, kv_budget
 from attnzoo.engine.model_runner import ModelRunner
@@ -25,7 +25,8 @@ from attnzoo.engine.outputs import OutputAssembler, RequestMetrics, RequestOutpu
 from attnzoo.engine.request import Request
 from attnzoo.engine.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from attnzoo.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
-from attnzoo.engine.speculative import SpecStats, SpeculativeConfig, make_drafter
+from attnzoo.engine.speculative import SpecStats, SpeculativeConfig, make_drafter, verify_drafts
+from attnzoo.engine.structured import GrammarCompiler, GrammarWait, grammar_pending
 from attnzoo.engine.startup import check_count, check_deterministic, check_options, load_local, start_tensor_parallel
 from attnzoo.engine.tp import EngineDeadError, TensorParallelGroup
 from attnzoo.models.decoder import DecoderLM
@@ -151,6 +152,9 @@ class LLM:
             self.drafter = make_drafter(spec, self.model, self.max_model_len, self.device, self.scheduler)
             self.kv.stash = self.kv.states is not None   # a copy of each verified state, for rejected drafts
         self.spec_stats = SpecStats()
+        # structured outputs: grammars compile on a worker thread; their requests wait here meanwhile
+        self.structured = GrammarCompiler(self.tokenizer, cfg.vocab_size) if self.tokenizer else None
+        self._grammar_wait = GrammarWait()
         self.runner = ModelRunner(self.model, self.kv.layout, deterministic, kv=self.kv)
         self.runner.want_hidden = hasattr(self.drafter, "on_forward")   # the MTP drafter reads the hidden states
         if enforce_eager is None:
@@ -196,8 +200,10 @@ class LLM:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate and queue; raises ValueError before anything is scheduled."""
+                    request_id: str | None = None, *, grammar_checked: bool = False) -> str:
+        """Validate and queue; raises ValueError before anything is scheduled. A grammar is compiled here to
+        check it (cached) unless `grammar_checked` (the server checks it in its own process), and again off the
+        step loop, where its request waits until the matchers are ready."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -222,6 +228,11 @@ class LLM:
             need, have = short
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) needs {need} KV "
                              f"pages but the cache holds {have}; lower max_tokens or raise kv_cache_memory")
+        so = params.structured_outputs
+        if so is not None and self.structured is None:
+            raise ValueError("structured_outputs needs the model's tokenizer; this model has none")
+        if so is not None and not grammar_checked:
+            self.structured.compile(so)
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self._groups:
             raise ValueError(f"request_id {rid!r} is already in use")
@@ -231,8 +242,16 @@ class LLM:
             p = params if params.n == 1 else _child_params(params, i)
             g.children.append(Request(f"{rid}#{i}" if params.n > 1 else rid, list(ids), p, generator=make_generator(p)))
             self._completions[g.children[i].request_id] = (g, i)
-            self.scheduler.add(g.children[i])
+            if so is None:
+                self.scheduler.add(g.children[i])
+        if so is not None:
+            self._grammar_wait.add(self.structured.submit(so, params.n), list(g.children), so)
         return rid
+
+    def _finish_now(self, req: Request, reason: str) -> None:
+        g, i = self._completions[req.request_id]
+        self.scheduler.finish(req, reason)
+        g.asm.add(i, [], finish_reason=reason)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request (or only its completion `index`) now and free its pages; unknown or finished ids
@@ -240,6 +259,7 @@ class LLM:
         group = self._groups.get(request_id)
         for i, r in enumerate(group.children if group else []):
             if not r.finished and index in (None, i):
+                self._grammar_wait.drop(r)
                 self.scheduler.finish(r, "abort")
                 group.asm.add(i, [], finish_reason="abort")
 
@@ -247,12 +267,13 @@ class LLM:
         for group in list(self._groups.values()):
             for r in group.children:
                 if not r.finished:
+                    self._grammar_wait.drop(r)
                     self.scheduler.finish(r, "abort")
         self._groups.clear()
         self._completions.clear()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or len(self._grammar_wait) > 0
 
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -261,9 +282,12 @@ class LLM:
         if self.tp is not None and self.tp.dead is not None:
             raise EngineDeadError(self.tp.dead)
         start = time.perf_counter()
+        if len(self._grammar_wait):   # requests whose grammar compiled join the scheduler (engine/structured.py)
+            self._grammar_wait.admit(self.scheduler, self._finish_now)
         if self.drafter is not None:   # drafts for the requests whose prompt is computed
             self.drafter.throttle.tick()
-            self.drafter.propose([r for r in self.scheduler.running if r.num_computed >= len(r.prompt_ids)])
+            self.drafter.propose([r for r in self.scheduler.running
+                                  if r.num_computed >= len(r.prompt_ids) and not grammar_pending(r)])
         plan = self.scheduler.schedule()
         if plan.empty:
             return self._collect(set())
@@ -305,39 +329,18 @@ class LLM:
 
     def _sample(self, plan: StepPlan, sampling: list[int], logits: torch.Tensor
                 ) -> list[tuple[Request, list[int], list[dict[int, float] | None]]]:
-        """Each sampling request's new tokens and their logprobs. With drafts, the verify rows decide how many
-        drafts stay (`Sampler.verify`); the rest are rolled back: KV-like caches just count fewer computed
-        tokens (later steps overwrite the rejected rows), recurrent states go back to their stash and the
-        kept tokens are recomputed with the next step's."""
+        """Each sampling request's new tokens and their logprobs (masked by their grammars, if any); a step with
+        drafts verifies them (engine/speculative.py, verify_drafts)."""
         reqs = [plan.requests[i] for i in sampling]
         if not reqs:
             return []
+        grammars = [r.grammar for r in reqs]
         if not any(r.spec_ids for r in reqs):
+            allowed = self.structured.allowed(grammars) if any(grammars) else None
             result = self.sampler(logits, [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids)
-                                           for r in reqs], self.eos_token_ids)
+                                           for r in reqs], self.eos_token_ids, allowed)
             return [(r, [t], [lp]) for r, t, lp in zip(reqs, result.token_ids, result.logprobs)]
-        rows = [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids + r.spec_ids[:j])
-                for r in reqs for j in range(len(r.spec_ids) + 1)]
-        emitted, result = self.sampler.verify(logits, rows, self.eos_token_ids, [r.spec_ids for r in reqs])
-        out, i = [], 0
-        for k, toks in zip(sampling, emitted):
-            r = plan.requests[k]
-            drafted, accepted = len(r.spec_ids), len(toks) - 1
-            if drafted:
-                rejected = drafted - accepted
-                if rejected and r.state_slot is not None:   # back to the state before this step's chunk
-                    self.kv.ops.append(UnstashState(r.state_slot))
-                    r.num_computed -= plan.num_new[k]
-                else:
-                    r.num_computed -= rejected
-                r.num_draft_tokens += drafted
-                r.num_accepted_tokens += accepted
-                self.drafter.observe(r, drafted, accepted)
-                self.spec_stats.record(drafted, accepted)
-                r.spec_ids = []
-            out.append((r, toks, result.logprobs[i:i + len(toks)]))
-            i += len(toks)
-        return out
+        return verify_drafts(self, plan, sampling, logits, grammars)
 
     def _append(self, req: Request, tok: int, logprob: dict[int, float] | None) -> None:
         """Token-level stops (eos, stop_token_ids, length) here; then the group's assembler, whose stop strings
@@ -351,6 +354,8 @@ class LLM:
             new, reason, req.stop_reason = [], "stop", tok
         else:
             req.output_ids.append(tok)
+            if req.grammar is not None:
+                req.grammar.accept(tok, self.tokenizer)
             if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
                 reason = "length"
         g, i = self._completions[req.request_id]

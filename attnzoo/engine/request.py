@@ -37,6 +37,7 @@ class Request:
     num_draft_tokens: int = 0           # drafts verified so far
     num_accepted_tokens: int = 0        # of which the target kept
     drafter: Any = None                 # the drafter's per-request state (an n-gram index, the adaptive k)
+    grammar: Any = None                 # its GrammarState (engine/structured.py) when structured_outputs is set
     num_preemptions: int = 0
     finish_reason: str | None = None    # stop | length | abort
     stop_reason: int | None = None      # the stop token id that ended it (stop strings: engine/outputs.py)

@@ -1,6 +1,6 @@
 """Per-request sampling parameters (vLLM semantics) and the batched sampler.
 
-Order per step (as vLLM v1): logprobs from the raw logits; min_tokens masking; repetition penalty;
+Order per step (as vLLM v1): logprobs from the raw logits; the grammar's mask (structured outputs); min_tokens masking; repetition penalty;
 presence/frequency penalties; greedy rows take the argmax; the others go through temperature, top-k,
 top-p and min-p, then draw with their own generator so a seeded request is independent of its batch.
 """
@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from attnzoo.engine.structured import StructuredOutputsParams
 
 # Temperatures below this are treated as greedy: dividing by them would overflow to inf/nan.
 _GREEDY_EPS = 1e-5
@@ -34,6 +36,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None       # top-n logprobs per generated token
     n: int = 1
+    structured_outputs: StructuredOutputsParams | None = None   # a grammar the output must follow
 
     def __post_init__(self) -> None:
         # Normalise so the engine never has to handle the str/None spellings.
@@ -44,6 +47,8 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):   # the keyword form, e.g. {"json": schema}
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.validate()
 
     @property
@@ -119,11 +124,14 @@ class Sampler:
         self.generator = generator  # for unseeded rows; None = torch's default generator
 
     def process_logits(self, logits: torch.Tensor, rows: list[SamplingRow],
-                       eos_token_ids: list[int]) -> torch.Tensor:
-        """min_tokens masking and the penalties, as float32 [B, V]; the input is not modified."""
+                       eos_token_ids: list[int], allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """The grammar mask (`allowed`, bool [B, V]), min_tokens masking and the penalties, as float32 [B, V];
+        the input is not modified."""
         out = logits.float().clone()
         batch, vocab = out.shape
         dev = out.device
+        if allowed is not None:
+            out.masked_fill_(~allowed.to(dev), -math.inf)
         for i, r in enumerate(rows):
             if len(r.output_ids) < r.params.min_tokens:
                 # ignore_eos only changes when the engine stops, not this masking.
@@ -166,12 +174,13 @@ class Sampler:
         return torch.empty_like(srt).scatter_(-1, order, srt)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: list[int]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: list[int],
+                 allowed: torch.Tensor | None = None) -> SampleResult:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
         want_lp = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw_lp = logits[want_lp].float().log_softmax(-1) if want_lp else None  # before any processing
-        x = self.process_logits(logits, rows, eos_token_ids)
+        x = self.process_logits(logits, rows, eos_token_ids, allowed)
         tokens = x.argmax(-1).tolist()  # final for greedy rows
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
         if rand:
@@ -206,7 +215,8 @@ class Sampler:
 
     @torch.inference_mode()
     def verify(self, logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: list[int],
-               drafts: list[list[int]]) -> tuple[list[list[int]], SampleResult]:
+               drafts: list[list[int]], allowed: torch.Tensor | None = None
+               ) -> tuple[list[list[int]], SampleResult]:
         """Speculative verification. Request i owns len(drafts[i]) + 1 consecutive rows: row j is the target's
         distribution after the request's tokens and drafts[i][:j] (its SamplingRow's output_ids include them,
         so penalties and min_tokens see the drafts). A greedy request keeps drafts while they equal the argmax;
@@ -220,7 +230,7 @@ class Sampler:
                              f"({sum(len(d) + 1 for d in drafts)}) and match the {len(rows)} sampling rows")
         want_lp = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw_lp = logits[want_lp].float().log_softmax(-1) if want_lp else None
-        x = self.process_logits(logits, rows, eos_token_ids)
+        x = self.process_logits(logits, rows, eos_token_ids, allowed)
         argmax = x.argmax(-1).tolist()
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
         probs = self._probs(x, rows, rand) if rand else None

@@ -2,7 +2,7 @@
 rule. A drafter proposes up to k tokens for a request whose prompt is computed; the engine appends them to
 the request (`Request.spec_ids`), runs the last sampled token and the drafts as one chunk (k + 1 rows, each
 writing its KV or state), and the sampler keeps the longest prefix the target agrees with plus one token of
-its own (`Sampler.verify`). Rows past the kept prefix are rolled back by the engine (`LLM._sample`).
+its own (`Sampler.verify`). Rows past the kept prefix are rolled back by the engine (`verify_drafts`, below).
 
 Every drafter here proposes one token per position (a point mass), so the acceptance rule is exact for
 greedy and sampled requests alike: the output distribution is the target's, whatever the drafts.
@@ -22,7 +22,11 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
+    from attnzoo.engine.llm import LLM
+    from attnzoo.engine.scheduler import StepPlan
     from attnzoo.models.decoder import DecoderLM
 
 METHODS = ("ngram", "draft_model", "mtp")
@@ -257,3 +261,35 @@ def make_drafter(cfg: SpeculativeConfig, model: Any, max_model_len: int, device:
                          "families' MTP layers are not loaded yet)")
     from attnzoo.engine.mtp_drafter import MTPDrafter
     return MTPDrafter(cfg, model, max_model_len, device, scheduler)
+
+
+def verify_drafts(llm: "LLM", plan: "StepPlan", sampling: list[int], logits: torch.Tensor, grammars: list) -> list:
+    """LLM._sample for a step with drafts: the verify rows decide how many drafts stay (`Sampler.verify`); the rest
+    are rolled back: KV-like caches just count fewer computed tokens (later steps overwrite the rejected rows),
+    recurrent states go back to their stash and the kept tokens are recomputed with the next step's."""
+    from attnzoo.engine.cache_tensors import UnstashState
+    from attnzoo.engine.sampling import SamplingRow
+    reqs = [plan.requests[i] for i in sampling]
+    rows = [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids + r.spec_ids[:j])
+            for r in reqs for j in range(len(r.spec_ids) + 1)]
+    allowed = llm.structured.allowed(grammars, [r.spec_ids for r in reqs]) if any(grammars) else None
+    emitted, result = llm.sampler.verify(logits, rows, llm.eos_token_ids, [r.spec_ids for r in reqs], allowed)
+    out, i = [], 0
+    for k, toks in zip(sampling, emitted):
+        r = plan.requests[k]
+        drafted, accepted = len(r.spec_ids), len(toks) - 1
+        if drafted:
+            rejected = drafted - accepted
+            if rejected and r.state_slot is not None:   # back to the state before this step's chunk
+                llm.kv.ops.append(UnstashState(r.state_slot))
+                r.num_computed -= plan.num_new[k]
+            else:
+                r.num_computed -= rejected
+            r.num_draft_tokens += drafted
+            r.num_accepted_tokens += accepted
+            llm.drafter.observe(r, drafted, accepted)
+            llm.spec_stats.record(drafted, accepted)
+            r.spec_ids = []
+        out.append((r, toks, result.logprobs[i:i + len(toks)]))
+        i += len(toks)
+    return out
