@@ -87,7 +87,8 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if not self.chat_template:
             raise ValueError("this model has no chat template; use plain generation instead")
         for m in messages:
@@ -104,4 +105,4 @@ class Tokenizer:
         bos = self.token_str(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = self.token_str(self.eos_token_ids[0]) if self.eos_token_ids else ""
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos, eos_token=eos)
+                               bos_token=bos, eos_token=eos, tools=tools)

@@ -18,12 +18,14 @@ from attnzoo.server.state import ServerState
 
 def build_app(engine: EngineClient, model_name: str, *, model_aliases: set[str] | None = None,
               api_key: str | None = None, limits: ServerLimits | None = None,
-              stall_timeout_s: float = 60.0) -> FastAPI:
+              stall_timeout_s: float = 60.0, reasoning_parser: str | None = None,
+              tool_call_parser: str | None = None) -> FastAPI:
     """The app reads the core's messages while it runs (lifespan) and stops the core when it stops.
     `app.state.engine` is the `EngineClient`, for tests and debugging (`query_sync("pages")` etc.)."""
     limits = limits or ServerLimits()
     metrics = ServerMetrics(model_name, speculative=engine.info.speculative)
-    state = ServerState(engine, metrics, model_name, set(model_aliases or ()), api_key, limits, stall_timeout_s)
+    state = ServerState(engine, metrics, model_name, set(model_aliases or ()), api_key, limits, stall_timeout_s,
+                        reasoning_parser, tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

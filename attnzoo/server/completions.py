@@ -8,6 +8,7 @@ from contextlib import aclosing
 from fastapi import Request
 
 from attnzoo.engine.outputs import RequestOutput
+from attnzoo.server.constraints import check_grammar, request_constraint
 from attnzoo.server.errors import APIError, error_body
 from attnzoo.server.logprobs import completion_logprobs
 from attnzoo.server.outputs import collect, iterate, usage
@@ -45,11 +46,14 @@ async def create_completion(body: CompletionRequest, request: Request, st: Serve
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of other than n is not supported", param="best_of")
+    so = request_constraint(body, st)
+    if so is not None:
+        await check_grammar(st, so, "structured_outputs")
     prompts = await _prompts(st, body.prompt)
     params = [build_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, prompt_len=len(p),
                            max_model_len=st.max_model_len, kv_tokens=st.kv_tokens,
                            vocab_size=st.vocab_size, where="prompt",
-                           default_max_tokens=DEFAULT_MAX_TOKENS) for p in prompts]
+                           default_max_tokens=DEFAULT_MAX_TOKENS, structured_outputs=so) for p in prompts]
     rids, queue = await st.submit(prompts, params)
     meta = {"id": new_id("cmpl"), "created": int(time.time()), "model": body.model or st.model_name}
     if body.stream:

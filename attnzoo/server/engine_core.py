@@ -103,7 +103,8 @@ class EngineCore:
         """Apply one command; True when it calls for a step."""
         if isinstance(cmd, AddRequest):
             try:
-                self.llm.add_request(cmd.prompt_ids, cmd.params, cmd.request_id)
+                # the API process compiled its grammar already (server/constraints.py)
+                self.llm.add_request(cmd.prompt_ids, cmd.params, cmd.request_id, grammar_checked=True)
             except Exception as e:  # noqa: BLE001 - add_request validates before it changes anything: reject this
                 # request only (a ValueError is the client's; anything else a bug that must not stop the engine)
                 if not isinstance(e, ValueError):

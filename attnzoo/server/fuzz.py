@@ -187,7 +187,7 @@ REQUIRED = {"/v1/completions": ("prompt",), "/v1/chat/completions": ("messages",
 ROUTES = {"GET": {"/v1/models", "/health", "/metrics", "/"},
           "POST": {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}}
 # Fields whose type a validator checks (typed Any in the request models' schemas): the JSON types they take.
-VALIDATED = {"prompt": "array string", "stop": "array null string"}
+VALIDATED = {"prompt": "array string", "stop": "array null string", "tool_choice": "null object string"}
 
 
 def _field_types(model: type[protocol.BaseModel]) -> dict[str, str]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from attnzoo.cli_args import bounded_int
 from attnzoo.engine.sampling import MAX_LOGPROBS
+from attnzoo.engine.structured import MAX_GRAMMAR_BYTES
 from attnzoo.server.errors import APIError, num
 
 if TYPE_CHECKING:
@@ -42,6 +43,12 @@ class ServerLimits:
     # default --max-num-seqs; each waiting sequence holds its prompt, so memory stays bounded. A request
     # that alone fans out to more sequences can never run: a 400.
     max_queued_sequences: int = _limit(1024, "most sequences (n x prompts) waiting to run (429 beyond)")
+    # structured outputs and tools: a grammar's source and its compile time bound its cost (the engine caches
+    # compiled grammars); each tool adds a branch to the tool-call grammar and text to the prompt
+    max_grammar_bytes: int = _limit(MAX_GRAMMAR_BYTES, "largest JSON schema / regex / grammar / tools list in bytes",
+                                    hi=MAX_GRAMMAR_BYTES)
+    max_grammar_compile_ms: int = _limit(10_000, "longest a grammar may take to compile, in ms (400 beyond)")
+    max_tools: int = _limit(128, "most tools in one chat request")
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -67,6 +67,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="split the model over N processes (gloo on the CPU, nccl over N GPUs): each holds 1/N of "
                         "the heads, MLP channels, vocabulary and KV cache; needs a transformers checkpoint "
                         "directory (default 1)")
+    from attnzoo.server.reasoning import REASONING_PARSERS
+    from attnzoo.server.tool_parsers import TOOL_PARSERS
+    p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+                   help="split <think>...</think> reasoning into message.reasoning_content; structured outputs and "
+                        "tool grammars apply after it")
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                   help="how tool_choice 'auto' reads calls out of the model's output (default: detected from the "
+                        "chat template, else hermes)")
     ServerLimits.add_args(p.add_argument_group("request limits (400, 413 or 429 beyond)"))
 
 
@@ -113,7 +121,8 @@ def serve(args: argparse.Namespace) -> None:
         tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
         enforce_eager=args.enforce_eager or None, speculative_config=args.speculative_config), log_level=level))
     name = args.served_model_name or args.model
-    app = build_app(engine, name, model_aliases={args.model}, api_key=args.api_key, limits=limits)
+    app = build_app(engine, name, model_aliases={args.model}, api_key=args.api_key, limits=limits,
+                    reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser)
     host = f"[{args.host}]" if ":" in args.host else args.host
     logging.getLogger("attnzoo.server").info("serving %s on http://%s:%d (chat page at /)", name, host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)

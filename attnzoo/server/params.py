@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from attnzoo.engine.sampling import SamplingParams
+from attnzoo.engine.structured import StructuredOutputsParams
 from attnzoo.server.errors import APIError, from_value_error, num
 from attnzoo.server.protocol import SamplingFields
 
@@ -19,7 +20,8 @@ def context_error(max_model_len: int, prompt_len: int, max_tokens: int | None, w
 
 def build_params(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None, prompt_len: int,
                  max_model_len: int, kv_tokens: int, vocab_size: int, where: str,
-                 default_max_tokens: int | None = None) -> SamplingParams:
+                 default_max_tokens: int | None = None,
+                 structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
     """`max_tokens=None` means "not given": `default_max_tokens`, else what the context and cache leave."""
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
@@ -43,7 +45,7 @@ def build_params(req: SamplingFields, *, max_tokens: int | None, logprobs: int |
             stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            logprobs=logprobs, n=req.n)
+            logprobs=logprobs, n=req.n, structured_outputs=structured_outputs)
         params.validate(vocab_size=vocab_size, max_model_len=max_model_len, prompt_len=prompt_len)
     except ValueError as e:
         raise from_value_error(e) from None

@@ -47,6 +47,7 @@ class SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    structured_outputs: dict[str, Any] | None = None   # vLLM's: exactly one of json, regex, choice, grammar, json_object
     # accepted for compatibility but only their neutral values are supported
     logit_bias: dict[str, float] | None = None
 
@@ -74,9 +75,24 @@ class CompletionRequest(SamplingFields):
         raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str                      # JSON text, as OpenAI sends it back
+
+
+class ToolCallMessage(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Any = None                 # str | list[dict] | None, checked below
+    name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None     # an assistant's earlier calls
+    tool_call_id: str | None = None                     # a tool result: the call it answers
+    reasoning_content: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -86,8 +102,24 @@ class ChatMessage(_Body):
         raise ValueError("must be a string, a list of content parts or null")
 
 
+class FunctionDef(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None     # a JSON schema; none: no arguments
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Any = None             # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from operator import attrgetter
+from typing import Any
 
 from attnzoo.engine.sampling import SamplingParams
 from attnzoo.server.engine_client import EngineClient, EngineDead
@@ -28,6 +29,9 @@ class ServerState:
     api_key: str | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
     stall_timeout_s: float = 60.0
+    reasoning_parser: str | None = None   # server/reasoning.py name; None: no reasoning split
+    tool_call_parser: str | None = None   # server/tool_parsers.py name; None: detected from the chat template
+    grammar: Any = None                   # GrammarCompiler for checking structured outputs (made when first needed)
     created: int = field(default_factory=lambda: int(time.time()))
     _long_texts: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="attnzoo-tokenize"), repr=False)
@@ -37,6 +41,11 @@ class ServerState:
     kv_tokens = property(attrgetter("engine.info.kv_tokens"))
     vocab_size = property(attrgetter("engine.info.vocab_size"))
     max_model_len = property(attrgetter("engine.info.max_model_len"))
+
+    @cached_property
+    def tool_parser(self) -> str:
+        from attnzoo.server.tool_parsers import detect_tool_parser
+        return self.tool_call_parser or detect_tool_parser(self.tokenizer.chat_template if self.tokenizer else None)
 
     @cached_property
     def max_prompt_chars(self) -> int:
