@@ -179,6 +179,7 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "quant_answers": "the default model's greedy answers with float, int4, int8 weights and llama.cpp",
            "step_overhead": "host time of a decode step on a tiny model: the engine's own work, per phase",
            "speculative": "n-gram speculative decoding: copy and free-writing tok/s with and without drafts",
+           "structured": "JSON-schema-constrained decoding: a half-constrained batch, grammar compile and masks",
            "arena_speed": "every arena contestant's training step: checked against the torch forms, then timed"}
 
 

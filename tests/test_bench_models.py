@@ -30,3 +30,10 @@ def test_bench_quick_runs_and_checks_correctness(name):
 def test_unknown_bench_is_a_clear_error():
     r = subprocess.run([sys.executable, "-m", "attnzoo.cli", "bench", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "available" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_bench_structured_quick_runs_and_checks_correctness():
+    """bench/structured.py --quick: constrained outputs validated against their schemas, llguidance's masks walk a
+    valid document (the engine's structured outputs end to end; vLLM and xgrammar are left out)."""
+    run_quick("structured")

@@ -7,8 +7,11 @@ import pytest
 
 from tests.test_bench_models import run_quick
 
-BENCHES = ["attention_cpu", "prefix_cache", "flash_cpu", "mla", "delta_rule", "sparse", "hybrid", "step_overhead",
-           "arena_speed"]
+# flash_cpu, delta_rule and sparse take 25-35 s each on the 2-core EPYC: --runslow (their ops' tests run in CI)
+SLOW = ("flash_cpu", "delta_rule", "sparse")
+BENCHES = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+           for n in ["attention_cpu", "prefix_cache", "flash_cpu", "mla", "delta_rule", "sparse", "hybrid",
+                     "step_overhead", "arena_speed"]]
 
 
 @pytest.mark.parametrize("name", BENCHES)

@@ -88,6 +88,7 @@ def test_backend_is_validated_and_float64_stays_on_torch():
     assert torch.equal(nsa(*ins.values(), backend="triton", **kw), nsa(*ins.values(), backend="torch", **kw))
 
 
+@pytest.mark.slow   # 31 s in the interpreter; the per-shape parity tests above run in CI
 def test_packed_mixed_lengths_on_triton():
     """A training step's packing (several sequences of a few lengths): the Triton form per length group
     equals the float64 torch form, output and the query's gradient."""
