@@ -108,3 +108,31 @@ def _byte_of(c: str) -> int:
             cs.append(256 + n)
             n += 1
     return dict(zip(map(chr, cs), bs))[c]
+
+
+def test_chat_choice_parse_splits_reasoning_content_and_calls() -> None:
+    """The chat endpoint's per-choice parser (reasoning first, then tool calls), whole and streamed in chunks."""
+    import random
+
+    from attnzoo.server.chat import _Parse
+    from attnzoo.server.reasoning import get_reasoning_parser
+    from attnzoo.server.tool_parsers import get_tool_parser
+    text = ('<think>The user wants f.</think>\n\nLet me check.\n<tool_call>\n{"name": "f", "arguments": {"x": 3}}\n'
+            '</tool_call>')
+    make = lambda: _Parse(get_reasoning_parser("qwen3"), get_tool_parser("hermes"))  # noqa: E731
+    p = make()
+    msg = p.message(text)
+    assert msg["reasoning_content"] == "The user wants f." and msg["content"] == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg["tool_calls"]] == \
+        [("f", {"x": 3})] and p.finish_reason("stop") == "tool_calls" and p.finish_reason("length") == "length"
+    rnd = random.Random(0)
+    for _ in range(20):
+        cuts = sorted(rnd.sample(range(1, len(text)), 6))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        s = make()
+        deltas = [d for i, piece in enumerate(pieces) for d in s.deltas(piece, final=i == len(pieces) - 1)]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user wants f."
+        assert "".join(d.get("content", "") for d in deltas) == "Let me check."
+        calls = [c for d in deltas for c in d.get("tool_calls", [])]
+        assert calls[0]["function"]["name"] == "f" and [c.get("id") is not None for c in calls].count(True) == 1
+        assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"x": 3}
