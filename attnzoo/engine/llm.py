@@ -249,6 +249,7 @@ class LLM:
         return rid
 
     def _finish_now(self, req: Request, reason: str) -> None:
+        """End a completion now (pages freed) and tell its group's outputs."""
         g, i = self._completions[req.request_id]
         self.scheduler.finish(req, reason)
         g.asm.add(i, [], finish_reason=reason)
@@ -260,8 +261,7 @@ class LLM:
         for i, r in enumerate(group.children if group else []):
             if not r.finished and index in (None, i):
                 self._grammar_wait.drop(r)
-                self.scheduler.finish(r, "abort")
-                group.asm.add(i, [], finish_reason="abort")
+                self._finish_now(r, "abort")
 
     def _abort_all(self) -> None:
         for group in list(self._groups.values()):

@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,7 @@ class StructuredOutputsParams:
     after: str | None = None
 
     def __post_init__(self) -> None:
-        given = [k for k in KINDS if (getattr(self, k) is not None and getattr(self, k) is not False)]
+        given = self._given()
         if len(given) != 1:
             raise ValueError(f"structured_outputs needs exactly one of {', '.join(KINDS)}; got "
                              f"{', '.join(given) if given else 'none'}")
@@ -67,14 +67,17 @@ class StructuredOutputsParams:
                 raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
             if len(c) > MAX_CHOICES:
                 raise ValueError(f"structured_outputs.choice has {len(c)} entries; at most {MAX_CHOICES}")
-            object.__setattr__(self, "choice", tuple(c))   # hashable, so the params can key the cache
+            object.__setattr__(self, "choice", tuple(c))   # frozen all the way down
         if len(self.source().encode()) > MAX_GRAMMAR_BYTES:
             raise ValueError(f"structured_outputs.{self.kind} is {len(self.source().encode())} bytes; at most "
                              f"{MAX_GRAMMAR_BYTES}")
 
+    def _given(self) -> list[str]:
+        return [k for k in KINDS if getattr(self, k) is not None and getattr(self, k) is not False]
+
     @property
     def kind(self) -> str:
-        return next(k for k in KINDS if getattr(self, k) is not None and getattr(self, k) is not False)
+        return self._given()[0]
 
     def source(self) -> str:
         """The constraint as text: what the cache is keyed on (with the kind)."""
@@ -115,9 +118,8 @@ class StructuredStats:
 class GrammarCompiler:
     """Compiles and caches grammars for one tokenizer; builds matchers; fills bitmasks."""
 
-    def __init__(self, tokenizer: "Tokenizer", vocab_size: int, max_compile_fuel: int | None = None):
+    def __init__(self, tokenizer: "Tokenizer", vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        self.fuel = max_compile_fuel
         self.stats = StructuredStats()
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], str] = {}
@@ -134,10 +136,6 @@ class GrammarCompiler:
                                           eos_token=list(self.tokenizer.eos_token_ids))
             return self._lltok
 
-    def _limits(self) -> Any:
-        from llguidance import LLParserLimits
-        return LLParserLimits(initial_lexer_fuel=self.fuel) if self.fuel else None
-
     def compile(self, so: StructuredOutputsParams) -> str:
         """The validated grammar text, cached; ValueError with llguidance's message when it does not compile."""
         key = (so.kind, so.source())
@@ -151,7 +149,8 @@ class GrammarCompiler:
             grammar = to_llguidance(so)
         except Exception as e:   # noqa: BLE001 - the converters raise bare Exceptions for bad input
             raise ValueError(f"structured_outputs.{so.kind} does not compile: {e}") from None
-        is_error, msgs = LLMatcher.validate_grammar_with_warnings(grammar, self.lltok, limits=self._limits())
+        # llguidance's default parser limits (lexer fuel, grammar size) bound what a compile can cost
+        is_error, msgs = LLMatcher.validate_grammar_with_warnings(grammar, self.lltok)
         if is_error:
             raise ValueError(f"structured_outputs.{so.kind} does not compile: {msgs[0]}")
         with self._lock:
@@ -168,7 +167,7 @@ class GrammarCompiler:
 
     def matcher(self, grammar: str) -> Any:
         from llguidance import LLMatcher
-        m = LLMatcher(self.lltok, grammar, limits=self._limits())
+        m = LLMatcher(self.lltok, grammar)
         if m.is_error():
             raise ValueError(f"grammar does not compile: {m.get_error()}")
         return m
@@ -176,9 +175,6 @@ class GrammarCompiler:
     def submit(self, so: StructuredOutputsParams, n: int) -> Future:
         """Compile (or fetch) off the caller's thread; the future gives n fresh matchers."""
         return self._pool.submit(lambda: [self.matcher(g) for g in [self.compile(so)] * n])
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- per step -------------------------------------------------------------------------------
     def allowed(self, rows: list["GrammarState | None"], drafts: list[list[int]] | None = None
@@ -226,7 +222,8 @@ class GrammarCompiler:
 
 @dataclass
 class GrammarState:
-    """A completion's matcher. Inactive until `after` shows up in the output (reasoning first)."""
+    """A completion's matcher. Inactive until `after` shows up in the output (reasoning first), and for good once
+    the matcher rejects a token (after = None then)."""
     matcher: Any
     after: str | None = None
     active: bool = True
@@ -237,22 +234,21 @@ class GrammarState:
 
     def accept(self, token: int, tokenizer: "Tokenizer | None") -> None:
         """The request emitted `token`: advance the matcher, or look for `after` while inactive."""
-        if not self.active:
+        if self.active:
+            if not self.matcher.consume_token(token):
+                # only reachable when something outside the mask was emitted (ignore_eos after the grammar ended)
+                log.warning("structured output: token %d rejected by the grammar (%s); constraint dropped", token,
+                            self.matcher.get_error())
+                self.active, self.after = False, None
+        elif self.after is not None:
             self.tail = (self.tail + [token])[-16:]
             if tokenizer is not None and self.after in tokenizer.decode(self.tail, skip_special_tokens=False):
                 self.active = True   # the grammar constrains from the next token on
-            return
-        if not self.matcher.consume_token(token):
-            # only reachable when something outside the mask was emitted (ignore_eos after the grammar ended)
-            log.warning("structured output: token %d rejected by the grammar (%s); constraint dropped", token,
-                        self.matcher.get_error())
-            self.active = False
-            self.after = "\0never"
 
 
 def grammar_pending(req: "Request") -> bool:
     """A request still waiting for its reasoning to end: not drafted for (its drafts would go unconstrained)."""
-    return req.grammar is not None and not req.grammar.active
+    return req.grammar is not None and not req.grammar.active and req.grammar.after is not None
 
 
 class GrammarWait:
@@ -271,7 +267,6 @@ class GrammarWait:
         """(requests now ready, with their GrammarState set; requests whose grammar failed, with why). `block`:
         wait for the first compile to finish (the scheduler has nothing else to do)."""
         if block and self.items:
-            from concurrent.futures import FIRST_COMPLETED, wait
             wait([f for f, _, _ in self.items], return_when=FIRST_COMPLETED)
         ready, failed, keep = [], [], []
         for fut, reqs, so in self.items:

@@ -111,8 +111,8 @@ async def create_chat(body: ChatRequest, request: Request, st: ServerState):
     if so is not None:
         if st.reasoning_parser:   # the grammar starts once the model's reasoning ends
             so = replace(so, after=get_reasoning_parser(st.reasoning_parser).end)
-        await check_grammar(st, so, "tool_choice" if forced else "response_format" if body.response_format
-                            else "structured_outputs")
+        await check_grammar(st, so, "tool_choice" if forced else "structured_outputs"
+                            if body.structured_outputs is not None else "response_format")
     ids = await st.encode_prompt(render(st, body, body.add_generation_prompt), "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = build_params(body, max_tokens=max_tokens, logprobs=n_top, prompt_len=len(ids),

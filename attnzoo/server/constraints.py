@@ -11,7 +11,7 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
-from attnzoo.engine.structured import KINDS, GrammarCompiler, StructuredOutputsParams
+from attnzoo.engine.structured import KINDS, StructuredOutputsParams
 from attnzoo.server.errors import APIError, short
 
 if TYPE_CHECKING:
@@ -88,9 +88,7 @@ async def check_grammar(st: "ServerState", so: StructuredOutputsParams, param: s
     """Compile in a worker thread (cached; the engine core compiles again from its own cache) with a time bound.
     A compile that runs out of time still ends on its own: llguidance's lexer fuel bounds it."""
     if st.grammar is None:
-        if st.tokenizer is None:
-            raise APIError(400, "structured outputs need the model's tokenizer; this model has none", param=param)
-        st.grammar = GrammarCompiler(st.tokenizer, st.vocab_size)
+        raise APIError(400, "structured outputs need the model's tokenizer; this model has none", param=param)
     timeout = st.limits.max_grammar_compile_ms / 1000
     try:
         await asyncio.wait_for(asyncio.to_thread(st.grammar.compile, so), timeout)

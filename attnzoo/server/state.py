@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from operator import attrgetter
-from typing import Any
 
 from attnzoo.engine.sampling import SamplingParams
+from attnzoo.engine.structured import GrammarCompiler
 from attnzoo.server.engine_client import EngineClient, EngineDead
 from attnzoo.server.errors import APIError, from_value_error, short
 from attnzoo.server.limits import ServerLimits, check_token_ids
@@ -31,7 +31,6 @@ class ServerState:
     stall_timeout_s: float = 60.0
     reasoning_parser: str | None = None   # server/reasoning.py name; None: no reasoning split
     tool_call_parser: str | None = None   # server/tool_parsers.py name; None: detected from the chat template
-    grammar: Any = None                   # GrammarCompiler for checking structured outputs (made when first needed)
     created: int = field(default_factory=lambda: int(time.time()))
     _long_texts: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="attnzoo-tokenize"), repr=False)
@@ -41,6 +40,11 @@ class ServerState:
     kv_tokens = property(attrgetter("engine.info.kv_tokens"))
     vocab_size = property(attrgetter("engine.info.vocab_size"))
     max_model_len = property(attrgetter("engine.info.max_model_len"))
+
+    @cached_property
+    def grammar(self) -> GrammarCompiler | None:
+        """Compiles structured-output grammars to check them before queueing (the engine core has its own)."""
+        return GrammarCompiler(self.tokenizer, self.vocab_size) if self.tokenizer else None
 
     @cached_property
     def tool_parser(self) -> str:
