@@ -4,6 +4,7 @@
     attnzoo arena --mechanisms gqa,gdn --steps 50  a subset, fewer steps
     attnzoo arena --resume                         continue an interrupted run (finished ones are kept)
     attnzoo arena --preset gpu --out runs/arena-gpu
+    attnzoo arena --track grid --out docs/arena    the recall grid (grid.py), resumable
     attnzoo chat --model runs/arena/gdn            talk to what was trained
 
 Here: the options, the presets and the settings they give, and the command. The runs it plans and
@@ -56,9 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train the same small decoder with each attention mechanism on the same "
                                             "data, evaluate them, and write a report (results.json, report.md, PNGs).",
                                 epilog=f"mechanisms: {', '.join(MECHANISMS)}\n\n" + (__doc__ or ""))
-    p.add_argument("--track", default="all", choices=["all", "lm", "recall"],
+    p.add_argument("--track", default="all", choices=["all", "lm", "recall", "grid"],
                    help="lm: language modelling (+ the needle); recall: small models trained on MQAR alone "
-                        "(default all: both)")
+                        "(default all: both); grid: the recall grid (grid.py: cells x widths x rates x seeds)")
+    p.add_argument("--grid-preset", default="cpu", choices=["cpu", "tiny"], help="the grid's sizes (default cpu)")
+    p.add_argument("--grid-cells", help="grid cells as LENGTHxPAIRS,... (default 64x4,128x8,256x16)")
+    p.add_argument("--grid-widths", help="grid widths, comma-separated (default 64,128)")
+    p.add_argument("--grid-lrs", help="the grid's learning rates, comma-separated (default 3e-4,1e-3,3e-3)")
+    p.add_argument("--grid-seeds", type=int, help="seeds per reported grid cell (default 3)")
+    p.add_argument("--grid-vocab", type=int, help="the grid's keys (and values) vocabulary (default 64)")
     p.add_argument("--recall-steps", type=int, help="training steps per recall-track run")
     p.add_argument("--recall-seeds", type=int, help="seeds per mechanism in the recall track (preset: 2)")
     p.add_argument("--mechanisms", default="all", help="all, or a comma-separated list (default all)")
@@ -132,11 +139,19 @@ def settings_from(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     res_path = out / "results.json"
-    if args.report_only:
+    if args.report_only and args.track != "grid":
         if not res_path.exists():
             raise ValueError(f"{res_path} does not exist: nothing to report")
         return write_report(out)
     names = parse_mechanisms(args.mechanisms)
+    if args.track == "grid":
+        from attnzoo.arena.grid import grid_from, run_grid
+        from attnzoo.arena.grid_report import write_grid_report
+        if not args.report_only:
+            g = grid_from(args.grid_preset, names, args.grid_cells, args.grid_widths, lrs=args.grid_lrs,
+                          seeds=args.grid_seeds, vocab=args.grid_vocab)
+            run_grid(g, out, workers=args.workers or min(2, os.cpu_count() or 1), quiet=args.quiet)
+        return write_grid_report(out)
     s = settings_from(args)
     depth_for(names, s["layers"])
     WORKER.dp = dp = data_parallel(args, s["device"])

@@ -121,8 +121,8 @@ def val_windows(tokens: np.ndarray, seq_len: int, count: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- MQAR
 
 def mqar(num_examples: int, seq_len: int, num_kv_pairs: int, generator: np.random.Generator, *,
-         vocab: int = MQAR_KEYS, noise: str = "values", with_replacement: bool = False
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+         vocab: int = MQAR_KEYS, noise: str = "values", with_replacement: bool = False,
+         bases: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-query associative recall. Returns (inputs [N, T], labels [N, T]); labels are IGNORE except at
     the query positions, where they hold the value the model must predict next.
 
@@ -131,20 +131,23 @@ def mqar(num_examples: int, seq_len: int, num_kv_pairs: int, generator: np.rando
     <|pad|> (noise="pad": the recall track's easier, scaled-down setting). Keys and values are drawn from the
     first `vocab` ids of their ranges. with_replacement: each query asks a random key (repeats allowed) instead
     of every key once, which closes a shortcut: asking every key once lets a model answer the last query by
-    elimination (with 2 pairs, 0.75 accuracy without any recall)."""
+    elimination (with 2 pairs, 0.75 accuracy without any recall). bases: (first key id, first value id, pad
+    id) of a vocabulary of the caller's (the recall track's: any size); None: the byte vocabulary's ranges."""
     T, D = seq_len, num_kv_pairs
+    key_base, value_base, pad = bases or (KEY_BASE, VALUE_BASE, PAD)
+    cap = min(MQAR_KEYS, MQAR_VALUES) if bases is None else value_base - key_base
     if T % 2 or D < 1 or 4 * D > T:
         raise ValueError(f"MQAR needs an even seq_len >= 4 * num_kv_pairs >= 4; got seq_len {T}, pairs {D}")
-    if not 1 <= vocab <= min(MQAR_KEYS, MQAR_VALUES) or D > vocab:
-        raise ValueError(f"MQAR draws from {vocab} keys (at most {MQAR_KEYS}); {D} pairs do not fit")
+    if not 1 <= vocab <= cap or D > vocab:
+        raise ValueError(f"MQAR draws from {vocab} keys (at most {cap}); {D} pairs do not fit")
     if noise not in ("values", "pad"):
         raise ValueError(f"MQAR noise must be 'values' or 'pad', got {noise!r}")
     g = generator
-    keys = np.argsort(g.random((num_examples, vocab)), axis=1)[:, :D] + KEY_BASE
-    values = np.argsort(g.random((num_examples, vocab)), axis=1)[:, :D] + VALUE_BASE
-    x = g.integers(VALUE_BASE, VALUE_BASE + vocab, size=(num_examples, T))
+    keys = np.argsort(g.random((num_examples, vocab)), axis=1)[:, :D] + key_base
+    values = np.argsort(g.random((num_examples, vocab)), axis=1)[:, :D] + value_base
+    x = g.integers(value_base, value_base + vocab, size=(num_examples, T))
     if noise == "pad":
-        x[:] = PAD
+        x[:] = pad
     y = np.full((num_examples, T), IGNORE, dtype=np.int64)
     x[:, 0:2 * D:2], x[:, 1:2 * D:2] = keys, values
     slots = (T - 2 * D) // 2                                        # query slots: even offsets after the pairs
@@ -157,6 +160,26 @@ def mqar(num_examples: int, seq_len: int, num_kv_pairs: int, generator: np.rando
     x[rows, pos + 1] = np.take_along_axis(values, order, 1)
     y[rows, pos] = np.take_along_axis(values, order, 1)
     return torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y)
+
+
+def needle_recall(num_examples: int, seq_len: int, generator: np.random.Generator, *, vocab: int,
+                  bases: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """S-NIAH-style single needle (RULER's simplest retrieval task, on MQAR's tokens): one key-value pair at a
+    uniformly random depth of a <|pad|> haystack and its key as the last token but one, labelled with the value
+    (MQAR's convention: the label sits at the query). Same (inputs, labels) layout as mqar()."""
+    if seq_len < 4 or seq_len % 2:
+        raise ValueError(f"the needle needs an even seq_len >= 4, got {seq_len}")
+    key_base, value_base, pad = bases
+    g, n, T = generator, num_examples, seq_len
+    key = g.integers(key_base, key_base + vocab, size=n)
+    value = g.integers(value_base, value_base + vocab, size=n)
+    at = 2 * g.integers(0, (T - 2) // 2, size=n)           # even offsets before the query
+    x = np.full((n, T), pad, dtype=np.int64)
+    y = np.full((n, T), IGNORE, dtype=np.int64)
+    rows = np.arange(n)
+    x[rows, at], x[rows, at + 1] = key, value
+    x[:, T - 2], x[:, T - 1], y[:, T - 2] = key, value, value
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def parse_mqar(inputs: list[int], num_kv_pairs: int) -> dict[int, int]:

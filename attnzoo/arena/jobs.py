@@ -45,8 +45,8 @@ def shape_of(s: dict) -> Shape:
 
 def recall_config(s: dict):
     from attnzoo.arena.recall import RecallConfig
-    r = {k: v for k, v in s["recall"].items() if k != "seeds"}
-    return RecallConfig(**{**r, "eval_lengths": tuple(r["eval_lengths"])})
+    r = {k: tuple(v) if isinstance(v, list) else v for k, v in s["recall"].items() if k != "seeds"}
+    return RecallConfig(**r)
 
 
 def train_config(s: dict, seed: int):
