@@ -64,8 +64,8 @@ PRESETS: dict[str, dict] = {
     # Zoology's cells, scaled: 2 layers, vocabulary 64 (8,192 does not learn in this budget: see the README)
     "cpu": dict(),
     # CI: seconds, yet it must learn (tests/arena/test_grid.py)
-    "tiny": dict(cells=((16, 2),), widths=(32,), lrs=(3e-3, 1e-2), seeds=2, vocab=8, steps=160,
-                 tokens_per_step=256, length_mix=1, eval_every=40, eval_examples=64, curve_examples=64,
+    "tiny": dict(cells=((16, 2),), widths=(64,), lrs=(3e-3, 1e-2), seeds=2, vocab=8, steps=200,
+                 tokens_per_step=512, length_mix=1, eval_every=40, eval_examples=128, curve_examples=64,
                  needle_factors=(2,)),
 }
 

@@ -58,3 +58,25 @@ def test_report_intervals_and_verdicts_on_known_runs():
     assert lines["MQAR @32"].rstrip().endswith("| not distinguishable |")   # overlapping at twice the length
     table = recall_table(res)
     assert "| gqa | 2 |" in table and "0.925 [0.860, 0.980]" in table and "| 20 / 20 |" in table and "| — / — |" in table
+
+
+def test_answer_rows_needles_mixture_and_target():
+    import torch
+    from attnzoo.arena import data
+    from attnzoo.arena.recall import answer_logits, needle_test_sets, recall_model
+    rc = RecallConfig(seq_len=32, kv_pairs=2, vocab=40, hidden=32, layers=2, heads=2, steps=60, batch_size=8,
+                      eval_every=20, eval_examples=32, curve_examples=32, eval_lengths=(32,), length_mix=2,
+                      tie_embeddings=True, needle_lengths=(64,), target=0.0)
+    assert rc.train_lengths == (32, 16) and rc.shape().vocab_size == 81
+    model = recall_model("gqa", rc, 0)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    x, y = data.mqar(4, 32, 2, data.rng(1), **rc.task)
+    assert int(x.max()) <= 80 and (y[y != data.IGNORE] >= 40).all()     # the track's own vocabulary
+    with torch.no_grad():
+        rows, labels = answer_logits(model, x, y)
+        torch.testing.assert_close(rows, model(x)[y != data.IGNORE].float())
+    assert torch.equal(labels, y[y != data.IGNORE])
+    [(nx, ny)] = needle_test_sets(rc).values()
+    assert nx.shape == (32, 64) and ((ny != data.IGNORE).sum(1) == 1).all()
+    r = train_recall("gqa", rc, seed=0)       # target 0.0: stops at the first curve point
+    assert r["steps_run"] == 20 and set(r["needle"]) == {"64"} and r["state_bytes"]["32"] > 0
