@@ -180,7 +180,9 @@ BENCHES = {"serve": "load-test an OpenAI-compatible server (vLLM's bench serve)"
            "step_overhead": "host time of a decode step on a tiny model: the engine's own work, per phase",
            "speculative": "n-gram speculative decoding: copy and free-writing tok/s with and without drafts",
            "structured": "JSON-schema-constrained decoding: a half-constrained batch, grammar compile and masks",
-           "arena_speed": "every arena contestant's training step: checked against the torch forms, then timed"}
+           "arena_speed": "every arena contestant's training step: checked against the torch forms, then timed",
+           "arena_grid": "what the recall grid costs here: each run's step time and the whole grid's wall time",
+           "arena_efficiency": "every contestant through the engine: prefill and decode vs context, cache bytes"}
 
 
 def cmd_bench(name: str, rest: list[str]) -> int:

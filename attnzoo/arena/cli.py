@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-widths", help="grid widths, comma-separated (default 64,128)")
     p.add_argument("--grid-lrs", help="the grid's learning rates, comma-separated (default 3e-4,1e-3,3e-3)")
     p.add_argument("--grid-seeds", type=int, help="seeds per reported grid cell (default 3)")
-    p.add_argument("--grid-vocab", type=int, help="the grid's keys (and values) vocabulary (default 64)")
+    p.add_argument("--grid-vocab", type=int, help="keys (and as many values) in the grid (default 32)")
     p.add_argument("--recall-steps", type=int, help="training steps per recall-track run")
     p.add_argument("--recall-seeds", type=int, help="seeds per mechanism in the recall track (preset: 2)")
     p.add_argument("--mechanisms", default="all", help="all, or a comma-separated list (default all)")

@@ -3,6 +3,7 @@ the best rate is picked as documented, and impossible grids fail before any trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -54,3 +55,11 @@ def test_impossible_grids_fail_before_training():
     assert g.lrs == (1e-3,) and g.depth("gqa") == 2 and g.depth("swa_hybrid_3_1") == 4
     rc = g.recall("gqa", (128, 8), 128, 1e-3)
     assert rc.heads == 4 and rc.train_lengths == (128, 64, 32, 16) and rc.needle_lengths == (256, 512)
+
+
+def test_a_grid_extends_but_never_mixes(tmp_path):
+    from attnzoo.arena.grid import run_grid, save
+    g = grid_from("tiny", ["gqa"])
+    save(tmp_path / "results.json", {"grid": dataclasses.asdict(dataclasses.replace(g, seeds=1)), "runs": {}})
+    with pytest.raises(ValueError, match="another grid"):     # another width: refused before any training
+        run_grid(grid_from("tiny", ["gqa"], widths="32"), tmp_path, workers=1, quiet=True)
