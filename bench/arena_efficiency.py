@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_flags, machine, markdown  # noqa: E402
+from common import cpu_flags, machine, markdown, prefill_and_decode  # noqa: E402
 
 from attnzoo.arena.costs import kv_bytes_per_token, kv_read_bytes_per_token  # noqa: E402
 from attnzoo.arena.grid import grid_from  # noqa: E402
@@ -58,17 +58,7 @@ def timed(model: DecoderLM, context: int, steps: int) -> tuple[float, float]:
     llm = LLM(model, kv_cache_memory=int(2.5 * kv_bytes_per_token(model.config, context) * context * 2) + (256 << 20),
               max_num_seqs=1, enable_prefix_caching=False, max_num_batched_tokens=4096)
     ids = torch.randint(0, 4096, (context,), generator=torch.Generator().manual_seed(2)).tolist()
-    llm.add_request(ids, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
-    t0 = time.perf_counter()
-    while not any(o.token_ids for o in llm.step()):
-        pass
-    prefill = time.perf_counter() - t0
-    times = []
-    while llm.has_unfinished():
-        t = time.perf_counter()
-        llm.step()
-        times.append(time.perf_counter() - t)
-    return prefill, statistics.median(times)
+    return prefill_and_decode(llm, ids, steps)
 
 
 def peer(model: DecoderLM, context: int, steps: int) -> tuple[float, float] | None:

@@ -60,3 +60,20 @@ def median_s(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> flo
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def prefill_and_decode(llm, prompt: list[int], steps: int) -> tuple[float, float]:
+    """One greedy sequence through an engine `llm` (attnzoo.LLM): (seconds from adding the prompt to its first
+    token, i.e. the chunked prefill; median seconds of the `steps` decode steps after it)."""
+    from attnzoo.engine import SamplingParams
+    llm.add_request(prompt, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+    t0 = time.perf_counter()
+    while not any(o.token_ids for o in llm.step()):
+        pass
+    prefill = time.perf_counter() - t0
+    times = []
+    while llm.has_unfinished():
+        t = time.perf_counter()
+        llm.step()
+        times.append(time.perf_counter() - t)
+    return prefill, statistics.median(times)

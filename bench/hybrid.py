@@ -15,13 +15,11 @@ the reference generator's on a short prompt.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import replace
 
 import torch
 
-from common import machine
+from common import machine, prefill_and_decode
 from attnzoo.engine import LLM, GenerationConfig, SamplingParams, generate
 from attnzoo.engine.cache_plan import pages_for, plan_cache
 from attnzoo.models.config import ModelConfig
@@ -70,19 +68,8 @@ def decode_speed(cfg: ModelConfig, context: int, steps: int) -> tuple[float, flo
     if got[0].token_ids != want:
         raise SystemExit(f"engine tokens {got[0].token_ids} != reference {want}: not timing a wrong answer")
     ids = torch.randint(0, cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(2)).tolist()
-    llm.add_request(ids, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
-    t0 = time.perf_counter()
-    while True:  # prefill in chunks until the first token comes out
-        out = llm.step()
-        if out and out[0].token_ids:
-            break
-    prefill = time.perf_counter() - t0
-    times = []
-    while llm.has_unfinished():
-        t = time.perf_counter()
-        llm.step()
-        times.append(time.perf_counter() - t)
-    return prefill, 1.0 / statistics.median(times)
+    prefill, step = prefill_and_decode(llm, ids, steps)
+    return prefill, 1.0 / step
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -119,6 +119,9 @@ def run_grid(g: GridConfig, out: Path, workers: int = 2, quiet: bool = False) ->
             {k: v for k, v in mine.items() if k not in same}:
         raise ValueError(f"{path} holds another grid's runs (only --mechanisms and --grid-seeds may change); "
                          f"choose another --out")
+    if results:     # the record keeps every mechanism and seed its runs came from
+        g = dataclasses.replace(g, seeds=max(g.seeds, results["grid"]["seeds"]), mechanisms=tuple(
+            dict.fromkeys([*results["grid"]["mechanisms"], *g.mechanisms])))
     results.update(grid=dataclasses.asdict(g), machine=machine(), workers=workers)
     results.setdefault("runs", {})
     results.setdefault("wall_s", 0.0)

@@ -1,6 +1,8 @@
 """The recall grid's report: per length, each mechanism and width at its best learning rate with intervals
 over its seeds (noise.over_seeds), longer-length and needle accuracies, state bytes; accuracy against width
-and against state bytes (grid.png); the recall claims at the widest width (report.CLAIMS)."""
+and against state bytes (grid.png); the recall claims at the widest width (report.CLAIMS); with an
+efficiency.json beside results.json (bench/arena_efficiency.py --json), recall against decode time and cache
+bytes (tradeoff.png)."""
 
 from __future__ import annotations
 
@@ -107,6 +109,38 @@ def grid_plot(results: dict, out: Path) -> Path | None:
     return path
 
 
+def tradeoff_plot(results: dict, eff: dict, out: Path) -> Path | None:
+    """The seed thread's trade-off in one figure: recall at the widest width and longest cell (y) against decode
+    time per token and cache bytes per token at the longest context measured through the engine (x)."""
+    rows = cells(results)
+    width, T = max(results["grid"]["widths"]), max(r["T"] for r in rows) if rows else 0
+    acc = {r["mech"]: r["acc"] for r in rows if r["width"] == width and r["T"] == T}
+    pts = []
+    for m, by_ctx in eff["runs"].items():
+        ctx = max(by_ctx, key=int) if by_ctx else None
+        if m in acc and ctx is not None:
+            pts.append((m, acc[m], by_ctx[ctx], int(ctx)))
+    if not pts:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in ((axes[0], "decode ms/token", "decode ms/token through the engine"),
+                           (axes[1], "cache B/token", "cache bytes per token (bf16 KV, fp32 state)")):
+        for m, iv, e, ctx in pts:
+            ax.errorbar([e[key]], [iv.mean], yerr=[[iv.mean - iv.lo], [iv.hi - iv.mean]], marker="o", capsize=3)
+            ax.annotate(f"{m} @{ctx // 1024}k", (e[key], iv.mean), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set(xlabel=label, ylabel=f"MQAR accuracy ({T} tokens, width {width})", xscale="log", ylim=(0, 1.05))
+    fig.suptitle(f"recall vs cost ({eff['machine']})", fontsize=8)
+    fig.tight_layout()
+    path = out / "tradeoff.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write_grid_report(out: Path, with_plot: bool = True) -> Path:
     results = json.loads((out / "results.json").read_text())
     g = results["grid"]
@@ -128,9 +162,15 @@ def write_grid_report(out: Path, with_plot: bool = True) -> Path:
              grid_tables(results), "## Claims", "", grid_claims(results)]
     if plot is not None:
         lines += [f"![recall grid]({plot.name})", ""]
+    eff_path = out / "efficiency.json"
+    if with_plot and eff_path.exists() and (t := tradeoff_plot(results, json.loads(eff_path.read_text()), out)):
+        lines += ["## Recall against cost", "", "Decode time per token and cache bytes per token through the "
+                  f"engine ({eff_path.name}: the same models with random weights, bench/arena_efficiency.py), at the "
+                  "longest context each mechanism was measured at, against the recall above.", "",
+                  f"![recall vs cost]({t.name})", ""]
     path = out / "grid.md"
     path.write_text("\n".join(lines))
     return path
 
 
-__all__ = ["cells", "grid_claims", "grid_plot", "grid_tables", "write_grid_report"]
+__all__ = ["cells", "grid_claims", "grid_plot", "grid_tables", "tradeoff_plot", "write_grid_report"]

@@ -25,6 +25,11 @@ def test_tiny_grid_learns_and_reports(tmp_path):
     assert row["state"] > 0 and set(row["needles"]) == {2}
     report = (tmp_path / "grid.md").read_text()
     assert "| gqa | 64 |" in report and (tmp_path / "grid.png").exists()
+    # with the engine's figures beside it, the report adds recall against cost
+    (tmp_path / "efficiency.json").write_text(json.dumps({"machine": "m", "runs": {"gqa": {
+        "1024": {"decode ms/token": 5.0, "cache B/token": 512.0}}}}))
+    assert main(["--track", "grid", "--out", str(tmp_path), "--report-only"]) == 0
+    assert "Recall against cost" in (tmp_path / "grid.md").read_text() and (tmp_path / "tradeoff.png").exists()
     # resuming a finished grid trains nothing and keeps every run
     assert main(["--track", "grid", "--grid-preset", "tiny", "--mechanisms", "gqa", "--out", str(tmp_path),
                  "--workers", "1", "--quiet"]) == 0
