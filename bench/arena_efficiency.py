@@ -94,8 +94,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--cell", default="128x8", help="the grid cell whose models (sparse sizes) are timed")
     p.add_argument("--steps", type=int, default=8, help="decode steps timed per context (median)")
-    p.add_argument("--cap", type=float, default=60.0, help="skip a mechanism's longer contexts once a prefill "
-                                                          "takes longer than this many seconds")
+    p.add_argument("--cap", type=float, default=60.0, help="skip a mechanism's longer contexts once its next prefill "
+                                                          "could take longer than this many seconds (if quadratic)")
     p.add_argument("--json", help="also write the figures here (the grid report's trade-off plot reads them)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
@@ -127,7 +127,9 @@ def main() -> None:
             rows.append(row)
             out[mech][str(ctx)] = {k: v for k, v in row.items() if k not in ("mechanism", "context")}
             print(f"{mech} @ {ctx}: prefill {pre:.2f} s, decode {1000 * dec:.1f} ms/token", file=sys.stderr, flush=True)
-            if pre > a.cap:
+            nxt = next((c for c in contexts if c > ctx), None)
+            if nxt is not None and pre * (nxt / ctx) ** 2 > a.cap:   # quadratic prefill: the next one may not end
+                print(f"{mech}: contexts above {ctx} skipped (prefill {pre:.1f} s, --cap {a.cap:g} s)", file=sys.stderr)
                 break
     print(markdown(rows))
     if a.json:

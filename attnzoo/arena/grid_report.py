@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from attnzoo.arena.grid import GridConfig, best_lrs, run_name
+from attnzoo.arena.mechanisms import MECHANISMS
 from attnzoo.arena.noise import Interval, over_seeds, verdict
 from attnzoo.arena.report import CLAIMS
 
@@ -25,7 +26,8 @@ def _iv(runs: list[dict], kind: str, n: int) -> Interval | None:
 
 def cells(results: dict) -> list[dict]:
     """One row per (mechanism, width, length) whose rate sweep is complete: its best rate's seeds."""
-    g = GridConfig(**{**results["grid"], "mechanisms": tuple(results["grid"]["mechanisms"]),
+    ran = {r["mechanism"] for r in results["runs"].values()}     # the runs decide, not the last command's list
+    g = GridConfig(**{**results["grid"], "mechanisms": tuple(m for m in MECHANISMS if m in ran),
                       "cells": tuple(map(tuple, results["grid"]["cells"]))})
     runs, rows = results["runs"], []
     for (mech, width, T), lr in best_lrs(g, runs).items():
@@ -60,6 +62,22 @@ def grid_tables(results: dict) -> str:
             out.append("| " + " | ".join(cols) + " |")
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def sweep_table(results: dict) -> str:
+    """Seed 0 at every rate: training-length accuracy (and steps run), so the rate sensitivity shows."""
+    g, runs = results["grid"], results["runs"]
+    if len(g["lrs"]) < 2:
+        return ""
+    head = ["mechanism", "width", "cell"] + [f"lr {lr:g}" for lr in g["lrs"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in (m for m in MECHANISMS if any(r["mechanism"] == m for r in runs.values())):
+        for w in g["widths"]:
+            for T, D in g["cells"]:
+                got = [runs.get(run_name(m, (T, D), w, lr, 0)) for lr in g["lrs"]]
+                cols = ["—" if r is None else f"{r['acc'][str(T)]['mean']:.3f} ({r['steps_run']} steps)" for r in got]
+                lines.append("| " + " | ".join([m, str(w), f"{T}x{D}", *cols]) + " |")
+    return "\n".join(["### The rate sweep (seed 0, accuracy at the training length)", "", *lines, ""]) + "\n"
 
 
 def grid_claims(results: dict) -> str:
@@ -148,8 +166,9 @@ def write_grid_report(out: Path, with_plot: bool = True) -> Path:
     plot = grid_plot(results, out) if with_plot else None
     lines = ["# attnzoo arena: the recall grid", "",
              f"Machine: {results['machine']}; {results['workers']} runs at a time, 1 thread each  ",
-             f"Grid: {len(g['mechanisms'])} mechanisms x widths {g['widths']} x cells {g['cells']} (length, pairs); "
-             f"rates {g['lrs']} on seed 0, then seeds 1..{g['seeds'] - 1} at each cell's best; {g['layers']} layers "
+             f"Grid: {len({r['mechanism'] for r in runs.values()})} mechanisms x widths {g['widths']} x cells "
+             f"{g['cells']} (length, pairs); rates {g['lrs']} on seed 0, then up to {g['seeds'] - 1} more seeds at "
+             f"each cell's best (the seeds column: how many ran); {g['layers']} layers "
              f"(hybrids at their pattern's depth), head_dim {g['head_dim']}, vocabulary {g['vocab']} keys + "
              f"{g['vocab']} values, <|pad|> filler, tied embeddings; at most {g['steps']} steps of "
              f"{g['tokens_per_step']} tokens (lengths T, T/2, ... mixed), stopping at curve accuracy "
@@ -159,7 +178,7 @@ def write_grid_report(out: Path, with_plot: bool = True) -> Path:
              f"Intervals: 95 % bootstrap over {g['eval_examples']} test sequences per run, joined over seeds (their "
              "envelope). Chance: 1 / vocabulary. "
              "State: cache bytes one sequence of the training length holds.", "",
-             grid_tables(results), "## Claims", "", grid_claims(results)]
+             grid_tables(results), sweep_table(results), "## Claims", "", grid_claims(results)]
     if plot is not None:
         lines += [f"![recall grid]({plot.name})", ""]
     eff_path = out / "efficiency.json"
