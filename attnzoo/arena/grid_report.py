@@ -68,7 +68,7 @@ def sweep_table(results: dict) -> str:
     """Seed 0 at every rate: training-length accuracy (and steps run), so the rate sensitivity shows."""
     g, runs = results["grid"], results["runs"]
     if len(g["lrs"]) < 2:
-        return ""
+        return "(one rate: no sweep)\n"
     head = ["mechanism", "width", "cell"] + [f"lr {lr:g}" for lr in g["lrs"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in (m for m in MECHANISMS if any(r["mechanism"] == m for r in runs.values())):
@@ -178,7 +178,11 @@ def write_grid_report(out: Path, with_plot: bool = True) -> Path:
              f"Intervals: 95 % bootstrap over {g['eval_examples']} test sequences per run, joined over seeds (their "
              "envelope). Chance: 1 / vocabulary. "
              "State: cache bytes one sequence of the training length holds.", "",
-             grid_tables(results), sweep_table(results), "## Claims", "", grid_claims(results)]
+             grid_tables(results), sweep_table(results), "## Claims", "",
+             "A verdict holds for this cell at the rates run. Where a row has one seed, its interval is that "
+             "run's test noise alone; where the grid has one rate, a contradicted claim may be that rate failing "
+             "the mechanism (the rate sweep shows how sharp that is); hybrids are deeper than the 2-layer models "
+             "they are compared with.", "", grid_claims(results)]
     if plot is not None:
         lines += [f"![recall grid]({plot.name})", ""]
     eff_path = out / "efficiency.json"
