@@ -12,9 +12,10 @@ proportionally more key-value pairs (the same density: capacity and length extra
 single needle at `needle_lengths`. Accuracies come with bootstrap intervals over test sequences (noise.py).
 
 Training lengths: with `length_mix` > 1 each step takes the next of seq_len, seq_len/2, ... (the same tokens
-per step and the same pair density), Zoology's mixture of lengths. At (128 tokens, 8 pairs) on 2 layers, GQA
-trained on 128 tokens alone stayed at 0.12 (answering "one of the values in context") for 850 steps; with
-four lengths it passed 0.9 by step 700, the short sequences teaching the induction circuit first.
+per step and the same pair density), Zoology's mixture of lengths. In an informal probe at (128 tokens, 8
+pairs) on 2 layers, GQA trained on 128 tokens alone stayed at 0.12 (answering "one of the values in
+context") for 850 steps; with four lengths it passed 0.9 by step 700: the short sequences teach the
+induction circuit first.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ class RecallConfig:
 
     def pairs(self, length: int) -> int:
         """Pairs at `length`: the training density, and at least 2 (min(2, kv_pairs)) at shorter lengths of the
-        mixture: with one pair "copy the only value" answers without matching keys, and GQA trained on such a
-        mixture reached 0.13 at (128, 8) in 1,200 steps (the grid's first run, 2026-12-07)."""
+        mixture: with one pair "copy the only value" answers without matching keys. The grid's first run (64
+        keys, one pair at 16 tokens: docs/arena/grid-2026-12-07-one-pair) stayed at 0.13 at every rate; an
+        informal probe with 32 keys and 2 pairs at 16 tokens learned, which is the grid's recipe now."""
         return max(min(2, self.kv_pairs), self.kv_pairs * length // self.seq_len)
 
     def shape(self) -> Shape:
