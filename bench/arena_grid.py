@@ -27,15 +27,13 @@ from common import cpu_flags, machine, markdown  # noqa: E402
 from attnzoo.arena import data  # noqa: E402
 from attnzoo.arena.grid import grid_from  # noqa: E402
 from attnzoo.arena.mechanisms import parse_mechanisms  # noqa: E402
-from attnzoo.arena.recall import RecallConfig, answer_logits, recall_model  # noqa: E402
+from attnzoo.arena.recall import RecallConfig, answer_logits, recall_model, train_batch  # noqa: E402
 from attnzoo.arena.train import TrainConfig, optimizer_step  # noqa: E402
 from attnzoo.arena.distill import IndexerDistillation  # noqa: E402
 
 
 def batches(rc: RecallConfig, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    L = rc.train_lengths
-    return [data.mqar(rc.batch_size * rc.seq_len // L[i % len(L)], L[i % len(L)], rc.pairs(L[i % len(L)]),
-                      data.rng(0, 6, i), **rc.task) for i in range(n)]
+    return [train_batch(rc, 0, i) for i in range(n)]
 
 
 def step_ms(mech: str, rc: RecallConfig, warm: int, timed: int) -> tuple[float, float]:

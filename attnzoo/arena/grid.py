@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from attnzoo.arena.jobs import any_job
+from attnzoo.arena.plan import write_results as save
 from attnzoo.arena.pool import run_pool
 from attnzoo.arena.recall import RecallConfig
 
@@ -99,12 +99,6 @@ def best_lrs(g: GridConfig, runs: dict[str, dict]) -> dict[tuple[str, int, int],
 
 def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save(path: Path, results: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def run_grid(g: GridConfig, out: Path, workers: int = 2, quiet: bool = False) -> dict:

@@ -114,6 +114,12 @@ def needle_test_sets(rc: RecallConfig) -> dict[int, tuple[torch.Tensor, torch.Te
             for n in rc.needle_lengths}
 
 
+def train_batch(rc: RecallConfig, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step`'s MQAR batch: the mixture's length for this step, batch_size * seq_len tokens of it."""
+    n = rc.train_lengths[step % len(rc.train_lengths)]
+    return data.mqar(rc.batch_size * rc.seq_len // n, n, rc.pairs(n), data.rng(seed, 6, step), **rc.task)
+
+
 def answer_logits(model: DecoderLM, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the labelled positions only, [answers, V], and those labels (the head skips every other row)."""
     B, T = x.shape
@@ -178,14 +184,12 @@ def train_recall(mech: str, rc: RecallConfig, seed: int, *, stop: Callable[[], b
     cx, cy = (t[:rc.curve_examples] for t in tests[rc.seq_len])
     curve: dict[str, list[float]] = {"steps": [], "acc": [], "loss": []}
     losses: list[float] = []
-    train_s, tokens, lengths = 0.0, 0, rc.train_lengths
+    train_s, tokens = 0.0, 0
     try:
         for step in range(rc.steps):
             if stop is not None and stop():
                 raise KeyboardInterrupt
-            n = lengths[step % len(lengths)]
-            x, y = data.mqar(rc.batch_size * rc.seq_len // n, n, rc.pairs(n), data.rng(seed, 6, step), **rc.task)
-            x, y = x.to(dev), y.to(dev)
+            x, y = (t.to(dev) for t in train_batch(rc, seed, step))
             s0 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = sched.lr_at(step)
@@ -230,4 +234,4 @@ def recall_mechanisms(names: list[str], rc: RecallConfig) -> tuple[list[str], di
 
 
 __all__ = ["RecallConfig", "answer_logits", "needle_test_sets", "per_sequence_accuracy", "recall_mechanisms",
-           "recall_model", "recall_test_sets", "state_bytes", "train_recall"]
+           "recall_model", "recall_test_sets", "state_bytes", "train_batch", "train_recall"]
